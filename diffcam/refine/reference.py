@@ -83,37 +83,48 @@ def kernel_sizes(maps, params) -> np.ndarray:
     return np.array([kernel_size_2d(m, params) for m in maps], dtype=np.int32)
 
 
-def rank_gaussian_window(values: np.ndarray) -> float:
-    """The rank-weighted Gaussian average of one window's values."""
-    v = np.sort(np.asarray(values, dtype=np.float64).ravel())
-    n = v.size
-    mu = v.mean()
-    if mu <= 0:
-        return 0.0
-    s = math.sqrt(max(float(np.mean((v - mu) ** 2)), 0.0))
+def fold_indices(n: int, k: int) -> np.ndarray:
+    """(n, k) table: the reflect-101 source index of window offset j around output i."""
+    r = k // 2
+    return np.array([[fold_reflect101(i + d, n) for d in range(-r, r + 1)] for i in range(n)],
+                    dtype=np.intp)
+
+
+def rank_gaussian_windows(windows: np.ndarray) -> np.ndarray:
+    """The rank-weighted Gaussian average of each row of ``windows`` (..., n), n odd.
+
+    Sort the n values; mu and s are their mean and population std; mu <= 0 gives 0, s == 0 the
+    middle value; otherwise the weights exp(-(j - c)^2 / (2 sigma_r^2)), sigma_r = s / mu,
+    normalised to sum 1, average the sorted values.
+    """
+    v = np.sort(np.asarray(windows, dtype=np.float64), axis=-1)
+    n = v.shape[-1]
     c = (n - 1) // 2
-    if s == 0.0:
-        return float(v[c])
-    sigma_r = s / mu
+    mu = v.mean(axis=-1, keepdims=True)
+    s = np.sqrt(np.maximum(np.mean((v - mu) ** 2, axis=-1, keepdims=True), 0.0))
     j = np.arange(n, dtype=np.float64)
     with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+        sigma_r = s / mu
         g = np.exp(-((j - c) ** 2) / (2.0 * sigma_r * sigma_r))
-    g[c] = 1.0  # exp(0), also when sigma_r underflows
+    g[..., c] = 1.0                      # exp(0), also when sigma_r underflows to 0
     g = np.where(np.isfinite(g), g, 0.0)
-    return float(np.dot(g, v) / g.sum())
+    out = np.sum(g * v, axis=-1) / np.sum(g, axis=-1)
+    out = np.where(s[..., 0] == 0.0, v[..., c], out)
+    return np.where(mu[..., 0] <= 0.0, 0.0, out)
+
+
+def rank_gaussian_window(values: np.ndarray) -> float:
+    """The rank-weighted Gaussian average of one window's values."""
+    return float(rank_gaussian_windows(np.asarray(values, dtype=np.float64).ravel()[None])[0])
 
 
 def rank_gaussian_filter_2d(m: np.ndarray, k: int) -> np.ndarray:
     m = np.asarray(m, dtype=np.float64)
     h, w = m.shape
-    r = k // 2
-    rows = [[fold_reflect101(y + d, h) for d in range(-r, r + 1)] for y in range(h)]
-    cols = [[fold_reflect101(x + d, w) for d in range(-r, r + 1)] for x in range(w)]
-    out = np.empty_like(m)
-    for y in range(h):
-        for x in range(w):
-            out[y, x] = rank_gaussian_window(m[np.ix_(rows[y], cols[x])])
-    return out
+    iy, ix = fold_indices(h, k), fold_indices(w, k)
+    # windows[y, x, a, b] = m[fold(y + a - r), fold(x + b - r)]
+    windows = m[iy[:, None, :, None], ix[None, :, None, :]]
+    return rank_gaussian_windows(windows.reshape(h, w, k * k))
 
 
 def rank_gaussian_filter(maps, ksizes) -> np.ndarray:
@@ -130,19 +141,13 @@ def gaussian_kernel3(sigma: float) -> np.ndarray:
 
 
 def gaussian_blur3_2d(m: np.ndarray, sigma: float) -> np.ndarray:
+    """3x3 Gaussian blur with reflect-101 borders."""
     m = np.asarray(m, dtype=np.float64)
     h, w = m.shape
     g = gaussian_kernel3(sigma)
-    out = np.zeros_like(m)
-    for y in range(h):
-        for x in range(w):
-            acc = 0.0
-            for dy in (-1, 0, 1):
-                for dx in (-1, 0, 1):
-                    acc += g[dy + 1] * g[dx + 1] * m[fold_reflect101(y + dy, h),
-                                                     fold_reflect101(x + dx, w)]
-            out[y, x] = acc
-    return out
+    iy, ix = fold_indices(h, 3), fold_indices(w, 3)
+    windows = m[iy[:, None, :, None], ix[None, :, None, :]]       # (h, w, 3, 3)
+    return np.einsum("yxab,a,b->yx", windows, g, g)
 
 
 def gating_branch(mu: float, sd: float, p: np.ndarray) -> tuple[int, float]:

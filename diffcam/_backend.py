@@ -1,0 +1,205 @@
+"""The one place that decides which implementation of the kernels runs.
+
+Backends, fastest first:
+
+``native``  C++17 kernels of ``diffcam._core`` (compiled at install time)
+``cuda``    CUDA kernels of ``diffcam._cuda``, for maps that already live on a GPU
+``numba``   the Numba port (``diffcam/refine/_numba.py``), used when the compile failed
+``numpy``   the float64 reference (``diffcam/refine/reference.py``): slow, always there
+
+Selection: an explicit ``backend=`` argument wins; else the environment variable
+``DIFFCAM_BACKEND``; else ``cuda`` for GPU arrays and the first available of native / numba /
+numpy for host arrays.  Asking for a backend that is not available raises
+:class:`BackendUnavailableError` with the reason and how to get it; a compiled backend that is
+present but broken only produces a warning when it is picked automatically.
+
+Example
+-------
+>>> import diffcam
+>>> info = diffcam.backends()
+>>> info["numpy"].available
+True
+>>> sorted(info) == ["cuda", "native", "numba", "numpy"]
+True
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["BACKENDS", "Availability", "BackendUnavailableError", "backends", "get_backend",
+           "resolve_backend_name"]
+
+BACKENDS = ("native", "cuda", "numba", "numpy")
+HOST_ORDER = ("native", "numba", "numpy")
+
+_ADVICE = {
+    "native": ("reinstall diffcam from source with a C++17 compiler and CMake available: "
+               "`pip install --force-reinstall --no-deps .` (the build log says why the "
+               "extension failed)"),
+    "cuda": ("install diffcam on a machine with the CUDA toolkit (nvcc) so the CUDA kernels are "
+             "compiled (DIFFCAM_CUDA=on makes a missing toolkit an error), and run on a machine "
+             "with an NVIDIA GPU"),
+    "numba": "`pip install numba`",
+    "numpy": "",
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when a backend is requested explicitly but cannot be used."""
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run here, and why not."""
+
+    available: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:  # pragma: no cover - convenience
+        return self.available
+
+
+class _NumpyBackend:
+    """The float64 reference behind the common contract (float32 maps out)."""
+
+    name = "numpy"
+
+    def __init__(self):
+        from .refine import reference
+
+        self._ref = reference
+
+    @staticmethod
+    def _f32(x):
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def kernel_sizes(self, maps, params, threads=0):
+        return self._ref.kernel_sizes(maps, params)
+
+    def rank_gaussian_filter(self, maps, ksizes, threads=0):
+        return self._f32(self._ref.rank_gaussian_filter(maps, ksizes))
+
+    def confidence_gating(self, maps, params, threads=0):
+        out, branch, tau = self._ref.confidence_gating(maps, params)
+        return self._f32(out), branch, tau
+
+    def background_attenuation(self, maps, params, threads=0):
+        out, tau_bg = self._ref.background_attenuation(maps, params)
+        return self._f32(out), tau_bg
+
+    def causal_debiasing(self, maps, rep, rep_const, params, threads=0):
+        out, lam, applied = self._ref.causal_debiasing(maps, rep, rep_const, params)
+        return self._f32(out), lam, applied
+
+    def refine(self, maps, rep, rep_const, params, threads=0):
+        out, *rest = self._ref.refine(maps, rep, rep_const, params)
+        return (self._f32(out), *rest)
+
+    def otsu_threshold_u8(self, imgs, threads=0):
+        return self._ref.otsu_threshold_u8(imgs)
+
+    def resize_bilinear(self, maps, out_h, out_w, threads=0):
+        return self._f32(self._ref.resize_bilinear(maps, out_h, out_w))
+
+    def localization(self, maps, masks, threads=0):
+        return self._ref.localization(maps, masks)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(name: str):
+    """(module or None, reason)."""
+    try:
+        if name == "numpy":
+            return _NumpyBackend(), ""
+        if name == "native":
+            return importlib.import_module("diffcam._core"), ""
+        if name == "numba":
+            return importlib.import_module("diffcam.refine._numba"), ""
+        if name == "cuda":
+            mod = importlib.import_module("diffcam.refine._cuda")
+            ok, reason = mod.available()
+            return (mod, "") if ok else (None, reason)
+    except ImportError as exc:
+        what = {"native": "the compiled extension diffcam._core is not installed",
+                "numba": "numba is not installed",
+                "cuda": "the CUDA extension diffcam._cuda is not installed"}[name]
+        return None, f"{what} ({exc})"
+    except Exception as exc:  # a broken build must not take the package down
+        return None, f"{type(exc).__name__}: {exc}"
+    raise ValueError(name)
+
+
+def backends() -> dict:
+    """Report which backends can run here and, for the others, why not.
+
+    >>> import diffcam
+    >>> {k: v.available for k, v in diffcam.backends().items()}   # doctest: +SKIP
+    {'native': True, 'cuda': False, 'numba': True, 'numpy': True}
+    """
+    return {name: Availability(_probe(name)[0] is not None, _probe(name)[1]) for name in BACKENDS}
+
+
+def _check_name(name: str, where: str) -> str:
+    key = str(name).lower()
+    if key not in BACKENDS:
+        raise ValueError(f"{where}={name!r} is not a backend; expected one of {', '.join(BACKENDS)}")
+    return key
+
+
+def resolve_backend_name(backend: str | None = None, on_gpu: bool = False) -> str:
+    """The backend name a call with these arguments will use (see the module docstring)."""
+    if backend is None:
+        env = os.environ.get("DIFFCAM_BACKEND", "").strip()
+        if env and env.lower() != "auto":
+            backend = _check_name(env, "DIFFCAM_BACKEND")
+            if on_gpu and backend != "cuda":
+                raise BackendUnavailableError(
+                    f"DIFFCAM_BACKEND={env!r} but the maps live on a GPU; unset it or move the "
+                    "maps to the host (tensor.cpu())")
+            if not on_gpu and backend == "cuda":
+                return "cuda"
+            return backend
+        if on_gpu:
+            return "cuda"
+        for name in HOST_ORDER:
+            mod, reason = _probe(name)
+            if mod is not None:
+                return name
+            if name == "native" and "not installed" not in reason:
+                warnings.warn(f"diffcam: the native backend is installed but cannot be used "
+                              f"({reason}); falling back to a slower backend", RuntimeWarning,
+                              stacklevel=3)
+        return "numpy"  # pragma: no cover - numpy is always there
+    name = _check_name(backend, "backend")
+    if on_gpu and name != "cuda":
+        raise BackendUnavailableError(
+            f"backend={backend!r} runs on the host but the maps live on a GPU; use "
+            "backend='cuda' or move the maps to the host (tensor.cpu())")
+    return name
+
+
+def get_backend(backend: str | None = None, on_gpu: bool = False):
+    """The kernel module for a backend name (None: the automatic choice).
+
+    >>> get_backend("numpy").name
+    'numpy'
+    """
+    name = resolve_backend_name(backend, on_gpu)
+    mod, reason = _probe(name)
+    if mod is None:
+        advice = _ADVICE[name]
+        raise BackendUnavailableError(
+            f"diffcam backend {name!r} is not available: {reason}."
+            + (f" To get it: {advice}." if advice else ""))
+    if name == "cuda" and not on_gpu:
+        raise BackendUnavailableError(
+            "backend='cuda' needs maps on a GPU (a torch CUDA tensor or a CuPy array); got host "
+            "memory. Move them with tensor.cuda(), or use a host backend")
+    return mod

@@ -1,0 +1,16 @@
+"""Metrics of the Diffusion-CAM paper (docs/method.md section 3).
+
+>>> import numpy as np
+>>> from diffcam import metrics
+>>> m = np.zeros((8, 8), np.float32); m[2:5, 2:5] = 1
+>>> mask = np.zeros((1, 8, 8), bool); mask[0, 2:5, 2:5] = True
+>>> s = metrics.localization(m, mask)
+>>> s.obj_iou, s.concentration > 0.99
+(1.0, True)
+"""
+
+from .localization import (HIGHER_IS_BETTER, LocalizationScores, f3_score, localization,
+                           otsu_threshold, summarize)
+
+__all__ = ["localization", "LocalizationScores", "otsu_threshold", "f3_score", "summarize",
+           "HIGHER_IS_BETTER"]

@@ -1,0 +1,213 @@
+"""Every optimised host backend against the float64 reference (docs/kernels.md is the contract).
+
+Tolerance for maps: 1e-6 times the largest magnitude of the input; integers, branches and Otsu
+thresholds must be equal.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from diffcam.refine import reference as ref
+from diffcam.refine.config import RefineConfig
+
+from .mapgen import KINDS, make_batch, make_map
+
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+                derandomize=True)
+
+small = st.integers(1, 40)
+shape = st.one_of(st.tuples(small, small), st.tuples(st.integers(1, 256), st.integers(1, 256)))
+
+
+def configs():
+    base = st.sampled_from([RefineConfig.paper(), RefineConfig.reference().replace(noise=0.0)])
+    edits = st.fixed_dictionaries({}, optional={
+        "akd": st.booleans(), "dacg": st.booleans(), "cba": st.booleans(), "sicd": st.booleans(),
+        "gate": st.booleans(), "final_normalize": st.booleans(),
+        "kernel_size": st.sampled_from([None, 3, 5, 7, 9, 11, 13, 15]),
+        "range_guard": st.sampled_from([0.0, 0.1, 0.5]),
+        "lambda_min": st.sampled_from([0.0, -math.inf, -0.2]),
+        "steps": st.sampled_from([2, 16, 32, 64]),
+        "gate_std": st.sampled_from([0.0, 0.1, 0.25]),
+        "w_out": st.sampled_from([0.0, 0.02, 0.5]),
+    })
+    return st.builds(lambda c, e: c.replace(**e), base, edits)
+
+
+def tol(x):
+    return 1e-6 * max(float(np.max(np.abs(x))), 1e-30) + 1e-12
+
+
+def assert_maps(got, want, inp):
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_allclose(got.astype(np.float64), want, rtol=0, atol=tol(inp))
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(hw=shape, kind=st.sampled_from(KINDS), k=st.sampled_from([3, 5, 7, 9, 11, 13, 15]),
+       seed=st.integers(0, 2**32 - 1), n=st.integers(1, 3), negative=st.booleans())
+def test_rank_filter_random(fast_backend, hw, kind, k, seed, n, negative):
+    rng = np.random.default_rng(seed)
+    if hw[0] * hw[1] * k * k > 2_000_000:
+        k = 3
+    maps = make_batch(rng, n, *hw, kinds=(kind,))
+    if negative:   # the reference preset's noise makes small negative values
+        maps = maps + (1e-6 * rng.standard_normal(maps.shape)).astype(np.float32)
+    ks = np.full(n, k, np.int32)
+    assert_maps(fast_backend.rank_gaussian_filter(maps, ks), ref.rank_gaussian_filter(maps, ks), maps)
+
+
+@pytest.mark.parametrize("k", [17, 21, 25, 31])
+def test_rank_filter_large_kernels(fast_backend, k, rng):
+    maps = make_batch(rng, 2, 23, 37, kinds=("uniform", "sparse"))
+    ks = np.full(2, k, np.int32)
+    assert_maps(fast_backend.rank_gaussian_filter(maps, ks), ref.rank_gaussian_filter(maps, ks), maps)
+
+
+def test_rank_filter_mixed_k_per_map(fast_backend, rng):
+    maps = make_batch(rng, 6, 30, 20)
+    ks = np.array([3, 5, 7, 9, 11, 3], np.int32)
+    assert_maps(fast_backend.rank_gaussian_filter(maps, ks), ref.rank_gaussian_filter(maps, ks), maps)
+
+
+def test_rank_filter_kernel_wider_than_map(fast_backend, rng):
+    for h, w in [(1, 1), (1, 7), (2, 2), (3, 1), (4, 5)]:
+        maps = make_batch(rng, 2, h, w, kinds=("uniform", "levels"))
+        ks = np.array([7, 11], np.int32)
+        assert_maps(fast_backend.rank_gaussian_filter(maps, ks),
+                    ref.rank_gaussian_filter(maps, ks), maps)
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(hw=shape, kind=st.sampled_from(KINDS), seed=st.integers(0, 2**32 - 1), cfg=configs())
+def test_kernel_sizes(fast_backend, hw, kind, seed, cfg):
+    maps = make_batch(np.random.default_rng(seed), 2, *hw, kinds=(kind, "uniform"))
+    p = cfg.to_params()
+    np.testing.assert_array_equal(fast_backend.kernel_sizes(maps, p), ref.kernel_sizes(maps, p))
+
+
+@settings(max_examples=80, **SETTINGS)
+@given(hw=shape, kind=st.sampled_from(KINDS), seed=st.integers(0, 2**32 - 1), cfg=configs())
+def test_modules_random(fast_backend, hw, kind, seed, cfg):
+    rng = np.random.default_rng(seed)
+    maps = make_batch(rng, 2, *hw, kinds=(kind, "peaks"))
+    p = cfg.to_params()
+
+    out, branch, tau = fast_backend.confidence_gating(maps, p)
+    r_out, r_branch, r_tau = ref.confidence_gating(maps, p)
+    np.testing.assert_array_equal(branch, r_branch)
+    np.testing.assert_allclose(tau, r_tau, rtol=1e-9, atol=0)
+    assert_maps(out, r_out, maps)
+
+    out, tau_bg = fast_backend.background_attenuation(maps, p)
+    r_out, r_tau_bg = ref.background_attenuation(maps, p)
+    np.testing.assert_allclose(tau_bg, r_tau_bg, rtol=1e-9, atol=0)
+    assert_maps(out, r_out, maps)
+
+    rep = make_batch(rng, 2, *hw, kinds=("uniform",)) if rng.random() < 0.5 else None
+    rep_const = rng.random(2) * 0.05
+    out, lam, applied = fast_backend.causal_debiasing(maps, rep, rep_const, p)
+    r_out, r_lam, r_applied = ref.causal_debiasing(maps, rep, rep_const, p)
+    np.testing.assert_array_equal(applied, r_applied)
+    np.testing.assert_allclose(lam, r_lam, rtol=0, atol=1e-6)
+    assert_maps(out, r_out, maps)
+
+
+@settings(max_examples=80, **SETTINGS)
+@given(hw=shape, kind=st.sampled_from(KINDS), seed=st.integers(0, 2**32 - 1), cfg=configs(),
+       with_rep=st.booleans())
+def test_pipeline_random(fast_backend, hw, kind, seed, cfg, with_rep):
+    rng = np.random.default_rng(seed)
+    if hw[0] * hw[1] > 20_000 and cfg.akd:
+        cfg = cfg.replace(kernel_size=3)
+    maps = make_batch(rng, 2, *hw, kinds=(kind, "peaks"))
+    rep = make_batch(rng, 2, *hw, kinds=("uniform",)) if with_rep else None
+    rep_const = rng.random(2) * 0.05
+    p = cfg.to_params()
+    got = fast_backend.refine(maps, rep, rep_const, p)
+    want = ref.refine(maps, rep, rep_const, p)
+    assert_maps(got[0], want[0], np.ones(1))          # outputs are normalised to [0, 1]
+    for name, g, w in zip(("k", "branch", "applied"), (got[1], got[2], got[6]),
+                          (want[1], want[2], want[6])):
+        np.testing.assert_array_equal(g, w, err_msg=name)
+    np.testing.assert_allclose(got[3], want[3], rtol=1e-6, atol=1e-12, err_msg="tau")
+    np.testing.assert_allclose(got[4], want[4], rtol=1e-6, atol=1e-12, err_msg="tau_bg")
+    np.testing.assert_allclose(got[5], want[5], rtol=0, atol=1e-6, err_msg="lam")
+
+
+def test_pipeline_token_grids_and_image_maps(fast_backend, rng):
+    cfg = RefineConfig.paper()
+    for h, w in [(14, 14), (24, 24), (27, 27), (22, 28), (128, 96)]:
+        maps = make_batch(rng, len(KINDS), h, w)
+        got = fast_backend.refine(maps, None, np.full(len(KINDS), 0.01), cfg.to_params())
+        want = ref.refine(maps, None, np.full(len(KINDS), 0.01), cfg.to_params())
+        assert_maps(got[0], want[0], np.ones(1))
+        np.testing.assert_array_equal(got[1], want[1])
+        assert np.isfinite(got[0]).all()
+
+
+def test_pipeline_large_map_adaptive_kernel(fast_backend, rng):
+    m = make_map(rng, 400, 300, "peaks")[None]
+    p = RefineConfig.paper().to_params()
+    got = fast_backend.refine(m, None, np.zeros(1), p)
+    want = ref.refine(m, None, np.zeros(1), p)
+    assert got[1][0] == want[1][0] >= 5
+    assert_maps(got[0], want[0], np.ones(1))
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(hw=shape, kind=st.sampled_from(KINDS), seed=st.integers(0, 2**32 - 1))
+def test_otsu_exact(fast_backend, hw, kind, seed):
+    rng = np.random.default_rng(seed)
+    u8 = ref.to_uint8(make_batch(rng, 3, *hw, kinds=(kind, "uniform", "levels")))
+    np.testing.assert_array_equal(fast_backend.otsu_threshold_u8(u8), ref.otsu_threshold_u8(u8))
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(src=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+       dst=st.tuples(st.integers(1, 90), st.integers(1, 90)), seed=st.integers(0, 2**32 - 1))
+def test_resize(fast_backend, src, dst, seed):
+    maps = make_batch(np.random.default_rng(seed), 2, *src, kinds=("uniform", "peaks"))
+    got = fast_backend.resize_bilinear(maps, *dst)
+    assert_maps(got, ref.resize_bilinear(maps, *dst), maps)
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(hw=st.tuples(st.integers(1, 48), st.integers(1, 48)), c=st.integers(1, 4),
+       kind=st.sampled_from(KINDS), seed=st.integers(0, 2**32 - 1))
+def test_localization_same_size(fast_backend, hw, c, kind, seed):
+    rng = np.random.default_rng(seed)
+    maps = make_batch(rng, 2, *hw, kinds=(kind, "peaks"))
+    masks = (rng.random((2, c, *hw)) < 0.3).astype(np.uint8)
+    got = fast_backend.localization(maps, masks)
+    want = ref.localization(maps, masks)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_localization_resized(fast_backend, rng):
+    maps = make_batch(rng, 4, 24, 24, kinds=("peaks",))
+    masks = np.zeros((4, 2, 96, 96), np.uint8)
+    masks[:, 0, 10:40, 10:50] = 1
+    masks[:, 1, 60:90, 50:80] = 1
+    got = fast_backend.localization(maps, masks)
+    want = ref.localization(maps, masks)
+    # a uint8 bin can differ where float32 and float64 resizes straddle an integer
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_thread_count_does_not_change_results(fast_backend, threads, rng):
+    maps = make_batch(rng, 37, 27, 27)
+    p = RefineConfig.paper().to_params()
+    base = fast_backend.refine(maps, None, np.zeros(37), p, threads=1)
+    got = fast_backend.refine(maps, None, np.zeros(37), p, threads=threads)
+    for a, b in zip(base, got):
+        np.testing.assert_array_equal(a, b)
+    big = make_map(rng, 300, 257, "peaks")[None]
+    ks = np.array([7], np.int32)
+    np.testing.assert_array_equal(fast_backend.rank_gaussian_filter(big, ks, threads=1),
+                                  fast_backend.rank_gaussian_filter(big, ks, threads=threads))
