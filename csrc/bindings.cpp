@@ -1,0 +1,359 @@
+// pybind11 module diffcam._core: the native CPU backend of docs/kernels.md.
+//
+// Every function validates shapes, dtypes and contiguity (no silent conversion: the Python
+// layer converts), releases the GIL, and spreads the maps of a batch over threads with a static
+// partition (a single large map instead splits the rows of its rank filter).  Each map's
+// statistics are computed by one thread in a fixed order, so results never depend on `threads`.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "refine/attenuation.hpp"
+#include "refine/debias.hpp"
+#include "refine/gating.hpp"
+#include "refine/kernel_size.hpp"
+#include "refine/metrics.hpp"
+#include "refine/otsu.hpp"
+#include "refine/parallel.hpp"
+#include "refine/params.hpp"
+#include "refine/pipeline.hpp"
+#include "refine/rank_filter.hpp"
+#include "refine/resize.hpp"
+
+namespace py = pybind11;
+using namespace diffcam;
+
+namespace {
+
+std::string describe(const py::array& a) {
+  std::ostringstream os;
+  os << py::str(a.dtype()).cast<std::string>() << " array of shape (";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) os << (i ? ", " : "") << a.shape(i);
+  if (a.ndim() == 1) os << ",";
+  os << ")" << ((a.flags() & py::array::c_style) ? "" : " (not C-contiguous)");
+  return os.str();
+}
+
+template <class T>
+bool is_dtype(const py::array& a) {
+  return a.dtype().is(py::dtype::of<T>());
+}
+
+template <class T>
+py::array as_checked(const py::handle& obj, const char* name, int ndim, const char* what,
+                     const std::vector<py::ssize_t>& expect = {}) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::value_error(std::string(name) + " must be a numpy array (" + what + "), got " +
+                          py::str(py::type::of(obj)).cast<std::string>());
+  py::array a = py::reinterpret_borrow<py::array>(obj);
+  bool ok = is_dtype<T>(a) && a.ndim() == ndim && (a.flags() & py::array::c_style);
+  for (size_t i = 0; ok && i < expect.size(); ++i)
+    if (expect[i] >= 0 && a.shape(static_cast<py::ssize_t>(i)) != expect[i]) ok = false;
+  if (!ok) throw py::value_error(std::string(name) + " must be " + what + ", got " + describe(a));
+  return a;
+}
+
+struct Maps {
+  py::array arr;
+  const float* ptr;
+  int N, H, W;
+};
+
+Maps check_maps(const py::handle& obj, const char* name = "maps") {
+  py::array a = as_checked<float>(obj, name, 3, "a C-contiguous float32 array of shape (N, H, W)");
+  if (a.shape(1) < 1 || a.shape(2) < 1)
+    throw py::value_error(std::string(name) + " must have H >= 1 and W >= 1, got " + describe(a));
+  return {a, static_cast<const float*>(a.data()), static_cast<int>(a.shape(0)),
+          static_cast<int>(a.shape(1)), static_cast<int>(a.shape(2))};
+}
+
+const double* check_params(const py::handle& obj) {
+  py::array a = as_checked<double>(obj, "params", 1, "a C-contiguous float64 vector (RefineConfig.to_params())");
+  if (a.shape(0) < kNumParams)
+    throw py::value_error("params must have at least " + std::to_string(kNumParams) + " entries, got " +
+                          describe(a));
+  return static_cast<const double*>(a.data());
+}
+
+template <class T>
+py::array_t<T> new_array(std::vector<py::ssize_t> shape) {
+  return py::array_t<T>(shape);
+}
+
+// threads for a batch of N maps of n pixels: 1 when the work is too small to pay thread start-up.
+int batch_threads(int threads, long N, long n, long cost_per_px = 1) {
+  int t = resolve_threads(threads);
+  if (N * n * cost_per_px < 8192) t = 1;
+  return t;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "diffcam native CPU kernels (docs/kernels.md)";
+
+  m.def("simd", [] { return std::string(rank_dispatch().name); },
+        "The SIMD path picked at runtime for the rank filter: 'avx2' or 'scalar'.");
+
+  m.def(
+      "kernel_sizes",
+      [](py::object maps, py::object params, int threads) {
+        Maps mp = check_maps(maps);
+        const double* p = check_params(params);
+        auto ks = new_array<int32_t>({mp.N});
+        int32_t* k = ks.mutable_data();
+        const long n = static_cast<long>(mp.H) * mp.W;
+        {
+          py::gil_scoped_release rel;
+          parallel_for(mp.N, batch_threads(threads, mp.N, n), [&](long b, long e, int) {
+            for (long i = b; i < e; ++i) k[i] = kernel_size_map(mp.ptr + i * n, mp.H, mp.W, p);
+          });
+        }
+        return ks;
+      },
+      py::arg("maps"), py::arg("params"), py::kw_only(), py::arg("threads") = 0);
+
+  m.def(
+      "rank_gaussian_filter",
+      [](py::object maps, py::object ksizes, int threads) {
+        Maps mp = check_maps(maps);
+        py::array ka = as_checked<int32_t>(ksizes, "ksizes", 1, "a C-contiguous int32 array of shape (N,)", {mp.N});
+        const int32_t* ks = static_cast<const int32_t*>(ka.data());
+        for (int i = 0; i < mp.N; ++i)
+          if (ks[i] < 1 || ks[i] > 31 || ks[i] % 2 == 0)
+            throw py::value_error("ksizes must hold odd kernel sizes in [1, 31], got " + std::to_string(ks[i]) +
+                                  " at index " + std::to_string(i));
+        auto out = new_array<float>({mp.N, mp.H, mp.W});
+        float* o = out.mutable_data();
+        const long n = static_cast<long>(mp.H) * mp.W;
+        {
+          py::gil_scoped_release rel;
+          int t = batch_threads(threads, mp.N, n, 32);
+          auto par = [](long nn, int tt, auto&& fn) { parallel_for(nn, tt, fn); };
+          if (mp.N >= t) {
+            parallel_for(mp.N, t, [&](long b, long e, int) {
+              std::vector<float> pad;
+              for (long i = b; i < e; ++i) rank_filter_map(mp.ptr + i * n, o + i * n, mp.H, mp.W, ks[i], pad, 1, par);
+            });
+          } else {
+            std::vector<float> pad;
+            for (long i = 0; i < mp.N; ++i) rank_filter_map(mp.ptr + i * n, o + i * n, mp.H, mp.W, ks[i], pad, t, par);
+          }
+        }
+        return out;
+      },
+      py::arg("maps"), py::arg("ksizes"), py::kw_only(), py::arg("threads") = 0);
+
+  m.def(
+      "confidence_gating",
+      [](py::object maps, py::object params, int threads) {
+        Maps mp = check_maps(maps);
+        const double* p = check_params(params);
+        auto out = new_array<float>({mp.N, mp.H, mp.W});
+        auto br = new_array<int32_t>({mp.N});
+        auto tau = new_array<double>({mp.N});
+        float* o = out.mutable_data();
+        int32_t* b_ = br.mutable_data();
+        double* t_ = tau.mutable_data();
+        const long n = static_cast<long>(mp.H) * mp.W;
+        {
+          py::gil_scoped_release rel;
+          parallel_for(mp.N, batch_threads(threads, mp.N, n), [&](long b, long e, int) {
+            std::vector<float> s, tmp;
+            for (long i = b; i < e; ++i) {
+              GateInfo gi = confidence_gating_map(mp.ptr + i * n, o + i * n, mp.H, mp.W, p, s, tmp);
+              b_[i] = gi.branch;
+              t_[i] = gi.tau;
+            }
+          });
+        }
+        return py::make_tuple(out, br, tau);
+      },
+      py::arg("maps"), py::arg("params"), py::kw_only(), py::arg("threads") = 0);
+
+  m.def(
+      "background_attenuation",
+      [](py::object maps, py::object params, int threads) {
+        Maps mp = check_maps(maps);
+        const double* p = check_params(params);
+        auto out = new_array<float>({mp.N, mp.H, mp.W});
+        auto tau = new_array<double>({mp.N});
+        float* o = out.mutable_data();
+        double* t_ = tau.mutable_data();
+        const long n = static_cast<long>(mp.H) * mp.W;
+        {
+          py::gil_scoped_release rel;
+          parallel_for(mp.N, batch_threads(threads, mp.N, n), [&](long b, long e, int) {
+            std::vector<float> s;
+            for (long i = b; i < e; ++i) t_[i] = background_attenuation_map(mp.ptr + i * n, o + i * n, n, p, s);
+          });
+        }
+        return py::make_tuple(out, tau);
+      },
+      py::arg("maps"), py::arg("params"), py::kw_only(), py::arg("threads") = 0);
+
+  auto check_rep = [](const Maps& mp, const py::object& rep, const py::object& rep_const,
+                      const float*& rp, const double*& rc, py::array& keep1, py::array& keep2) {
+    rp = nullptr;
+    if (!rep.is_none()) {
+      keep1 = as_checked<float>(rep, "rep", 3, "None or a C-contiguous float32 array of the maps' shape (N, H, W)",
+                                {mp.N, mp.H, mp.W});
+      rp = static_cast<const float*>(keep1.data());
+    }
+    keep2 = as_checked<double>(rep_const, "rep_const", 1, "a C-contiguous float64 array of shape (N,)", {mp.N});
+    rc = static_cast<const double*>(keep2.data());
+  };
+
+  m.def(
+      "causal_debiasing",
+      [check_rep](py::object maps, py::object rep, py::object rep_const, py::object params, int threads) {
+        Maps mp = check_maps(maps);
+        const float* rp;
+        const double* rc;
+        py::array k1, k2;
+        check_rep(mp, rep, rep_const, rp, rc, k1, k2);
+        const double* p = check_params(params);
+        auto out = new_array<float>({mp.N, mp.H, mp.W});
+        auto lam = new_array<double>({mp.N});
+        auto app = new_array<uint8_t>({mp.N});
+        float* o = out.mutable_data();
+        double* l_ = lam.mutable_data();
+        uint8_t* a_ = app.mutable_data();
+        const long n = static_cast<long>(mp.H) * mp.W;
+        {
+          py::gil_scoped_release rel;
+          parallel_for(mp.N, batch_threads(threads, mp.N, n), [&](long b, long e, int) {
+            std::vector<double> d;
+            for (long i = b; i < e; ++i) {
+              DebiasInfo di = causal_debiasing_map(mp.ptr + i * n, rp ? rp + i * n : nullptr, rc[i], o + i * n, n, p, d);
+              l_[i] = di.lam;
+              a_[i] = di.applied;
+            }
+          });
+        }
+        return py::make_tuple(out, lam, app);
+      },
+      py::arg("maps"), py::arg("rep"), py::arg("rep_const"), py::arg("params"), py::kw_only(),
+      py::arg("threads") = 0);
+
+  m.def(
+      "refine",
+      [check_rep](py::object maps, py::object rep, py::object rep_const, py::object params, int threads) {
+        Maps mp = check_maps(maps);
+        const float* rp;
+        const double* rc;
+        py::array k1, k2;
+        check_rep(mp, rep, rep_const, rp, rc, k1, k2);
+        const double* p = check_params(params);
+        if (p[P::kernel_size] > 0) {
+          int k = static_cast<int>(p[P::kernel_size]);
+          if (k < 1 || k > 31 || k % 2 == 0)
+            throw py::value_error("params[kernel_size] must be 0 or an odd size in [1, 31]");
+        }
+        if (p[P::k_max] < 1 || p[P::k_max] > 31)
+          throw py::value_error("params[k_max] must be in [1, 31]");
+        const int N = mp.N;
+        auto out = new_array<float>({N, mp.H, mp.W});
+        auto ka = new_array<int32_t>({N});
+        auto ba = new_array<int32_t>({N});
+        auto ta = new_array<double>({N});
+        auto tba = new_array<double>({N});
+        auto la = new_array<double>({N});
+        auto aa = new_array<uint8_t>({N});
+        float* o = out.mutable_data();
+        int32_t *k_ = ka.mutable_data(), *b_ = ba.mutable_data();
+        double *t_ = ta.mutable_data(), *tb_ = tba.mutable_data(), *l_ = la.mutable_data();
+        uint8_t* a_ = aa.mutable_data();
+        const long n = static_cast<long>(mp.H) * mp.W;
+        {
+          py::gil_scoped_release rel;
+          int t = batch_threads(threads, N, n, 32);
+          auto one = [&](long i, Workspace& ws, int ft) {
+            RefineInfo ri = refine_map(mp.ptr + i * n, rp ? rp + i * n : nullptr, rc[i], o + i * n, mp.H, mp.W, p, ws, ft);
+            k_[i] = ri.k, b_[i] = ri.branch, t_[i] = ri.tau, tb_[i] = ri.tau_bg, l_[i] = ri.lam, a_[i] = ri.applied;
+          };
+          if (N >= t) {
+            parallel_for(N, t, [&](long b, long e, int) {
+              Workspace ws;
+              for (long i = b; i < e; ++i) one(i, ws, 1);
+            });
+          } else {
+            Workspace ws;
+            for (long i = 0; i < N; ++i) one(i, ws, t);
+          }
+        }
+        return py::make_tuple(out, ka, ba, ta, tba, la, aa);
+      },
+      py::arg("maps"), py::arg("rep"), py::arg("rep_const"), py::arg("params"), py::kw_only(),
+      py::arg("threads") = 0);
+
+  m.def(
+      "otsu_threshold_u8",
+      [](py::object imgs, int threads) {
+        py::array a = as_checked<uint8_t>(imgs, "imgs", 3, "a C-contiguous uint8 array of shape (N, H, W)");
+        const long N = a.shape(0), n = a.shape(1) * a.shape(2);
+        const uint8_t* ptr = static_cast<const uint8_t*>(a.data());
+        auto res = new_array<int32_t>({N});
+        int32_t* r = res.mutable_data();
+        {
+          py::gil_scoped_release rel;
+          parallel_for(N, batch_threads(threads, N, n), [&](long b, long e, int) {
+            for (long i = b; i < e; ++i) r[i] = otsu_threshold_u8(ptr + i * n, static_cast<size_t>(n));
+          });
+        }
+        return res;
+      },
+      py::arg("imgs"), py::kw_only(), py::arg("threads") = 0);
+
+  m.def(
+      "resize_bilinear",
+      [](py::object maps, int out_h, int out_w, int threads) {
+        Maps mp = check_maps(maps);
+        if (out_h < 1 || out_w < 1) throw py::value_error("out_h and out_w must be >= 1");
+        auto out = new_array<float>({mp.N, out_h, out_w});
+        float* o = out.mutable_data();
+        const long n = static_cast<long>(mp.H) * mp.W, no = static_cast<long>(out_h) * out_w;
+        {
+          py::gil_scoped_release rel;
+          parallel_for(mp.N, batch_threads(threads, mp.N, no), [&](long b, long e, int) {
+            std::vector<double> d(no);
+            std::vector<Tap> ty, tx;
+            for (long i = b; i < e; ++i) {
+              resize_bilinear_d(mp.ptr + i * n, mp.H, mp.W, out_h, out_w, d.data(), ty, tx);
+              for (long j = 0; j < no; ++j) o[i * no + j] = static_cast<float>(d[j]);
+            }
+          });
+        }
+        return out;
+      },
+      py::arg("maps"), py::arg("out_h"), py::arg("out_w"), py::kw_only(), py::arg("threads") = 0);
+
+  m.def(
+      "localization",
+      [](py::object maps, py::object masks, int threads) {
+        Maps mp = check_maps(maps);
+        py::array ma = as_checked<uint8_t>(masks, "masks", 4, "a C-contiguous uint8 array of shape (N, C, Hm, Wm)", {mp.N});
+        const int C = static_cast<int>(ma.shape(1)), Hm = static_cast<int>(ma.shape(2)), Wm = static_cast<int>(ma.shape(3));
+        if (Hm < 1 || Wm < 1) throw py::value_error("masks must have Hm >= 1 and Wm >= 1, got " + describe(ma));
+        const uint8_t* mk = static_cast<const uint8_t*>(ma.data());
+        auto res = new_array<double>({mp.N, 3});
+        double* r = res.mutable_data();
+        const long n = static_cast<long>(mp.H) * mp.W, nm = static_cast<long>(Hm) * Wm;
+        {
+          py::gil_scoped_release rel;
+          parallel_for(mp.N, batch_threads(threads, mp.N, nm * (C + 1)), [&](long b, long e, int) {
+            LocWork wk;
+            for (long i = b; i < e; ++i)
+              localization_map(mp.ptr + i * n, mp.H, mp.W, mk + i * C * nm, C, Hm, Wm, r + 3 * i, wk);
+          });
+        }
+        return res;
+      },
+      py::arg("maps"), py::arg("masks"), py::kw_only(), py::arg("threads") = 0);
+}

@@ -1,0 +1,184 @@
+// Rank-weighted Gaussian filter (AKD's L-filter), k x k window, reflect-101 border.
+//
+// Algorithm: the map is copied once into a reflect-101 padded buffer (r = k/2 halo on every
+// side plus L-1 spare zero columns, so the last vector of a row needs no masking).  Each output
+// row is processed in vectors of L consecutive pixels (L = 8 with AVX2, 1 scalar): the k^2
+// window values of the L pixels are L-wide unaligned loads at offsets (dy, dx), sorted
+// per lane by a sorting network, then reduced by the policy's finish() (mean, std, per-pixel
+// Gaussian rank weights, weighted sum; see simd_ops.hpp).  For k = 3..11 the network is a
+// generated straight-line Batcher network (networks.hpp; 28..1388 compare-exchanges), for
+// k = 13..31 the same Batcher construction runs from a comparator list over an L1-resident
+// array of vectors (slower per comparator, but compile time stays small).  Cost:
+// O(H W k^2 log^2(k^2) / L); rows are independent, so a single map is split by rows over
+// threads and results never depend on the split.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "border.hpp"
+#include "networks.hpp"
+
+namespace diffcam {
+
+// Batcher odd-even merge-sort comparators for n values (pruned from the next power of two).
+inline void batcher_oddeven_merge(int lo, int hi, int r, int n, std::vector<std::pair<short, short>>& out) {
+  int step = r * 2;
+  if (step < hi - lo) {
+    batcher_oddeven_merge(lo, hi, step, n, out);
+    batcher_oddeven_merge(lo + r, hi, step, n, out);
+    for (int i = lo + r; i < hi - r; i += step)
+      if (i + r < n) out.emplace_back(static_cast<short>(i), static_cast<short>(i + r));
+  } else if (lo + r < n) {
+    out.emplace_back(static_cast<short>(lo), static_cast<short>(lo + r));
+  }
+}
+inline void batcher_sort_range(int lo, int hi, int n, std::vector<std::pair<short, short>>& out) {
+  if (hi - lo >= 1) {
+    int mid = lo + (hi - lo) / 2;
+    batcher_sort_range(lo, mid, n, out);
+    batcher_sort_range(mid + 1, hi, n, out);
+    batcher_oddeven_merge(lo, hi, 1, n, out);
+  }
+}
+// Comparator list of the window of odd size k (1..31); built once, thread-safe.
+inline const std::vector<std::pair<short, short>>& batcher_pairs(int k) {
+  static const std::vector<std::vector<std::pair<short, short>>> nets = [] {
+    std::vector<std::vector<std::pair<short, short>>> all(32);
+    for (int kk = 1; kk <= 31; kk += 2) {
+      int n = kk * kk, N = 1;
+      while (N < n) N *= 2;
+      batcher_sort_range(0, N - 1, n, all[kk]);
+    }
+    return all;
+  }();
+  return nets[k];
+}
+
+// Reflect-101 padded copy: (H + 2r) rows of `stride` floats; columns [W + 2r, stride) are 0.
+inline int padded_stride(int W, int r, int L) { return W + 2 * r + L - 1; }
+inline void pad_reflect101(const float* in, int H, int W, int r, int L, std::vector<float>& buf) {
+  const int stride = padded_stride(W, r, L), Hp = H + 2 * r;
+  buf.assign(static_cast<size_t>(Hp) * stride, 0.0f);
+  std::vector<int> cols(W + 2 * r);
+  for (int x = 0; x < W + 2 * r; ++x) cols[x] = fold_reflect101(x - r, W);
+  for (int y = 0; y < Hp; ++y) {
+    const float* src = in + static_cast<size_t>(fold_reflect101(y - r, H)) * W;
+    float* dst = buf.data() + static_cast<size_t>(y) * stride;
+    for (int x = 0; x < r && x < W + 2 * r; ++x) dst[x] = src[cols[x]];
+    std::memcpy(dst + r, src, sizeof(float) * W);
+    for (int x = r + W; x < W + 2 * r; ++x) dst[x] = src[cols[x]];
+  }
+}
+
+template <class O, int K>
+void rank_rows_fixed(const float* pad, int stride, float* out, int W, int y0, int y1) {
+  using V = typename O::V;
+  constexpr int N = K * K, L = O::L;
+  for (int y = y0; y < y1; ++y) {
+    for (int x = 0; x < W; x += L) {
+      V v[N];
+      const float* base = pad + static_cast<size_t>(y) * stride + x;
+      for (int dy = 0; dy < K; ++dy)
+        for (int dx = 0; dx < K; ++dx) v[dy * K + dx] = O::load(base + dy * stride + dx);
+      SortNet<N>::template run<O>(v);
+      V res = O::finish(v, N);
+      float* o = out + static_cast<size_t>(y) * W + x;
+      if (x + L <= W) {
+        O::store(o, res);
+      } else {
+        alignas(64) float tmp[L];
+        O::store(tmp, res);
+        for (int i = 0; i < W - x; ++i) o[i] = tmp[i];
+      }
+    }
+  }
+}
+
+template <class O>
+void rank_rows_generic(const float* pad, int stride, float* out, int W, int k, int y0, int y1) {
+  using V = typename O::V;
+  constexpr int L = O::L;
+  const int n = k * k;
+  const auto& net = batcher_pairs(k);
+  alignas(64) V v[31 * 31];  // <= 30 KiB with AVX2: L1-resident
+  for (int y = y0; y < y1; ++y) {
+    for (int x = 0; x < W; x += L) {
+      const float* base = pad + static_cast<size_t>(y) * stride + x;
+      for (int dy = 0; dy < k; ++dy)
+        for (int dx = 0; dx < k; ++dx) v[dy * k + dx] = O::load(base + dy * stride + dx);
+      for (const auto& pr : net) O::ce(v[pr.first], v[pr.second]);
+      V res = O::finish(v, n);
+      float* o = out + static_cast<size_t>(y) * W + x;
+      if (x + L <= W) {
+        O::store(o, res);
+      } else {
+        alignas(64) float tmp[L];
+        O::store(tmp, res);
+        for (int i = 0; i < W - x; ++i) o[i] = tmp[i];
+      }
+    }
+  }
+}
+
+// Rows [y0, y1) of the filtered map from the padded buffer built with this policy's L.
+template <class O>
+void rank_rows(const float* pad, int stride, float* out, int W, int k, int y0, int y1) {
+  switch (k) {
+    case 1:
+      for (int y = y0; y < y1; ++y)
+        for (int x = 0; x < W; ++x) out[static_cast<size_t>(y) * W + x] =
+            std::max(0.0f, pad[static_cast<size_t>(y) * stride + x]) > 0.0f ? pad[static_cast<size_t>(y) * stride + x] : 0.0f;
+      break;
+    case 3: rank_rows_fixed<O, 3>(pad, stride, out, W, y0, y1); break;
+    case 5: rank_rows_fixed<O, 5>(pad, stride, out, W, y0, y1); break;
+    case 7: rank_rows_fixed<O, 7>(pad, stride, out, W, y0, y1); break;
+    case 9: rank_rows_fixed<O, 9>(pad, stride, out, W, y0, y1); break;
+    case 11: rank_rows_fixed<O, 11>(pad, stride, out, W, y0, y1); break;
+    default: rank_rows_generic<O>(pad, stride, out, W, k, y0, y1); break;
+  }
+}
+
+// ---- runtime dispatch (simd_avx2.cpp / simd_scalar.cpp)
+using RankRowsFn = void (*)(const float* pad, int stride, float* out, int W, int k, int y0, int y1);
+void rank_rows_scalar(const float* pad, int stride, float* out, int W, int k, int y0, int y1);
+void rank_rows_avx2(const float* pad, int stride, float* out, int W, int k, int y0, int y1);
+bool have_avx2_build();  // the AVX2 TU was compiled with AVX2 support
+
+struct RankDispatch {
+  RankRowsFn fn;
+  int lanes;
+  const char* name;
+};
+inline const RankDispatch& rank_dispatch() {
+  static const RankDispatch d = [] {
+#if defined(__x86_64__) || defined(__i386__)
+    if (have_avx2_build() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return RankDispatch{&rank_rows_avx2, 8, "avx2"};
+#endif
+    return RankDispatch{&rank_rows_scalar, 1, "scalar"};
+  }();
+  return d;
+}
+
+// Filter one H x W map with odd k (1..31).  `threads` > 1 splits rows (only worth it for big maps).
+template <class ParFor>
+void rank_filter_map(const float* in, float* out, int H, int W, int k, std::vector<float>& padbuf,
+                     int threads, ParFor&& par) {
+  const RankDispatch& d = rank_dispatch();
+  const int r = k / 2;
+  pad_reflect101(in, H, W, r, d.lanes, padbuf);
+  const int stride = padded_stride(W, r, d.lanes);
+  const float* pad = padbuf.data();
+  if (threads <= 1 || static_cast<long>(H) * W * k * k < (1L << 18)) {
+    d.fn(pad, stride, out, W, k, 0, H);
+  } else {
+    par(static_cast<long>(H), threads, [&](long b, long e, int) {
+      d.fn(pad, stride, out, W, k, static_cast<int>(b), static_cast<int>(e));
+    });
+  }
+}
+
+}  // namespace diffcam

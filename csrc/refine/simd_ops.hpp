@@ -1,0 +1,183 @@
+// Vector "ops" policies for the rank-weighted Gaussian filter: one 8-lane AVX2 policy (compiled
+// only in the -mavx2 -mfma translation unit) and a 1-lane scalar policy.
+//
+// Each policy provides load/store, the compare-exchange ce(a, b) used by the sorting networks,
+// and finish(v, n): given the n sorted window values of L pixels (one pixel per lane) it
+// computes the window mean and population std (two-pass, float32 with 4 partial sums), the
+// per-pixel rank weights g_d = exp(-a d^2), a = mu^2 / (2 s^2) = 1 / (2 sigma_r^2), with ONE
+// double-precision exponential per pixel (q = exp(-a)) and the recurrence
+// g_{d+1} = g_d * r_d, r_{d+1} = r_d * q^2 (r_0 = q), in float64 so that no error accumulates
+// over up to 480 ranks, and the symmetric weighted sum
+// (v_c + sum_d g_d (v_{c-d} + v_{c+d})) / (1 + 2 sum_d g_d).  The loop over d stops once every
+// lane's weight is below 1e-20 (the weights decrease monotonically; what is dropped is below
+// 1e-17 of the result).  s = 0 or a tiny sigma_r gives a = +inf, q = 0: one-hot weights, the
+// output is v_c, never NaN; mu <= 0 gives 0.  Cost per pixel: the network (k^2 log^2 k^2
+// compare-exchanges / L) plus O(k^2) adds and O(effective weight support) multiplies.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace diffcam {
+
+struct OpsScalar {
+  static constexpr int L = 1;
+  using V = float;
+  static inline V load(const float* p) { return *p; }
+  static inline void store(float* p, V v) { *p = v; }
+  static inline void ce(V& a, V& b) {
+    V lo = a < b ? a : b;
+    V hi = a < b ? b : a;
+    a = lo;
+    b = hi;
+  }
+  static inline V finish(const V* v, int n) {
+    const int c = (n - 1) / 2;
+    float s4[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int i = 0; i < n; ++i) s4[i & 3] += v[i];
+    const float mu = ((s4[0] + s4[1]) + (s4[2] + s4[3])) / static_cast<float>(n);
+    float q4[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int i = 0; i < n; ++i) {
+      float d = v[i] - mu;
+      q4[i & 3] += d * d;
+    }
+    const float var = ((q4[0] + q4[1]) + (q4[2] + q4[3])) / static_cast<float>(n);
+    if (!(mu > 0.f)) return 0.f;
+    const double mud = mu, vard = var;
+    const double a = (mud * mud) / (2.0 * vard);  // +inf when var == 0
+    const double q = std::exp(-a), q2 = q * q;
+    double g = 1.0, r = q, wsum = 0.0;
+    float acc = v[c];
+    for (int d = 1; d <= c; ++d) {
+      g *= r;
+      r *= q2;
+      wsum += g;
+      acc += static_cast<float>(g) * (v[c - d] + v[c + d]);
+      if (g < 1e-20) break;
+    }
+    return acc / static_cast<float>(1.0 + 2.0 * wsum);
+  }
+};
+
+#if defined(__AVX2__) && defined(__FMA__)
+struct OpsAVX2 {
+  static constexpr int L = 8;
+  using V = __m256;
+  static inline V load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static inline void ce(V& a, V& b) {
+    V lo = _mm256_min_ps(a, b);
+    b = _mm256_max_ps(a, b);
+    a = lo;
+  }
+
+  // exp(x) for x <= 0 (x < -708 and -inf give 0), ~1 ulp: x = n ln2 + r, |r| <= ln2/2,
+  // degree-13 Taylor polynomial, scale by 2^n through the exponent bits.
+  static inline __m256d exp_neg_pd(__m256d x) {
+    const __m256d log2e = _mm256_set1_pd(1.4426950408889634074);
+    const __m256d ln2hi = _mm256_set1_pd(6.93145751953125e-1);
+    const __m256d ln2lo = _mm256_set1_pd(1.42860682030941723212e-6);
+    const __m256d magic = _mm256_set1_pd(6755399441055744.0);  // 1.5 * 2^52
+    const __m256d lo_lim = _mm256_set1_pd(-708.0);
+    __m256d under = _mm256_cmp_pd(x, lo_lim, _CMP_LT_OQ);
+    __m256d xc = _mm256_max_pd(x, lo_lim);
+    __m256d t = _mm256_fmadd_pd(xc, log2e, magic);
+    __m256d nf = _mm256_sub_pd(t, magic);
+    __m256d r = _mm256_fnmadd_pd(nf, ln2hi, xc);
+    r = _mm256_fnmadd_pd(nf, ln2lo, r);
+    static const double c[14] = {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0,
+                                 1.0 / 3628800.0,   1.0 / 362880.0,    1.0 / 40320.0,
+                                 1.0 / 5040.0,      1.0 / 720.0,       1.0 / 120.0,
+                                 1.0 / 24.0,        1.0 / 6.0,         0.5,
+                                 1.0,               1.0};
+    __m256d p = _mm256_set1_pd(c[0]);
+    for (int i = 1; i < 14; ++i) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(c[i]));
+    __m256i ni = _mm256_sub_epi64(_mm256_castpd_si256(t), _mm256_castpd_si256(magic));
+    __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(ni, _mm256_set1_epi64x(1023)), 52);
+    __m256d res = _mm256_mul_pd(p, _mm256_castsi256_pd(bits));
+    return _mm256_blendv_pd(res, _mm256_setzero_pd(), under);
+  }
+
+  static inline V finish(const V* v, int n) {
+    const int c = (n - 1) / 2;
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+      s0 = _mm256_add_ps(s0, v[i]);
+      s1 = _mm256_add_ps(s1, v[i + 1]);
+      s2 = _mm256_add_ps(s2, v[i + 2]);
+      s3 = _mm256_add_ps(s3, v[i + 3]);
+    }
+    for (; i < n; ++i) s0 = _mm256_add_ps(s0, v[i]);
+    const __m256 fn = _mm256_set1_ps(static_cast<float>(n));
+    const __m256 mu = _mm256_div_ps(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)), fn);
+    s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    i = 0;
+    for (; i + 4 <= n; i += 4) {
+      __m256 d0 = _mm256_sub_ps(v[i], mu), d1 = _mm256_sub_ps(v[i + 1], mu);
+      __m256 d2 = _mm256_sub_ps(v[i + 2], mu), d3 = _mm256_sub_ps(v[i + 3], mu);
+      s0 = _mm256_fmadd_ps(d0, d0, s0);
+      s1 = _mm256_fmadd_ps(d1, d1, s1);
+      s2 = _mm256_fmadd_ps(d2, d2, s2);
+      s3 = _mm256_fmadd_ps(d3, d3, s3);
+    }
+    for (; i < n; ++i) {
+      __m256 d0 = _mm256_sub_ps(v[i], mu);
+      s0 = _mm256_fmadd_ps(d0, d0, s0);
+    }
+    const __m256 var = _mm256_div_ps(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)), fn);
+    // a = mu^2 / (2 var) in double, per half
+    __m256d mlo = _mm256_cvtps_pd(_mm256_castps256_ps128(mu));
+    __m256d mhi = _mm256_cvtps_pd(_mm256_extractf128_ps(mu, 1));
+    __m256d vlo = _mm256_cvtps_pd(_mm256_castps256_ps128(var));
+    __m256d vhi = _mm256_cvtps_pd(_mm256_extractf128_ps(var, 1));
+    const __m256d two = _mm256_set1_pd(2.0);
+    __m256d alo = _mm256_div_pd(_mm256_mul_pd(mlo, mlo), _mm256_mul_pd(two, vlo));
+    __m256d ahi = _mm256_div_pd(_mm256_mul_pd(mhi, mhi), _mm256_mul_pd(two, vhi));
+    const __m256d zero = _mm256_setzero_pd();
+    // mu <= 0 lanes may hold NaN here (0/0); they are replaced by 0 at the end.  Keep them
+    // finite so the early exit below is not blocked: a := +inf there.
+    const __m256d inf = _mm256_set1_pd(INFINITY);
+    alo = _mm256_blendv_pd(inf, alo, _mm256_cmp_pd(alo, alo, _CMP_ORD_Q));
+    ahi = _mm256_blendv_pd(inf, ahi, _mm256_cmp_pd(ahi, ahi, _CMP_ORD_Q));
+    __m256d qlo = exp_neg_pd(_mm256_sub_pd(zero, alo));
+    __m256d qhi = exp_neg_pd(_mm256_sub_pd(zero, ahi));
+    __m256d q2lo = _mm256_mul_pd(qlo, qlo), q2hi = _mm256_mul_pd(qhi, qhi);
+    __m256d glo = _mm256_set1_pd(1.0), ghi = glo, rlo = qlo, rhi = qhi;
+    __m256d wlo = zero, whi = zero;
+    __m256 acc0 = v[c], acc1 = _mm256_setzero_ps();
+    const __m256d tiny = _mm256_set1_pd(1e-20);
+    for (int d = 1; d <= c; ++d) {
+      glo = _mm256_mul_pd(glo, rlo);
+      ghi = _mm256_mul_pd(ghi, rhi);
+      rlo = _mm256_mul_pd(rlo, q2lo);
+      rhi = _mm256_mul_pd(rhi, q2hi);
+      wlo = _mm256_add_pd(wlo, glo);
+      whi = _mm256_add_pd(whi, ghi);
+      __m256 gf = _mm256_set_m128(_mm256_cvtpd_ps(ghi), _mm256_cvtpd_ps(glo));
+      __m256 pair = _mm256_add_ps(v[c - d], v[c + d]);
+      if (d & 1)
+        acc1 = _mm256_fmadd_ps(gf, pair, acc1);
+      else
+        acc0 = _mm256_fmadd_ps(gf, pair, acc0);
+      if ((d & 3) == 0) {
+        __m256d m = _mm256_and_pd(_mm256_cmp_pd(glo, tiny, _CMP_LT_OQ),
+                                  _mm256_cmp_pd(ghi, tiny, _CMP_LT_OQ));
+        if (_mm256_movemask_pd(m) == 0xF) break;
+      }
+    }
+    const __m256d one = _mm256_set1_pd(1.0);
+    __m256d dlo = _mm256_fmadd_pd(two, wlo, one), dhi = _mm256_fmadd_pd(two, whi, one);
+    __m256 den = _mm256_set_m128(_mm256_cvtpd_ps(dhi), _mm256_cvtpd_ps(dlo));
+    __m256 out = _mm256_div_ps(_mm256_add_ps(acc0, acc1), den);
+    __m256 nonpos = _mm256_cmp_ps(mu, _mm256_setzero_ps(), _CMP_LE_OQ);
+    return _mm256_blendv_ps(out, _mm256_setzero_ps(), nonpos);
+  }
+};
+#endif
+
+}  // namespace diffcam
