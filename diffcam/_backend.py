@@ -7,6 +7,8 @@ Backends, fastest first:
 ``numba``   the Numba port (``diffcam/refine/_numba.py``), used when the compile failed
 ``numpy``   the float64 reference (``diffcam/refine/reference.py``): slow, always there
 
+``DIFFCAM_DISABLE_EXTENSIONS=1`` hides the compiled extensions (as if the compile had failed).
+
 Selection: an explicit ``backend=`` argument wins; else the environment variable
 ``DIFFCAM_BACKEND``; else ``cuda`` for GPU arrays and the first available of native / numba /
 numpy for host arrays.  Asking for a backend that is not available raises
@@ -115,6 +117,9 @@ class _NumpyBackend:
 @functools.lru_cache(maxsize=None)
 def _probe(name: str):
     """(module or None, reason)."""
+    if name in ("native", "cuda") and os.environ.get("DIFFCAM_DISABLE_EXTENSIONS", "").lower() in (
+            "1", "true", "yes", "on"):
+        return None, "disabled by DIFFCAM_DISABLE_EXTENSIONS"
     try:
         if name == "numpy":
             return _NumpyBackend(), ""
@@ -128,7 +133,8 @@ def _probe(name: str):
             return (mod, "") if ok else (None, reason)
     except ImportError as exc:
         what = {"native": "the compiled extension diffcam._core is not installed",
-                "numba": "numba is not installed",
+                "numba": ("numba is not installed" if getattr(exc, "name", "") == "numba"
+                          else "the Numba kernels could not be imported"),
                 "cuda": "the CUDA extension diffcam._cuda is not installed"}[name]
         return None, f"{what} ({exc})"
     except Exception as exc:  # a broken build must not take the package down

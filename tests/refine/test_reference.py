@@ -314,3 +314,12 @@ def test_f3():
     assert ref.f3_score(0.3, 2.6, 0.5) == pytest.approx(3 / (1 / 0.3 + 1 / 0.13 + 1 / 0.5))
     assert ref.f3_score(0.0, 3.0, 0.5) == 0.0
     assert ref.f3_score(0.5, 40.0, 0.5) == pytest.approx(3 / (2 + 1 + 2))
+
+
+def test_resize_matches_opencv_when_installed(rng):
+    cv2 = pytest.importorskip("cv2")
+    for (h, w), (oh, ow) in [((24, 24), (96, 96)), ((27, 27), (384, 384)), ((14, 20), (33, 17)),
+                             ((64, 48), (32, 24)), ((5, 7), (5, 7)), ((1, 6), (4, 9))]:
+        m = rng.random((h, w)).astype(np.float32)
+        want = cv2.resize(m, (ow, oh), interpolation=cv2.INTER_LINEAR)
+        np.testing.assert_allclose(ref.resize_bilinear_2d(m, oh, ow), want, atol=1e-5)

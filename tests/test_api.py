@@ -1,0 +1,227 @@
+"""The public refinement API: types in and out, bad input, presets, backend choice."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import diffcam
+from diffcam import BackendUnavailableError, RefineConfig
+from diffcam.refine import reference as ref
+
+from .refine.mapgen import make_batch, make_map
+
+
+@pytest.fixture
+def maps(rng):
+    return make_batch(rng, 4, 27, 27, kinds=("peaks", "uniform", "sparse", "power"))
+
+
+# ------------------------------------------------------------------ shapes and types
+def test_single_map_and_batch(maps):
+    one = diffcam.refine(maps[0])
+    batch = diffcam.refine(maps)
+    assert one.shape == (27, 27) and batch.shape == (4, 27, 27) and one.dtype == np.float32
+    np.testing.assert_allclose(one, batch[0], atol=1e-6)
+
+
+def test_matches_reference_pipeline(maps):
+    p = RefineConfig.paper().to_params()
+    want = ref.refine(maps, None, np.zeros(4), p)[0]
+    np.testing.assert_allclose(diffcam.refine(maps), want, atol=1e-6)
+
+
+def test_float64_and_list_inputs(maps):
+    out64 = diffcam.refine(maps.astype(np.float64))
+    assert out64.dtype == np.float64
+    out_list = diffcam.refine(maps[0].tolist())
+    assert isinstance(out_list, np.ndarray) and out_list.shape == (27, 27)
+
+
+def test_torch_round_trip(maps):
+    torch = pytest.importorskip("torch")
+    t = torch.from_numpy(maps)
+    out = diffcam.refine(t)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == t.shape
+    np.testing.assert_allclose(out.numpy(), diffcam.refine(maps), atol=0)
+    out64 = diffcam.refine(t.double()[0])
+    assert out64.dtype == torch.float64 and out64.shape == (27, 27)
+    g = t.clone().requires_grad_(True)          # a tensor that needs grad is read, not kept
+    assert diffcam.refine(g).requires_grad is False
+
+
+def test_return_info(maps):
+    out, info = diffcam.refine(maps, return_info=True)
+    assert info.kernel_size.tolist() == [3, 3, 3, 3]
+    assert set(info.branch) <= {"high_var", "high_mean", "low_mean", "default"}
+    assert info.tau.shape == (4,) and info.sicd_applied.dtype == bool
+    _, one = diffcam.refine(maps[0], return_info=True)
+    assert isinstance(one.kernel_size, int) and isinstance(one.branch, str)
+    assert isinstance(one.to_dict()["tau"], float)
+
+
+@pytest.mark.parametrize("value", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("preset", ["paper", "reference"])
+def test_constant_maps_are_well_defined(value, preset):
+    out = diffcam.refine(np.full((3, 14, 14), value, np.float32), config=preset)
+    assert np.isfinite(out).all() and (out >= 0).all() and (out <= 1).all()
+
+
+def test_tiny_maps():
+    for shape in [(1, 1), (1, 5), (2, 2), (5, 1)]:
+        out = diffcam.refine(np.random.default_rng(0).random(shape).astype(np.float32))
+        assert out.shape == shape and np.isfinite(out).all()
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("bad,exc,words", [
+    (np.array([[0.1, np.nan]], np.float32), ValueError, "NaN"),
+    (np.array([[0.1, np.inf]], np.float32), ValueError, "Inf"),
+    (np.zeros((0, 5), np.float32), ValueError, "empty"),
+    (np.zeros((2, 3, 0), np.float32), ValueError, "empty"),
+    (np.zeros(5, np.float32), ValueError, "shape"),
+    (np.zeros((1, 2, 3, 4), np.float32), ValueError, "shape"),
+    (np.zeros((4, 4), np.int64), TypeError, "float"),
+    (np.zeros((4, 4), bool), TypeError, "float"),
+    (np.array([["a", "b"]]), TypeError, "float"),
+    (np.array([[0.5, -0.1]], np.float32), ValueError, "negative"),
+    (np.array([[0.5, 2.0]], np.float32), ValueError, "normalize=True"),
+    (None, TypeError, "None"),
+])
+def test_bad_maps(bad, exc, words):
+    with pytest.raises(exc, match=words) as info:
+        diffcam.refine(bad)
+    assert "maps" in str(info.value)
+
+
+def test_normalize_option():
+    m = np.array([[0.0, 5.0], [10.0, 2.5]], np.float32)
+    np.testing.assert_allclose(diffcam.refine(m, normalize=True), diffcam.refine(m / 10.0),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("k,exc", [(4, ValueError), (1, ValueError), (33, ValueError),
+                                   (2.5, TypeError), ([3, 5, 7], ValueError)])
+def test_bad_kernel_size(k, exc):
+    with pytest.raises(exc, match="k"):
+        diffcam.rank_gaussian_filter(np.zeros((2, 8, 8), np.float32), k)
+
+
+def test_bad_config_fields():
+    with pytest.raises(ValueError, match="kernel_size"):
+        RefineConfig.paper().replace(kernel_size=6)
+    with pytest.raises(ValueError, match="k_max"):
+        RefineConfig.paper().replace(k_max=33)
+    with pytest.raises(ValueError, match="pct_default"):
+        RefineConfig.paper().replace(pct_default=120.0)
+    with pytest.raises(TypeError, match="RefineConfig"):
+        diffcam.refine(np.zeros((3, 3), np.float32), config={"k_max": 3})
+    with pytest.raises(ValueError, match="config"):
+        diffcam.refine(np.zeros((3, 3), np.float32), config="fast")
+
+
+def test_bad_interference_and_tokens(maps):
+    with pytest.raises(ValueError, match=r"interference\[0\].*\(27, 27\)"):
+        diffcam.refine(maps[0], interference=np.zeros((2, 26, 27), np.float32))
+    with pytest.raises(ValueError, match="interference"):
+        diffcam.refine(maps, interference=[np.zeros((1, 27, 27), np.float32)])
+    with pytest.raises(ValueError, match="NaN"):
+        diffcam.refine(maps[0], interference=np.full((1, 27, 27), np.nan, np.float32))
+    with pytest.raises(ValueError, match="tokens"):
+        diffcam.refine(maps, tokens=[[1, 2], [3, 3]])
+    with pytest.raises(ValueError, match="tokens is empty"):
+        diffcam.refine(maps[0], tokens=[])
+
+
+def test_bad_threads_and_backend(maps):
+    with pytest.raises(ValueError, match="threads"):
+        diffcam.refine(maps, threads=-1)
+    with pytest.raises(ValueError, match="backend='fast'"):
+        diffcam.refine(maps, backend="fast")
+    with pytest.raises(BackendUnavailableError, match="GPU|not available"):
+        diffcam.refine(maps, backend="cuda")
+
+
+# ------------------------------------------------------------------ presets
+def test_reference_preset_is_seeded_and_close_to_noise_free(rng):
+    dense = make_batch(rng, 3, 27, 27, kinds=("uniform", "peaks", "power"))
+    a = diffcam.refine(dense, config=RefineConfig.reference(seed=1))
+    b = diffcam.refine(dense, config=RefineConfig.reference(seed=1))
+    c = diffcam.refine(dense, config=RefineConfig.reference(seed=2))
+    quiet = diffcam.refine(dense, config=RefineConfig.reference().replace(noise=0.0))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() < 1e-4 and np.abs(a - quiet).max() < 1e-4
+
+
+def test_reference_preset_quirks(rng):
+    cfg = RefineConfig.reference()
+    big = make_map(rng, 384, 384, "uniform")
+    assert diffcam.adaptive_kernel_size(big, cfg) == 3
+    assert diffcam.adaptive_kernel_size(big) > 3                  # paper: adaptive
+    m = make_map(rng, 20, 20, "power")
+    np.testing.assert_array_equal(diffcam.confidence_gating(m, cfg), m)
+
+
+def test_sicd_uses_tokens_and_interference(rng):
+    m = make_map(rng, 24, 24, "peaks")
+    cfg = RefineConfig.paper().replace(gate=False)
+    plain, lam0, _ = diffcam.causal_debiasing(m, cfg, return_info=True)
+    _, lam_tok, _ = diffcam.causal_debiasing(m, cfg, tokens=[5, 6, 5, 7, 7], return_info=True)
+    inter = np.stack([make_map(rng, 24, 24, "uniform") for _ in range(3)])
+    out_i, lam_i, applied = diffcam.causal_debiasing(m, cfg, interference=inter, return_info=True)
+    assert applied and lam_i > 0 and not np.allclose(out_i, plain)
+    # M_rep is the mean of the min-max normalised maps
+    norm = [(x - x.min()) / (x.max() - x.min() + 1e-8) for x in inter]
+    want = ref.causal_debiasing_2d(m, np.mean(norm, 0), 0.0, cfg.to_params())[0]
+    np.testing.assert_allclose(out_i, want, atol=1e-6)
+    assert lam_tok != lam0 or lam0 == 0.5
+    batch = np.stack([m, m])
+    out_b = diffcam.refine(batch, interference=[inter, inter[:0]], tokens=[1, 1, 2])
+    assert out_b.shape == (2, 24, 24)
+
+
+# ------------------------------------------------------------------ backends
+def test_backends_report():
+    info = diffcam.backends()
+    assert list(info) == ["native", "cuda", "numba", "numpy"]
+    assert info["numpy"].available
+    for name, a in info.items():
+        assert a.available or a.reason, name
+
+
+def test_every_available_backend_agrees(maps):
+    outs = {name: diffcam.refine(maps, backend=name)
+            for name, a in diffcam.backends().items() if a.available and name != "cuda"}
+    for name, out in outs.items():
+        np.testing.assert_allclose(out, outs["numpy"], atol=1e-6, err_msg=name)
+
+
+def _run(code, **env):
+    e = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e,
+                          timeout=300)
+
+
+def test_environment_override_and_disabled_extensions():
+    code = ("import numpy as np, diffcam; m = np.random.rand(9, 9).astype('float32');"
+            "print(diffcam.refine(m, return_info=True)[1].backend)")
+    r = _run(code, DIFFCAM_BACKEND="numpy")
+    assert r.returncode == 0 and r.stdout.strip() == "numpy", r.stderr
+    r = _run(code, DIFFCAM_BACKEND="bogus")
+    assert r.returncode != 0 and "DIFFCAM_BACKEND" in r.stderr
+    r = _run(code + ";print(diffcam.backends()['native'].reason)", DIFFCAM_DISABLE_EXTENSIONS="1",
+             DIFFCAM_BACKEND="")
+    assert r.returncode == 0, r.stderr
+    picked, reason = r.stdout.split("\n")[:2]
+    assert picked in ("numba", "numpy") and "DIFFCAM_DISABLE_EXTENSIONS" in reason
+    r = _run("import diffcam, numpy as np; diffcam.refine(np.ones((3,3),'float32'), backend='native')",
+             DIFFCAM_DISABLE_EXTENSIONS="1")
+    assert r.returncode != 0 and "not available" in r.stderr
+
+
+def test_import_is_light():
+    r = _run("import sys, diffcam; print(sorted(m for m in ('torch', 'transformers', 'numba', "
+             "'scipy') if m in sys.modules))")
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

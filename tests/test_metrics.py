@@ -1,0 +1,73 @@
+"""diffcam.metrics: the paper's localization protocol on maps whose answer is known."""
+
+import numpy as np
+import pytest
+
+from diffcam import metrics
+from diffcam.refine import reference as ref
+
+
+def _blob(h, w, y0, y1, x0, x1, bg=0.0):
+    m = np.full((h, w), bg, np.float32)
+    m[y0:y1, x0:x1] = 1.0
+    return m
+
+
+def test_perfect_map_scores():
+    m = _blob(16, 16, 4, 8, 4, 12)
+    masks = np.zeros((2, 16, 16), bool)
+    masks[0, 4:8, 4:12] = True
+    masks[1, 0:2, 0:2] = True
+    s = metrics.localization(m, masks)
+    assert s.obj_iou == 1.0 and s.concentration == pytest.approx(1.0)
+    assert s.contrast > 1e6                      # background is exactly 0
+    assert s.f3 == pytest.approx(3 / (1 + 1 + 1 / s.concentration))
+
+
+def test_wrong_place_scores_zero():
+    m = _blob(16, 16, 0, 4, 0, 4, bg=0.0)
+    masks = np.zeros((1, 16, 16), bool); masks[0, 10:16, 10:16] = True
+    s = metrics.localization(m, masks)
+    assert s.obj_iou == 0.0 and s.concentration == 0.0 and s.f3 == 0.0
+
+
+def test_uniform_map_is_uninformative():
+    m = np.full((8, 8), 0.5, np.float32)
+    masks = np.zeros((1, 8, 8), bool); masks[0, :4] = True
+    s = metrics.localization(m, masks)
+    assert s.contrast == pytest.approx(1.0) and s.concentration == pytest.approx(0.5)
+
+
+def test_batch_list_of_mask_sizes_and_resize(rng):
+    maps = np.stack([_blob(12, 12, 0, 6, 0, 6), _blob(12, 12, 6, 12, 6, 12)])
+    m1 = np.zeros((1, 48, 48), bool); m1[0, :24, :24] = True
+    m2 = np.zeros((2, 30, 30), bool); m2[1, 15:, 15:] = True
+    s = metrics.localization(maps, [m1, m2])
+    assert s.obj_iou.shape == (2,) and (s.obj_iou > 0.8).all()
+    want = [ref.localization_2d(maps[0], m1), ref.localization_2d(maps[1], m2)]
+    np.testing.assert_allclose(s.obj_iou, [w[0] for w in want], atol=0.02)
+
+
+def test_summary_takes_f3_of_means():
+    s = metrics.LocalizationScores(np.array([0.2, 0.4]), np.array([2.0, 3.0]),
+                                   np.array([0.4, 0.6]), np.array([0.1, 0.2]))
+    out = metrics.summarize(s)
+    assert out["obj_iou"] == pytest.approx(0.3)
+    assert out["f3_of_means"] == pytest.approx(metrics.f3_score(0.3, 2.5, 0.5))
+    assert out["f3_mean"] == pytest.approx(0.15)
+    assert all(metrics.HIGHER_IS_BETTER.values())
+
+
+def test_otsu_threshold_api(rng):
+    m = rng.random((3, 10, 10)).astype(np.float32)
+    np.testing.assert_array_equal(metrics.otsu_threshold(m), ref.otsu_threshold_u8(ref.to_uint8(m)))
+
+
+def test_bad_masks():
+    m = np.zeros((2, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="masks"):
+        metrics.localization(m, [np.zeros((8, 8))])
+    with pytest.raises(ValueError, match="masks"):
+        metrics.localization(m, np.zeros((3, 8, 8)))
+    with pytest.raises(ValueError, match="masks"):
+        metrics.localization(m[0], np.zeros((1, 0, 8)))
