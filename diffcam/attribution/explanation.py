@@ -1,0 +1,295 @@
+"""The typed result of :meth:`diffcam.Explainer.explain`.
+
+Structure of :attr:`Explanation.maps`
+-------------------------------------
+``maps[i]`` is a dict for image ``i`` of the sample (in prompt order), mapping each grid name of
+that image's :class:`~diffcam.attribution.layout.ImageLayout` (e.g. ``"base"`` and ``"hires"``
+for LLaVA anyres, ``"merged"`` for Qwen2-VL-style packing) to a float32 array of shape
+
+    (len(targets) + 1, len(states), rows, cols)
+
+axis 0: the targets in :attr:`targets` order, the last entry the aggregate map (gradient of the
+sum of all target scores); axis 1: :attr:`states` in the order requested (``"final"`` or a step
+number); then the grid's cells (newline columns never included).  Values are raw Grad-CAM maps,
+min-max normalised to [0, 1] per map.
+
+>>> import numpy as np
+>>> from diffcam.attribution.layout import single_grid_layout
+>>> from diffcam.attribution.targets import Target
+>>> e = Explanation(answer="a dog", token_ids=[1, 2], tokens=["a", " dog"],
+...                 words=[], targets=[Target("dog", (1,))], states=["final"],
+...                 maps=[{"base": np.zeros((2, 1, 3, 3), np.float32)}],
+...                 layouts=[single_grid_layout(4, 3, 3)])
+>>> e.map("dog").shape, e.map(None).shape
+((3, 3), (3, 3))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
+
+import numpy as np
+
+from .layout import ImageLayout
+from .targets import AGGREGATE, Target, Word
+
+__all__ = ["Explanation", "SCHEMA"]
+
+#: manifest.json schema identifier (bumped on incompatible changes)
+SCHEMA = "diffcam.explanation/1"
+
+
+def _png_name(s: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_" else "_" for c in s.strip())
+    return keep[:40] or "tok"
+
+
+@dataclass
+class Explanation:
+    """Diffusion-CAM maps of one (images, prompt) sample and everything needed to reproduce them.
+
+    answer     the explained answer text (generated, or the given ``answer=``)
+    token_ids  response token ids; ``tokens`` their strings
+    words      :class:`~diffcam.attribution.targets.Word` s of the answer
+    targets    :class:`~diffcam.attribution.targets.Target` s (name + response token indices);
+               the maps have one more entry, the aggregate, last
+    states     the explained states, ``"final"`` or step numbers
+    maps       per image a dict grid name -> float32 (targets + 1, states, rows, cols)
+    layouts    per image its ImageLayout (positions in the expanded sequence)
+    images     per image the RGB uint8 array used (for overlays)
+    prompt     the prompt text
+    masked     (steps + 1, G) bool trajectory (None when the answer was given)
+    settings   every setting of the call (layer, score, contrast, method, targets, states,
+               generation config, ...); ``versions``: diffcam, torch, transformers, numpy;
+               ``adapter``: the adapter's info()
+    """
+
+    answer: str
+    token_ids: list
+    tokens: list
+    words: list
+    targets: list
+    states: list
+    maps: list
+    layouts: list
+    images: list = field(default_factory=list)
+    prompt: str = ""
+    masked: Optional[np.ndarray] = None
+    settings: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    adapter: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ access
+    @property
+    def target_names(self) -> list:
+        return [t.name for t in self.targets] + [AGGREGATE]
+
+    def _target_index(self, word_or_index) -> int:
+        n = len(self.targets) + 1
+        if word_or_index is None:
+            return n - 1
+        if isinstance(word_or_index, str):
+            key = word_or_index.strip().lower()
+            if key in ("aggregate", AGGREGATE):
+                return n - 1
+            for k, t in enumerate(self.targets):
+                if t.name.strip().lower() == key:
+                    return k
+            raise KeyError(f"no target {word_or_index!r}; targets are "
+                           f"{[t.name for t in self.targets]} (+ 'aggregate')")
+        k = int(word_or_index)
+        if not -n <= k < n:
+            raise IndexError(f"target index {k} out of range: {n - 1} targets + the aggregate")
+        return k % n
+
+    def _state_index(self, state) -> int:
+        for k, s in enumerate(self.states):
+            if s == state:
+                return k
+        raise KeyError(f"state {state!r} was not explained; states are {self.states}")
+
+    def default_grid(self, image: int = 0) -> str:
+        """The grid with the most cells (the high-resolution grid of anyres layouts)."""
+        best = max(self.maps[image].items(), key=lambda kv: kv[1].shape[-2] * kv[1].shape[-1])
+        return best[0]
+
+    def map(self, word_or_index=None, image: int = 0, grid: Optional[str] = None,
+            state="final", refined: bool = False, config=None) -> np.ndarray:
+        """One (rows, cols) float32 map.
+
+        word_or_index  a target name, "aggregate" / None (the aggregate), or an index along the
+                       targets axis (``len(targets)`` or -1 is the aggregate)
+        grid           grid name; default :meth:`default_grid`
+        refined        run ``diffcam.refine`` (``config``, default the paper preset) on it
+        """
+        if not 0 <= image < len(self.maps):
+            raise IndexError(f"image={image} but this explanation has {len(self.maps)} image(s)")
+        g = grid or self.default_grid(image)
+        if g not in self.maps[image]:
+            raise KeyError(f"no grid {g!r}; image {image} has {list(self.maps[image])}")
+        m = self.maps[image][g][self._target_index(word_or_index), self._state_index(state)]
+        if refined:
+            from .. import refine as _refine
+            m = _refine(np.ascontiguousarray(m), config=config, tokens=list(self.token_ids))
+        return np.asarray(m, dtype=np.float32)
+
+    def refined(self, config=None) -> "Explanation":
+        """A new Explanation whose maps are ``diffcam.refine(...)`` of these (every target, state
+        and grid, in one batched call per grid; SICD uses the answer's token ids for its
+        repeated-token fallback).  ``settings['refine']`` records the config."""
+        from .. import refine as _refine
+        from ..refine import RefineConfig
+
+        cfg = config
+        if cfg is None or isinstance(cfg, str):
+            cfg = RefineConfig.reference() if cfg == "reference" else RefineConfig.paper()
+        new_maps = []
+        for per_image in self.maps:
+            d = {}
+            for name, arr in per_image.items():
+                flat = np.ascontiguousarray(arr.reshape(-1, *arr.shape[-2:]), dtype=np.float32)
+                out = _refine(flat, config=cfg, tokens=list(self.token_ids))
+                d[name] = np.asarray(out, dtype=np.float32).reshape(arr.shape)
+            new_maps.append(d)
+        settings = dict(self.settings)
+        settings["refine"] = cfg.to_dict()
+        return replace(self, maps=new_maps, settings=settings)
+
+    def overlay(self, word_or_index=None, image: int = 0, grid: Optional[str] = None,
+                state="final", refined: bool = False, alpha: float = 0.5, config=None):
+        """A PIL image: the map colourised and blended over the input image."""
+        try:
+            from PIL import Image
+        except ImportError as e:      # pragma: no cover
+            raise ImportError("Explanation.overlay needs Pillow: pip install Pillow (or "
+                              "pip install diffcam[viz]); diffcam.viz.png.overlay returns "
+                              "a NumPy array without it") from e
+        return Image.fromarray(self._overlay_array(word_or_index, image, grid, state, refined,
+                                                   alpha, config))
+
+    def _overlay_array(self, word_or_index, image, grid, state, refined, alpha, config=None):
+        from ..viz.png import overlay as _overlay
+        m = self.map(word_or_index, image=image, grid=grid, state=state, refined=refined,
+                     config=config)
+        img = self.images[image] if image < len(self.images) else None
+        return _overlay(img, m, alpha=alpha)
+
+    # ------------------------------------------------------------------ persistence
+    def _manifest(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "answer": self.answer,
+            "prompt": self.prompt,
+            "token_ids": [int(t) for t in self.token_ids],
+            "tokens": list(self.tokens),
+            "words": [{"text": w.text, "tokens": list(w.tokens)} for w in self.words],
+            "targets": [t.to_dict() for t in self.targets],
+            "states": list(self.states),
+            "maps": [{name: list(arr.shape) for name, arr in d.items()} for d in self.maps],
+            "maps_axes": ["target (last = aggregate)", "state", "row", "col"],
+            "layouts": [lay.to_dict() for lay in self.layouts],
+            "settings": self.settings,
+            "versions": self.versions,
+            "adapter": self.adapter,
+        }
+
+    def save(self, directory, overwrite: bool = False, overlays: bool = True) -> str:
+        """Write ``maps.npz`` (maps, images, trajectory), ``manifest.json`` and one overlay PNG per
+        target (first state, default grid of each image) into ``directory``, atomically: all is
+        written to a temporary directory next to it and then renamed.  An existing directory is
+        refused unless ``overwrite=True``.  Returns the directory path."""
+        from ..viz.png import write_png
+
+        directory = os.path.abspath(os.fspath(directory))
+        if os.path.exists(directory) and not overwrite:
+            raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+        parent = os.path.dirname(directory)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(directory) + ".tmp")
+        try:
+            arrays = {}
+            for i, d in enumerate(self.maps):
+                for name, arr in d.items():
+                    arrays[f"map__{i}__{name}"] = np.asarray(arr, dtype=np.float32)
+            for i, img in enumerate(self.images):
+                arrays[f"image__{i}"] = np.asarray(img, dtype=np.uint8)
+            if self.masked is not None:
+                arrays["masked"] = np.asarray(self.masked, dtype=bool)
+            np.savez_compressed(os.path.join(tmp, "maps.npz"), **arrays)
+            manifest = self._manifest()
+            pngs = []
+            if overlays and self.states:
+                for i in range(len(self.maps)):
+                    g = self.default_grid(i)
+                    for k, name in enumerate(self.target_names):
+                        fn = f"overlay_image{i}_{g}_{k:02d}_{_png_name(name)}.png"
+                        write_png(os.path.join(tmp, fn),
+                                  self._overlay_array(k, i, g, self.states[0], False, 0.5))
+                        pngs.append(fn)
+            manifest["overlays"] = pngs
+            with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
+                json.dump(manifest, f, indent=1, default=_json_default)
+            if os.path.exists(directory):
+                old = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(directory)
+                                       + ".old")
+                os.rename(directory, os.path.join(old, "x"))
+                os.rename(tmp, directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def load(cls, directory) -> "Explanation":
+        """Read an Explanation written by :meth:`save`."""
+        directory = os.fspath(directory)
+        path = os.path.join(directory, "manifest.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                man = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{directory} holds no manifest.json: not a saved "
+                                    "Explanation") from None
+        if man.get("schema") != SCHEMA:
+            raise ValueError(f"{path}: schema {man.get('schema')!r}, this diffcam reads {SCHEMA!r}")
+        with np.load(os.path.join(directory, "maps.npz")) as z:
+            maps = [{name: z[f"map__{i}__{name}"] for name in d} for i, d in
+                    enumerate(man["maps"])]
+            images = []
+            i = 0
+            while f"image__{i}" in z.files:
+                images.append(z[f"image__{i}"])
+                i += 1
+            masked = z["masked"] if "masked" in z.files else None
+        return cls(answer=man["answer"], token_ids=man["token_ids"], tokens=man["tokens"],
+                   words=[Word(w["text"], tuple(w["tokens"])) for w in man["words"]],
+                   targets=[Target(t["name"], tuple(t["tokens"])) for t in man["targets"]],
+                   states=man["states"], maps=maps,
+                   layouts=[ImageLayout.from_dict(d) for d in man["layouts"]], images=images,
+                   prompt=man.get("prompt", ""), masked=masked, settings=man["settings"],
+                   versions=man["versions"], adapter=man["adapter"])
+
+    def __repr__(self) -> str:
+        grids = [{k: tuple(v.shape) for k, v in d.items()} for d in self.maps]
+        return (f"Explanation(answer={self.answer!r}, targets={[t.name for t in self.targets]}, "
+                f"states={self.states}, maps={grids})")
+
+
+def _json_default(o: Any):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return repr(o)

@@ -1,0 +1,215 @@
+"""Answer words and attribution targets (method.md 1.4).
+
+Words are built from the answer's token strings: a token that starts with whitespace, with the
+SentencePiece marker '▁' or the byte-level BPE marker 'Ġ', or that is punctuation, starts a new
+word; other tokens continue the previous word.  Special tokens (EOS, padding, the mask token)
+belong to no word.
+
+"Nouns" are found by a *lexicon heuristic*: alphabetic words of two letters or more that are not
+in a stoplist of English function words (articles, pronouns, prepositions, conjunctions,
+auxiliaries, common verbs and adverbs) and do not end in "ly".  It needs no model and no
+download, and it is wrong sometimes (it keeps adjectives, for one).  For real part-of-speech
+tagging pass a callable, e.g. with spaCy::
+
+    nlp = spacy.load("en_core_web_sm")
+    def nouns(words, tokens):
+        doc = nlp(" ".join(w.text for w in words))
+        keep = {t.i for t in doc if t.pos_ in ("NOUN", "PROPN")}
+        return [w.tokens for i, w in enumerate(words) if i in keep]
+    ex.explain(image, prompt, targets=nouns)
+
+(spaCy may split words differently; map by text when that matters.)
+
+>>> ws = group_words(["A", " red", " bus", "es", " on", " the", " road", "."])
+>>> [w.text for w in ws]
+['A', 'red', 'buses', 'on', 'the', 'road', '.']
+>>> [t.name for t in resolve_targets("nouns", ws, 8)]
+['red', 'buses', 'road']
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+__all__ = ["Word", "Target", "group_words", "is_content_word", "resolve_targets", "STOPWORDS",
+           "AGGREGATE"]
+
+#: name of the aggregate target (the sum of all target scores), always the last map
+AGGREGATE = "<aggregate>"
+
+STOPWORDS = frozenset("""
+a an the this that these those there here it its it's i me my mine we us our ours you your yours
+he him his she her hers they them their theirs what which who whom whose where when why how
+and or but nor so yet if then than because as while although though unless until since
+of in on at by for with without within about above below over under into onto from to up down
+out off through across along around behind beside besides between beyond near among against
+toward towards upon during before after via per
+is am are was were be been being do does did doing done have has had having
+can could may might must shall should will would ought
+not no yes all any both each either neither every few many more most much other some such
+own same only very too also just quite rather almost again ever never always often sometimes
+one two three four five six seven eight nine ten
+seems seem appears appear looks look shows show showing shown see seen sees
+image picture photo photograph shot scene view
+left right top bottom front back side middle center centre background foreground
+""".split())
+
+
+@dataclass(frozen=True)
+class Word:
+    """One answer word: its text and the indices of its tokens in the response."""
+
+    text: str
+    tokens: tuple
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class Target:
+    """One attribution target: a name and the response token indices whose scores it sums."""
+
+    name: str
+    tokens: tuple
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "tokens": list(self.tokens)}
+
+
+def _is_punct(s: str) -> bool:
+    return bool(s) and all(unicodedata.category(c).startswith("P") or
+                           unicodedata.category(c).startswith("S") for c in s)
+
+
+def _clean(tok: str) -> tuple[str, bool]:
+    """(text without markers, starts_new_word)."""
+    starts = False
+    if tok[:1] in ("▁", "Ġ", "Ċ"):
+        starts = True
+        tok = tok[1:]
+    if tok[:1].isspace():
+        starts = True
+    return tok.strip(), starts
+
+
+def group_words(tokens: Sequence[str], special: Sequence[bool] | None = None) -> list:
+    """Group token strings into :class:`Word` s (special tokens are skipped and break words)."""
+    words: list = []
+    cur_text, cur_idx = "", []
+    prev_punct = True
+
+    def flush():
+        nonlocal cur_text, cur_idx
+        if cur_idx and cur_text:
+            words.append(Word(cur_text, tuple(cur_idx)))
+        cur_text, cur_idx = "", []
+
+    for j, tok in enumerate(tokens):
+        if special is not None and special[j]:
+            flush()
+            prev_punct = True
+            continue
+        text, starts = _clean(tok)
+        if not text:            # pure whitespace: ends the word
+            flush()
+            prev_punct = True
+            continue
+        punct = _is_punct(text)
+        if starts or punct or prev_punct or not cur_idx:
+            flush()
+        cur_text += text
+        cur_idx.append(j)
+        prev_punct = punct
+    flush()
+    return words
+
+
+def _norm(s: str) -> str:
+    return s.strip().strip(".,;:!?\"'()[]{}").lower()
+
+
+def is_content_word(text: str) -> bool:
+    """The "noun" heuristic: alphabetic, >= 2 letters, not a stopword, not an -ly adverb."""
+    w = _norm(text)
+    return (len(w) >= 2 and w.replace("-", "").isalpha() and w not in STOPWORDS
+            and not w.endswith("ly"))
+
+
+def _group_by_text(words) -> list:
+    """One Target per distinct word text (case-insensitive), all its occurrences together."""
+    out: dict = {}
+    for w in words:
+        key = _norm(w.text)
+        name, toks = out.get(key, (w.text, ()))
+        out[key] = (name, toks + tuple(w.tokens))
+    return [Target(name, toks) for name, toks in out.values()]
+
+
+def resolve_targets(spec, words: Sequence[Word], n_tokens: int, token_strings=None,
+                    valid=None) -> list:
+    """Resolve a targets specification to a list of :class:`Target` s.
+
+    spec      "nouns" (content words, heuristic above; one target per distinct word),
+              "all" (one target per non-special answer token), a list of words (str), a list of
+              response token indices (int), or a callable ``(words, tokens) -> indices`` that
+              returns token indices (one target each) or lists of them (one target per list).
+    words     the answer's words (:func:`group_words`)
+    n_tokens  response length
+    valid     optional bool per token (False for special tokens), used by "all"
+    """
+    token_strings = list(token_strings) if token_strings is not None else [str(i) for i in
+                                                                          range(n_tokens)]
+    valid = list(valid) if valid is not None else [True] * n_tokens
+    if isinstance(spec, str):
+        if spec == "nouns":
+            return _group_by_text([w for w in words if is_content_word(w.text)])
+        if spec == "all":
+            return [Target(token_strings[j].strip() or f"#{j}", (j,))
+                    for j in range(n_tokens) if valid[j]]
+        spec = [spec]           # a single word
+    if callable(spec):
+        got = spec(list(words), list(token_strings))
+        return _from_indices(list(got), n_tokens, token_strings)
+    spec = list(spec)
+    if not spec:
+        raise ValueError("targets is empty")
+    if all(isinstance(s, str) for s in spec):
+        by_text: dict = {}
+        for w in words:
+            by_text.setdefault(_norm(w.text), []).append(w)
+        out = []
+        for s in spec:
+            ws = by_text.get(_norm(s))
+            if not ws:
+                raise ValueError(f"target word {s!r} is not in the answer; the answer's words "
+                                 f"are {[w.text for w in words]}")
+            out.append(Target(s, tuple(j for w in ws for j in w.tokens)))
+        return out
+    return _from_indices(spec, n_tokens, token_strings)
+
+
+def _from_indices(spec, n_tokens, token_strings) -> list:
+    out = []
+    for s in spec:
+        idx = (int(s),) if _is_int(s) else tuple(int(i) for i in s)
+        if not idx:
+            raise ValueError("a target has no token indices")
+        for i in idx:
+            if not -n_tokens <= i < n_tokens:
+                raise ValueError(f"target token index {i} is out of range: the answer has "
+                                 f"{n_tokens} tokens")
+        idx = tuple(i % n_tokens for i in idx)
+        name = "".join(token_strings[i] for i in idx).strip() or f"#{idx[0]}"
+        out.append(Target(name, idx))
+    return out
+
+
+def _is_int(x) -> bool:
+    try:
+        import numbers
+        return isinstance(x, numbers.Integral) or (hasattr(x, "ndim") and x.ndim == 0)
+    except Exception:       # pragma: no cover
+        return False
