@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from ..attribution.layout import ImageLayout
+if TYPE_CHECKING:  # no runtime import: diffcam.attribution imports this module (import cycle)
+    from ..attribution.layout import ImageLayout
 
 __all__ = ["Adapter", "PreparedSample", "GenerationConfig", "GenerationResult"]
 
