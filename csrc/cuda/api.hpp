@@ -21,8 +21,10 @@ int device_count(std::string* err);
 std::string kernel_sizes(uintptr_t maps, int n, int h, int w, const double* params,
                          uintptr_t k_out /*int32 N*/, uintptr_t stream, int device);
 
+// kmin/kmax: bounds of the kernel sizes present (1, 31 when unknown): one launch per odd K in it.
 std::string rank_gaussian_filter(uintptr_t maps, uintptr_t ksizes /*int32 N*/, int n, int h,
-                                 int w, uintptr_t out, uintptr_t stream, int device);
+                                 int w, uintptr_t out, int kmin, int kmax, uintptr_t stream,
+                                 int device);
 
 std::string confidence_gating(uintptr_t maps, int n, int h, int w, const double* params,
                               uintptr_t out, uintptr_t branch /*int32*/, uintptr_t tau /*f64*/,

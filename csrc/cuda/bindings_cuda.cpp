@@ -69,11 +69,15 @@ PYBIND11_MODULE(_cuda, m) {
      py::arg("k_out"), py::arg("stream"), py::arg("device"));
 
   m.def("rank_gaussian_filter", [](uintptr_t maps, uintptr_t ksizes, int n, int h, int w,
-                                   uintptr_t out, uintptr_t stream, int device) {
+                                   uintptr_t out, uintptr_t stream, int device, int kmin,
+                                   int kmax) {
     check_dims(n, h, w);
-    run([&] { return dc::rank_gaussian_filter(maps, ksizes, n, h, w, out, stream, device); });
+    run([&] {
+      return dc::rank_gaussian_filter(maps, ksizes, n, h, w, out, kmin, kmax, stream, device);
+    });
   }, py::arg("maps"), py::arg("ksizes"), py::arg("n"), py::arg("h"), py::arg("w"),
-     py::arg("out"), py::arg("stream"), py::arg("device"));
+     py::arg("out"), py::arg("stream"), py::arg("device"), py::arg("kmin") = 1,
+     py::arg("kmax") = 31);
 
   m.def("confidence_gating", [](uintptr_t maps, int n, int h, int w, ParamArray params,
                                 uintptr_t out, uintptr_t branch, uintptr_t tau, uintptr_t stream,

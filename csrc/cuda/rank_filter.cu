@@ -68,12 +68,13 @@ std::string launch_rank_filter(const float* in, const int* ks, int n, int h, int
 }
 
 std::string rank_gaussian_filter(uintptr_t maps, uintptr_t ksizes, int n, int h, int w,
-                                 uintptr_t out, uintptr_t stream, int device) {
+                                 uintptr_t out, int kmin, int kmax, uintptr_t stream,
+                                 int device) {
   DeviceGuard g(device);
   if (g.err != cudaSuccess) return cuda_error_text(g.err, "cudaSetDevice");
   return launch_rank_filter(reinterpret_cast<const float*>(maps),
                             reinterpret_cast<const int*>(ksizes), n, h, w,
-                            reinterpret_cast<float*>(out), 1, 31,
+                            reinterpret_cast<float*>(out), kmin, kmax,
                             reinterpret_cast<cudaStream_t>(stream));
 }
 
