@@ -2,7 +2,8 @@
 
 Words are built from the answer's token strings: a token that starts with whitespace, with the
 SentencePiece marker '▁' or the byte-level BPE marker 'Ġ', or that is punctuation, starts a new
-word; other tokens continue the previous word.  Special tokens (EOS, padding, the mask token)
+word; other tokens continue the previous word.  When no token after the first carries a
+word-start marker the tokenizer is taken to be word-level and every token is a word.  Special tokens (EOS, padding, the mask token)
 belong to no word.
 
 "Nouns" are found by a *lexicon heuristic*: alphabetic words of two letters or more that are not
@@ -25,6 +26,8 @@ tagging pass a callable, e.g. with spaCy::
 ['A', 'red', 'buses', 'on', 'the', 'road', '.']
 >>> [t.name for t in resolve_targets("nouns", ws, 8)]
 ['red', 'buses', 'road']
+>>> [w.text for w in group_words(["a", "red", "bus"])]     # word-level tokenizer
+['a', 'red', 'bus']
 """
 
 from __future__ import annotations
@@ -100,6 +103,10 @@ def group_words(tokens: Sequence[str], special: Sequence[bool] | None = None) ->
     words: list = []
     cur_text, cur_idx = "", []
     prev_punct = True
+    # a word-level tokenizer (no token after the first carries a word-start marker): every
+    # token is a word of its own
+    word_level = len(tokens) > 1 and not any(
+        _clean(t)[1] for j, t in enumerate(tokens) if j and not (special and special[j]))
 
     def flush():
         nonlocal cur_text, cur_idx
@@ -118,7 +125,7 @@ def group_words(tokens: Sequence[str], special: Sequence[bool] | None = None) ->
             prev_punct = True
             continue
         punct = _is_punct(text)
-        if starts or punct or prev_punct or not cur_idx:
+        if starts or punct or prev_punct or not cur_idx or word_level:
             flush()
         cur_text += text
         cur_idx.append(j)

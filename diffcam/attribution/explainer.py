@@ -1,0 +1,569 @@
+"""``diffcam.Explainer``: Diffusion-CAM maps of a diffusion MLLM (method.md section 1).
+
+>>> with diffcam.Explainer(adapter) as ex:                              # doctest: +SKIP
+...     exp = ex.explain("cat.jpg", "<image>\\nDescribe the image.")
+...     exp.overlay("cat").save("cat_map.png")
+
+The pass, for a batch of (images, prompt) samples:
+
+1. ``adapter.prepare`` expands each prompt with its images (layouts from the packing metadata);
+2. the answer is generated without gradients (``adapter.generate``), or, with ``answer=``, the
+   given text is tokenized as the response (teacher-forced attribution);
+3. ONE grad-enabled forward over ``[prompt | response state]`` for every (sample, state) row,
+   right-padded to equal length with an attention mask, with block ``layer`` hooked so that the
+   autograd graph starts there (:class:`~diffcam.attribution.hooks.BlockHook`);
+4. a score per target (logit / log-prob / vocabulary sum of the produced token at its position,
+   minus a contrast token's) and the aggregate (their sum); the gradients of all targets of all
+   rows come from one batched backward (``is_grads_batched=True``; a loop where the model cannot
+   be vmapped, same result) -- rows never interact, so target k of every row shares one
+   backward vector;
+5. Grad-CAM on each grid of each image (newline columns dropped) -> :class:`Explanation`.
+
+Response token j sits at expanded position ``P + j`` (P = prompt length) and is scored on logit
+row ``P + j - adapter.logit_shift``.  A state ``s`` (int) re-masks the response positions that
+were still masked after s denoising steps; the score is still the final token's.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import warnings
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..adapters.base import Adapter, GenerationConfig, GenerationResult
+from .explanation import Explanation
+from .gradcam import grad_cam
+from .hooks import BlockHook
+from .images import is_image_like, load_image
+from .targets import Target, group_words, resolve_targets
+
+__all__ = ["Explainer", "SCORES", "METHODS"]
+
+SCORES = ("logit", "logprob", "vocab_sum")
+METHODS = ("diffusion-cam", "grad-cam")
+GRADCAM_VARIANTS = ("paper", "reference")
+
+
+def _versions() -> dict:
+    import diffcam
+    v = {"diffcam": getattr(diffcam, "__version__", None), "torch": torch.__version__,
+         "numpy": np.__version__}
+    try:
+        import transformers
+        v["transformers"] = transformers.__version__
+    except Exception:
+        v["transformers"] = None
+    return v
+
+
+class Explainer:
+    """Build once per model; call :meth:`explain` as often as needed.
+
+    adapter   an :class:`~diffcam.adapters.base.Adapter` (e.g. a GenericAdapter)
+    layer     block to hook (default ``adapter.default_layer``); negative counts from the end
+    batched_backward  True: try ``is_grads_batched`` first (falls back to a loop on error);
+                      False: always loop over targets
+
+    Hooks exist only inside an explain call (the context manager form guarantees cleanup of
+    anything left by an interrupted call); no autograd graph survives a call.
+    """
+
+    def __init__(self, adapter: Adapter, layer: Optional[int] = None,
+                 batched_backward: bool = True):
+        if not isinstance(adapter, Adapter) and not all(
+                hasattr(adapter, a) for a in ("blocks", "prepare", "forward", "embed_tokens")):
+            raise TypeError(f"adapter must implement diffcam.adapters.Adapter, got "
+                            f"{type(adapter).__name__}")
+        self.adapter = adapter
+        self.batched_backward = bool(batched_backward)
+        self._hooks: list = []
+        self.last_backward = None      # "batched" or "loop": how the last call got its grads
+        self.layer = self._check_layer(layer)
+
+    # ------------------------------------------------------------------ context manager
+    def __enter__(self) -> "Explainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove any hook still registered (none is, after a completed call) and collect."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    # ------------------------------------------------------------------ checks
+    def _check_layer(self, layer) -> int:
+        n = len(self.adapter.blocks())
+        if layer is None:
+            layer = self.adapter.default_layer
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+        layer = int(layer)
+        if not -n <= layer < n:
+            raise ValueError(f"layer={layer} but the model has {n} blocks")
+        return layer % n
+
+    @staticmethod
+    def _samples(images, prompts):
+        single = is_image_like(images)
+        if images is None:
+            raise ValueError("no image given: Diffusion-CAM explains an answer by image regions")
+        items = [images] if single else list(images)
+        if not items:
+            raise ValueError("images is empty")
+        samples = []
+        for i, it in enumerate(items):
+            if isinstance(it, (list, tuple)):
+                if not it:
+                    raise ValueError(f"sample {i} has no image")
+                samples.append([load_image(x, f"image {i}.{k}") for k, x in enumerate(it)])
+            else:
+                samples.append([load_image(it, f"image {i}")])
+        if isinstance(prompts, str):
+            prompts = [prompts] * len(samples)
+        else:
+            prompts = list(prompts)
+            single = single and len(prompts) == 1
+            if len(prompts) == 1 and len(samples) > 1:
+                prompts = prompts * len(samples)
+            if len(prompts) != len(samples):
+                raise ValueError(f"{len(prompts)} prompts for {len(samples)} image samples")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"prompt {i} is empty" if len(prompts) > 1 else
+                                 "the prompt is empty")
+        return single, samples, prompts
+
+    @staticmethod
+    def _states(states) -> list:
+        if isinstance(states, (str, int, np.integer)):
+            states = [states]
+        out = []
+        for s in states:
+            if isinstance(s, str):
+                if s != "final":
+                    raise ValueError(f"state {s!r}: expected 'final' or a step number")
+                out.append("final")
+            elif isinstance(s, (int, np.integer)) and not isinstance(s, bool):
+                out.append(int(s))
+            else:
+                raise ValueError(f"state {s!r}: expected 'final' or a step number")
+        if not out:
+            raise ValueError("states is empty")
+        if len(set(out)) != len(out):
+            raise ValueError(f"states {out} has duplicates")
+        return out
+
+    def _contrast_id(self, contrast) -> Optional[int]:
+        if contrast is None:
+            return None
+        if isinstance(contrast, (int, np.integer)):
+            return int(contrast)
+        ids = list(self.adapter.tokenizer.encode(contrast, add_special_tokens=False)) if \
+            _accepts_kw(self.adapter.tokenizer.encode) else list(self.adapter.tokenizer.encode(contrast))
+        if len(ids) != 1:
+            raise ValueError(f"contrast={contrast!r} is {len(ids)} tokens; give a single-token "
+                             "word or a token id")
+        return int(ids[0])
+
+    # ------------------------------------------------------------------ main entry
+    def explain(self, images, prompts, targets="nouns", layer: Optional[int] = None,
+                states=("final",), score: str = "logit", contrast=None,
+                method: str = "diffusion-cam", answer=None,
+                generation: Optional[GenerationConfig] = None, gradcam: str = "paper"):
+        """Explain one sample (returns an :class:`Explanation`) or a batch (a list of them).
+
+        images      a path, PIL image or array; a list of them (a batch, one image each); an
+                    element that is a list/tuple holds several images of one sample
+        prompts     a str (shared by the batch) or one per sample; the adapter's image marker
+                    marks where each image goes
+        targets     "nouns" | "all" | list of words | list of token indices | callable
+                    (see :func:`diffcam.attribution.targets.resolve_targets`)
+        states      "final" and/or step numbers s (trajectory maps, method.md 1.2)
+        score       "logit" | "logprob" | "vocab_sum"
+        contrast    a token id or single-token word d: score = score_t - score_d
+        method      "diffusion-cam" (raw maps here; refine with ``Explanation.refined()``) or
+                    "grad-cam" (the same raw maps, recorded as the baseline)
+        answer      explain this text instead of generating (a str, or one per sample)
+        generation  GenerationConfig of the sampler (default ``GenerationConfig()``)
+        gradcam     "paper" | "reference" aggregation (method.md 1.7, [ref])
+        """
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("explain() was called inside torch.inference_mode(): gradients "
+                               "cannot flow; call it outside inference mode")
+        if score not in SCORES:
+            raise ValueError(f"score={score!r}: expected one of {SCORES}")
+        if method not in METHODS:
+            raise ValueError(f"method={method!r}: expected one of {METHODS}")
+        if gradcam not in GRADCAM_VARIANTS:
+            raise ValueError(f"gradcam={gradcam!r}: expected one of {GRADCAM_VARIANTS}")
+        if contrast is not None and score == "vocab_sum":
+            raise ValueError("contrast has no meaning with score='vocab_sum' (the vocabulary sum "
+                             "does not depend on the token)")
+        layer = self.layer if layer is None else self._check_layer(layer)
+        state_list = self._states(states)
+        generation = generation if generation is not None else GenerationConfig()
+        single, samples, prompts = self._samples(images, prompts)
+        answers = self._answers(answer, len(samples))
+        if answers is not None and any(s != "final" for s in state_list):
+            raise ValueError("trajectory states need the generated trajectory; they cannot be "
+                             "used with answer= (teacher forcing has no denoising steps)")
+        d_id = self._contrast_id(contrast)
+        try:
+            out = self._explain(samples, prompts, targets, layer, state_list, score, d_id,
+                                method, answers, generation, gradcam, contrast)
+        finally:
+            self.close()
+        return out[0] if single else out
+
+    @staticmethod
+    def _answers(answer, n):
+        if answer is None:
+            return None
+        if isinstance(answer, str):
+            answer = [answer] * n
+        answer = list(answer)
+        if len(answer) != n:
+            raise ValueError(f"{len(answer)} answers for {n} samples")
+        for a in answer:
+            if not isinstance(a, str) or not a.strip():
+                raise ValueError("answer= is empty")
+        return answer
+
+    def _encode_answer(self, text: str):
+        tok = self.adapter.tokenizer
+        try:
+            ids = tok.encode(text, add_special_tokens=False)
+        except TypeError:
+            ids = tok.encode(text)
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError(f"answer {text!r} tokenizes to nothing")
+        return ids
+
+    def _special_ids(self) -> set:
+        tok = self.adapter.tokenizer
+        s = set(int(i) for i in (getattr(tok, "all_special_ids", None) or []))
+        s.add(int(self.adapter.mask_token_id))
+        return s
+
+    # ------------------------------------------------------------------ the pass
+    def _explain(self, samples, prompts, targets, layer, state_list, score, d_id, method,
+                 answers, generation, gradcam, contrast):
+        ad = self.adapter
+        shift = int(getattr(ad, "logit_shift", 0))
+        special = self._special_ids()
+        prepared, gens, infos = [], [], []
+        for i, (imgs, prompt) in enumerate(zip(samples, prompts)):
+            sample = ad.prepare(imgs, prompt)
+            for lay in sample.layouts:
+                lay.check()
+                if lay.span_end > sample.prompt_length:
+                    raise ValueError(f"sample {i}: image span [{lay.span_start}, {lay.span_end}) "
+                                     f"runs past the prompt ({sample.prompt_length} positions)")
+            if sample.prompt_length - shift < 0:
+                raise ValueError("the prompt is shorter than the logit shift")
+            if answers is None:
+                with torch.no_grad():
+                    gen = ad.generate(sample, generation)
+                ids = [int(t) for t in gen.response_ids.tolist()]
+            else:
+                ids = self._encode_answer(answers[i])
+                gen = None
+            # feasibility + states
+            for s in state_list:
+                if s == "final":
+                    continue
+                if not 0 <= s <= gen.steps:
+                    raise ValueError(f"state step={s} is out of range: the answer was generated in "
+                                     f"{gen.steps} steps (0..{gen.steps})")
+                hhi = gen.hidden_has_image
+                if hhi is not None and not bool(hhi[s]):
+                    raise ValueError(
+                        f"state step={s} is not feasible (method.md 1.8): the hooked hidden "
+                        f"sequence of that step does not contain the image span (the sampler "
+                        f"uses a prefix KV cache); choose a step where the image is in the "
+                        f"hooked sequence (e.g. 0) or 'final'")
+            strings = list(ad.token_strings(ids))
+            is_special = [t in special for t in ids]
+            words = group_words(self._raw_tokens(ids, strings), is_special)
+            tg = self._targets(targets, words, strings, is_special)
+            prepared.append(sample)
+            gens.append(gen)
+            infos.append((ids, strings, words, tg))
+
+        rows = []     # (sample index, state, response id tensor)
+        for i, sample in enumerate(prepared):
+            ids = torch.tensor(infos[i][0], dtype=torch.long, device=sample.inputs_embeds.device)
+            for s in state_list:
+                r = ids
+                if s != "final":
+                    m = torch.as_tensor(gens[i].masked[s], dtype=torch.bool).to(ids.device)
+                    r = torch.where(m, torch.full_like(ids, int(ad.mask_token_id)), ids)
+                rows.append((i, s, r))
+
+        maps_rows = self._attribute(prepared, infos, rows, layer, score, d_id, shift, gradcam)
+
+        versions = _versions()
+        settings = {"layer": layer, "score": score, "contrast": contrast, "contrast_id": d_id,
+                    "method": method, "gradcam": gradcam, "states": list(state_list),
+                    "targets": targets if isinstance(targets, (str, type(None))) else
+                    (repr(targets) if callable(targets) else list(map(_jsonable, targets))),
+                    "answer_given": answers is not None,
+                    "generation": None if answers is not None else dict(vars(generation)),
+                    "logit_shift": shift, "backward": self.last_backward}
+        try:
+            adapter_info = ad.info()
+        except Exception:
+            adapter_info = {"adapter": getattr(ad, "name", type(ad).__name__)}
+        out = []
+        n_states = len(state_list)
+        for i, sample in enumerate(prepared):
+            ids, strings, words, tg = infos[i]
+            per_image = []
+            for lay_idx, lay in enumerate(sample.layouts):
+                d = {}
+                for g in lay.grids:
+                    stack = [maps_rows[(i, k)][lay_idx][g.name] for k in range(n_states)]
+                    d[g.name] = np.stack(stack, axis=1).astype(np.float32)   # (T+1, S, h, w)
+                per_image.append(d)
+            masked = None if gens[i] is None else np.asarray(
+                torch.as_tensor(gens[i].masked).cpu().numpy(), dtype=bool)
+            answer_text = answers[i] if answers is not None else self._decode(ids)
+            out.append(Explanation(
+                answer=answer_text, token_ids=ids, tokens=strings, words=words, targets=tg,
+                states=list(state_list), maps=per_image, layouts=list(sample.layouts),
+                images=list(samples[i]), prompt=prompts[i], masked=masked,
+                settings=dict(settings), versions=versions, adapter=adapter_info))
+        return out
+
+    def _raw_tokens(self, ids, strings) -> list:
+        """Token strings with their word-start markers (convert_ids_to_tokens) for grouping."""
+        conv = getattr(self.adapter.tokenizer, "convert_ids_to_tokens", None)
+        if conv is None:
+            return strings
+        try:
+            raw = [str(t) for t in conv([int(i) for i in ids])]
+        except Exception:
+            return strings
+        return raw if len(raw) == len(strings) else strings
+
+    def _decode(self, ids) -> str:
+        tok = self.adapter.tokenizer
+        try:
+            return tok.decode([int(i) for i in ids], skip_special_tokens=True).strip()
+        except TypeError:
+            return self.adapter.decode(ids).strip()
+
+    @staticmethod
+    def _targets(spec, words, strings, is_special) -> list:
+        valid = [not s for s in is_special]
+        if not any(valid):
+            raise ValueError("the answer has no tokens to explain (only special tokens)")
+        tg = resolve_targets(spec, words, len(strings), strings, valid)
+        if not tg and isinstance(spec, str) and spec == "nouns":
+            warnings.warn("no content words found in the answer "
+                          f"{[w.text for w in words]}; explaining all answer tokens",
+                          UserWarning, stacklevel=4)
+            tg = resolve_targets("all", words, len(strings), strings, valid)
+        if not tg:
+            raise ValueError(f"no targets: {spec!r} selects nothing in the answer "
+                             f"{[w.text for w in words]}")
+        return tg
+
+    # ------------------------------------------------------------------ forward + backward
+    def _attribute(self, prepared, infos, rows, layer, score, d_id, shift, gradcam):
+        ad = self.adapter
+        block = ad.blocks()[layer]
+        dev = prepared[0].inputs_embeds.device
+        dtype = prepared[0].inputs_embeds.dtype
+        seqs, lengths = [], []
+        for i, s, r in rows:
+            pe = prepared[i].inputs_embeds
+            with torch.no_grad():
+                re = ad.embed_tokens(r).to(pe.dtype)
+            seqs.append(torch.cat([pe.detach(), re.detach()], 0))
+            lengths.append(seqs[-1].shape[0])
+        B, L = len(rows), max(lengths)
+        D = seqs[0].shape[1]
+        embeds = torch.zeros(B, L, D, dtype=dtype, device=dev)
+        attn = torch.zeros(B, L, dtype=torch.long, device=dev)
+        for b, x in enumerate(seqs):
+            embeds[b, :x.shape[0]] = x
+            attn[b, :x.shape[0]] = 1
+        del seqs
+        attn_arg = None if all(n == L for n in lengths) else attn
+        extras_list = [ad.extend_extras(prepared[i], L) for i, _, _ in rows]
+        extras = self._collate(extras_list)
+
+        T = [len(infos[i][3]) for i, _, _ in rows]
+        K = max(T) + 1
+        result = {}
+        with torch.enable_grad():
+            hook = BlockHook(block, f"block {layer}")
+            self._hooks.append(hook)
+            try:
+                if extras is not _PER_ROW:
+                    with hook:
+                        logits = ad.forward(embeds, attn_arg, extras)
+                    hidden = hook.output
+                    hook.clear()
+                    logit_rows = [logits[b] for b in range(B)]
+                    hidden_rows = [hidden[b] for b in range(B)]
+                    leaves = [hidden]
+                else:   # extras that cannot be batched: one forward per row, same graph rules
+                    logit_rows, hidden_rows, leaves = [], [], []
+                    for b in range(B):
+                        with hook:
+                            lg = ad.forward(embeds[b:b + 1, :lengths[b]], None, extras_list[b])
+                        leaves.append(hook.output)
+                        hook.clear()
+                        logit_rows.append(lg[0])
+                        hidden_rows.append(leaves[-1][0])
+                    hidden = None
+                for b, lg in enumerate(logit_rows):
+                    if lg.shape[0] < lengths[b] - shift:
+                        raise RuntimeError(f"the adapter returned {lg.shape[0]} logit rows for a "
+                                           f"sequence of {lengths[b]} positions")
+                if not logit_rows[0].requires_grad:
+                    raise RuntimeError(
+                        f"gradients cannot flow from the logits to block {layer}: the logits do "
+                        "not depend on the hooked output with autograd (the adapter's forward "
+                        "runs under torch.no_grad / inference_mode, detaches, or the blocks "
+                        "above the hook are not differentiable)")
+                if hidden_rows[0].shape[0] < lengths[0]:
+                    raise ValueError(
+                        f"block {layer} saw {hidden_rows[0].shape[0]} positions but the sequence "
+                        f"has {lengths[0]}: the hooked hidden sequence does not contain the whole "
+                        "image span (feasibility rule, method.md 1.8)")
+                # scores (B, K): targets, aggregate at column T_b, zeros after
+                S_rows = []
+                for b, (i, s, r) in enumerate(rows):
+                    tg = infos[i][3]
+                    P = prepared[i].prompt_length
+                    sc = self._scores(logit_rows[b], r_final=infos[i][0], P=P, targets=tg,
+                                      score=score, d_id=d_id, shift=shift)
+                    agg = sc.sum()
+                    pad = [sc.new_zeros(())] * (K - len(tg) - 1)
+                    S_rows.append(torch.stack(list(sc) + [agg] + pad))
+                S = torch.stack(S_rows)             # (B, K)
+                del logit_rows
+                grads = self._backward(S, leaves, K)    # list per leaf (K, b, L, D)
+                del S, S_rows
+                if hidden is not None:
+                    G_rows = [grads[0][:, b] for b in range(B)]
+                else:
+                    G_rows = [g[:, 0] for g in grads]
+                del grads
+                for b, (i, s, r) in enumerate(rows):
+                    A = hidden_rows[b].detach()
+                    Gb = G_rows[b]
+                    per_image = []
+                    for lay in prepared[i].layouts:
+                        d = {}
+                        for g in lay.grids:
+                            pos = torch.as_tensor(g.positions(lay.span_start), device=A.device)
+                            a = A[pos]                      # (h, w, D)
+                            gg = Gb[:, pos]                 # (K, h, w, D)
+                            m = grad_cam(a, gg[:T[b] + 1], variant=gradcam)
+                            d[g.name] = m.cpu().numpy().astype(np.float32)
+                        per_image.append(d)
+                    k = rows[b][1]
+                    result[(i, self._state_pos(rows, b))] = per_image
+                del G_rows, hidden_rows, leaves, hidden
+            finally:
+                hook.remove()
+                hook.clear()
+                if hook in self._hooks:
+                    self._hooks.remove(hook)
+        return result
+
+    @staticmethod
+    def _state_pos(rows, b) -> int:
+        i = rows[b][0]
+        return sum(1 for bb in range(b) if rows[bb][0] == i)
+
+    @staticmethod
+    def _collate(extras_list):
+        if all(not e for e in extras_list):
+            return {}
+        if len(extras_list) == 1:
+            return extras_list[0]
+        return _PER_ROW
+
+    @staticmethod
+    def _scores(logits, r_final, P, targets, score, d_id, shift):
+        """Per-target scores (T,) from one row's logits (L, V)."""
+        ids = torch.as_tensor(r_final, dtype=torch.long, device=logits.device)
+        out = []
+        for t in targets:
+            j = torch.as_tensor(t.tokens, dtype=torch.long, device=logits.device)
+            z = logits[P + j - shift].float()            # (n, V)
+            y = ids[j]
+            if score == "vocab_sum":
+                s = z.sum(-1)
+            else:
+                if score == "logprob":
+                    z = torch.log_softmax(z, -1)
+                s = z.gather(-1, y[:, None])[:, 0]
+                if d_id is not None:
+                    s = s - z[:, d_id]
+            out.append(s.sum())
+        return torch.stack(out)
+
+    def _backward(self, S, leaves, K):
+        outputs = S.sum(0)                                   # (K,): rows are independent
+        err = None
+        if self.batched_backward and K > 1:
+            try:
+                eye = torch.eye(K, dtype=outputs.dtype, device=outputs.device)
+                g = torch.autograd.grad(outputs, leaves, grad_outputs=eye, retain_graph=True,
+                                        is_grads_batched=True, allow_unused=True)
+                self.last_backward = "batched"
+                return [self._check_grad(x, leaves[n]) for n, x in enumerate(g)]
+            except Exception as e:       # a model that cannot be vmapped: loop, same result
+                err = e
+        per_k = []
+        for k in range(K):
+            g = torch.autograd.grad(outputs[k], leaves, retain_graph=k < K - 1, allow_unused=True)
+            per_k.append([self._check_grad(x, leaves[n]) for n, x in enumerate(g)])
+        self.last_backward = "loop" if err is None else f"loop ({type(err).__name__})"
+        return [torch.stack([p[n] for p in per_k]) for n in range(len(leaves))]
+
+    @staticmethod
+    def _check_grad(g, leaf):
+        if g is None:
+            raise RuntimeError("gradients cannot flow: the scores do not depend on the hooked "
+                               "block's output")
+        return g
+
+
+class _PerRow:
+    pass
+
+
+_PER_ROW = _PerRow()
+
+
+def _accepts_kw(fn) -> bool:
+    try:
+        import inspect
+        sig = inspect.signature(fn)
+        return "add_special_tokens" in sig.parameters or any(
+            p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    except (TypeError, ValueError):
+        return True
+
+
+def _jsonable(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
