@@ -353,7 +353,7 @@ static std::string launch_stage(const float* src, float* dst, const float* rep,
   if (e != cudaSuccess) return cuda_error_text(e, "cudaDeviceGetAttribute");
   const size_t static_smem = 32 * sizeof(double) + 258 * sizeof(unsigned) + 64;
   if (bytes + static_smem <= (size_t)optin) {
-    if (bytes > 48 * 1024) {
+    if (bytes + static_smem > 48 * 1024) {
       e = cudaFuncSetAttribute(stage_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                (int)bytes);
       if (e != cudaSuccess) return cuda_error_text(e, "cudaFuncSetAttribute");
