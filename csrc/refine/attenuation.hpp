@@ -3,11 +3,13 @@
 // tau_bg = w_median * S1 + w_pct * S2 + w_mean * S3 + w_max * S4 with S1 the median of the
 // positive pixels, S2 the bg_percentile of all pixels, S3 the float64 mean of the positive
 // pixels, S4 the max (tau_bg_floor when no pixel is positive or the sum is not > 0); then
-// M < tau_bg -> M * max(gamma, M / tau_bg), in float64.  O(H W) plus two nth_element passes.
+// M < tau_bg -> M * max(gamma, M / tau_bg), in float64.  O(H W): one radix sort of the map
+// gives S1, S2 and S4 (the positive pixels are a suffix of the sorted map).
 #pragma once
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <vector>
 
 #include "params.hpp"
@@ -16,23 +18,23 @@
 namespace diffcam {
 
 inline double background_threshold(const float* m, size_t n, const double* p, std::vector<float>& scratch) {
+  thread_local std::vector<uint32_t> keys, tmp;
   scratch.resize(n);
   size_t np = 0;
   double psum = 0.0;
-  float mx = m[0];
   for (size_t i = 0; i < n; ++i) {
     const float v = m[i];
-    mx = std::max(mx, v);
     if (v > 0.0f) {
-      scratch[np++] = v;
+      ++np;
       psum += v;
     }
   }
   if (np == 0) return p[P::tau_bg_floor];
-  const double s1 = percentile_inplace(scratch.data(), np, 50.0);
+  sort_floats(m, n, scratch.data(), keys, tmp);
+  const float mx = scratch[n - 1];
+  const double s1 = percentile_sorted(scratch.data() + (n - np), np, 50.0);
   const double s3 = psum / static_cast<double>(np);
-  std::copy(m, m + n, scratch.begin());
-  const double s2 = percentile_inplace(scratch.data(), n, p[P::bg_percentile]);
+  const double s2 = percentile_sorted(scratch.data(), n, p[P::bg_percentile]);
   const double tau = p[P::bg_w_median] * s1 + p[P::bg_w_pct] * s2 + p[P::bg_w_mean] * s3 +
                      p[P::bg_w_max] * static_cast<double>(mx);
   return tau > 0 ? tau : p[P::tau_bg_floor];
