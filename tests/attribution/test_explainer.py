@@ -1,0 +1,145 @@
+"""The attribution pass on the tiny in-process models (through the generic adapter)."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffcam.adapters.base import GenerationConfig
+from diffcam.attribution import Explainer, Explanation
+from diffcam.testing import tiny_llava_anyres, tiny_qwen2vl
+
+PROMPTS = {"anyres": "<image> describe the image", "merged": "<image> describe the image"}
+GEN = GenerationConfig(steps=4, gen_length=4)
+
+
+@pytest.fixture(scope="module")
+def anyres():
+    return tiny_llava_anyres(seed=0)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return tiny_qwen2vl(seed=0)
+
+
+def _marker_argmax(ad, img, grid, cell, sign):
+    lay = ad.prepare([img], "<image> describe the image").layouts[0]
+    k = int(lay.grid(grid).positions(0)[cell])
+    u = torch.randn(ad.model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+
+    def hook(i, f):
+        f = f.clone()
+        f[k] = f[k] + sign * 60.0 * u
+        return f
+
+    ad.vision.feature_hook = hook
+    try:
+        e = Explainer(ad, layer=0).explain(img, "<image> describe the image",
+                                           answer="a red cat on the box", targets="all")
+    finally:
+        ad.vision.feature_hook = None
+    m = e.map(None, grid=grid)
+    return np.unravel_index(int(np.argmax(m)), m.shape), m
+
+
+@pytest.mark.parametrize("model,grid,cell", [("anyres", "hires", (2, 5)),
+                                             ("anyres", "hires", (4, 7)),
+                                             ("anyres", "base", (1, 3)),
+                                             ("qwen", "merged", (1, 2)),
+                                             ("qwen", "merged", (2, 3))])
+def test_marker_lands_in_its_cell(request, img, model, grid, cell):
+    ad = request.getfixturevalue(model)
+    # Grad-CAM keeps the sign of w . a: one of the two marker signs is the map's maximum
+    hits = [_marker_argmax(ad, img, grid, cell, s)[0] for s in (1, -1)]
+    assert tuple(cell) in [tuple(map(int, h)) for h in hits], hits
+
+
+def test_anyres_newline_column_not_in_map(anyres, img):
+    e = Explainer(anyres).explain(img, PROMPTS["anyres"], answer="a red cat", targets="all")
+    lay = e.layouts[0]
+    g = lay.grid("hires")
+    assert g.row_stride == g.cols + 1
+    assert e.maps[0]["hires"].shape[-2:] == (g.rows, g.cols)
+    assert e.maps[0]["base"].shape[-2:] == lay.grid("base").shape
+
+
+@pytest.mark.parametrize("model", ["anyres", "qwen"])
+def test_batched_backward_equals_loop(request, img, model):
+    ad = request.getfixturevalue(model)
+    kw = dict(answer="a red cat on the box", targets="all", states=("final",))
+    ex_b = Explainer(ad, batched_backward=True)
+    eb = ex_b.explain(img, "<image> describe the image", **kw)
+    ex_l = Explainer(ad, batched_backward=False)
+    el = ex_l.explain(img, "<image> describe the image", **kw)
+    assert ex_b.last_backward == "batched" and ex_l.last_backward == "loop"
+    for g in eb.maps[0]:
+        np.testing.assert_allclose(eb.maps[0][g], el.maps[0][g], atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["anyres", "qwen"])
+def test_batch_equals_one_by_one(request, img, img2, model):
+    ad = request.getfixturevalue(model)
+    ex = Explainer(ad)
+    answers = ["a red cat", "the dog on the big box"]          # different lengths: padding
+    batch = ex.explain([img, img2], "<image> describe the image", answer=answers, targets="all")
+    assert isinstance(batch, list) and len(batch) == 2
+    for im, ans, eb in zip([img, img2], answers, batch):
+        e1 = ex.explain(im, "<image> describe the image", answer=ans, targets="all")
+        assert e1.answer == eb.answer and [t.name for t in e1.targets] == \
+            [t.name for t in eb.targets]
+        for g in e1.maps[0]:
+            np.testing.assert_allclose(eb.maps[0][g], e1.maps[0][g], atol=1e-4)
+
+
+@pytest.mark.parametrize("model", ["anyres", "qwen"])
+def test_trajectory_last_step_equals_final(request, img, model):
+    ad = request.getfixturevalue(model)
+    e = Explainer(ad).explain(img, "<image> describe the image", targets="all",
+                              states=("final", 0, 2, GEN.steps), generation=GEN)
+    assert e.states == ["final", 0, 2, GEN.steps]
+    assert e.masked.shape == (GEN.steps + 1, GEN.gen_length) and not e.masked[-1].any()
+    for g, arr in e.maps[0].items():
+        assert arr.shape[:2] == (len(e.targets) + 1, 4)
+        np.testing.assert_allclose(arr[:, 3], arr[:, 0], atol=1e-6)
+        assert np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 1
+
+
+def test_generated_answer_and_words(anyres, img):
+    e = Explainer(anyres).explain(img, "<image> describe the image", generation=GEN,
+                                  targets="all")
+    assert len(e.token_ids) == GEN.gen_length
+    assert all(max(t.tokens) < len(e.token_ids) for t in e.targets)
+    assert e.settings["generation"]["steps"] == GEN.steps
+    assert e.versions["torch"] == torch.__version__ and "transformers" in e.versions
+
+
+def test_multi_image_sample(anyres, img, img2):
+    e = Explainer(anyres).explain([[img, img2]], "<image> and <image> describe", answer="a cat",
+                                  targets="all")[0]
+    assert len(e.maps) == 2 and len(e.layouts) == 2
+    assert e.layouts[1].span_start >= e.layouts[0].span_end
+
+
+def test_save_load_round_trip(anyres, img, tmp_path):
+    e = Explainer(anyres).explain(img, "<image> describe the image",
+                                  answer="a red cat on the box", targets="nouns")
+    assert [t.name for t in e.targets] == ["red", "cat", "box"]
+    d = tmp_path / "exp"
+    e.save(d)
+    with pytest.raises(FileExistsError):
+        e.save(d)
+    e.save(d, overwrite=True)
+    f = Explanation.load(d)
+    assert f.answer == e.answer and f.targets == e.targets and f.states == e.states
+    assert f.layouts == e.layouts and f.words == e.words
+    for g in e.maps[0]:
+        np.testing.assert_array_equal(f.maps[0][g], e.maps[0][g])
+    np.testing.assert_array_equal(f.images[0], img)
+    pngs = sorted(p.name for p in d.glob("*.png"))
+    assert len(pngs) == len(e.targets) + 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp dirs left
+    im = f.overlay("cat")
+    assert im.size == (img.shape[1], img.shape[0]) and im.mode == "RGB"
+    r = e.refined()
+    assert r.maps[0]["hires"].shape == e.maps[0]["hires"].shape and "refine" in r.settings
+    assert e.map("cat", refined=True).shape == e.map("cat").shape
