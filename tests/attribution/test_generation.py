@@ -165,3 +165,40 @@ def test_adapter_default_generate_uses_sampler():
     res = ad.generate(ad.prepare([], "x"), GenerationConfig(steps=4, gen_length=4))
     assert res.response_ids.tolist() == [4, 5, 6, 7]
     assert res.masked.sum(1).tolist() == [4, 3, 2, 1, 0]
+
+
+def test_batch_equals_one_by_one():
+    from diffcam.generation import masked_diffusion_generate_batch
+
+    class Biased(FakeAdapter):
+        def forward(self, inputs_embeds, attention_mask=None, extras=None):
+            self.calls.append(inputs_embeds.clone())
+            t = self.table[None, :inputs_embeds.shape[1]]
+            return t + 3.0 * inputs_embeds[:, :1, :]            # per-sample bias from the prompt
+
+        def extend_extras(self, sample, total_length):
+            return {}
+
+    P, G = 3, 6
+    g = torch.Generator().manual_seed(1)
+    ad = Biased(torch.randn(P + G, V, generator=g), P)
+    samples = []
+    for tok in (1, 2, 3):
+        s = ad.prepare([], "x")
+        s.inputs_embeds = s.inputs_embeds.clone()
+        s.inputs_embeds[0] = torch.nn.functional.one_hot(torch.tensor(tok), V).float()
+        samples.append(s)
+    for cfg in (GenerationConfig(steps=6, gen_length=G, block_length=3),
+                GenerationConfig(steps=3, gen_length=G, temperature=1.0, seed=4),
+                GenerationConfig(steps=2, gen_length=G, remasking="random", seed=2)):
+        ad.calls.clear()
+        batch = masked_diffusion_generate_batch(ad, samples, cfg)
+        assert len(ad.calls) == cfg.steps and ad.calls[0].shape == (3, P + G, V)
+        for s, rb in zip(samples, batch):
+            r1 = masked_diffusion_generate(ad, s, cfg)
+            assert torch.equal(r1.response_ids, rb.response_ids)
+            assert torch.equal(r1.masked, rb.masked)
+    short = ad.prepare([], "x")
+    short.inputs_embeds = short.inputs_embeds[:2]
+    with pytest.raises(ValueError, match="equal prompt length"):
+        masked_diffusion_generate_batch(ad, [samples[0], short], GenerationConfig(steps=2, gen_length=2))
