@@ -15,6 +15,11 @@ V, D, ROWS, COLS = 24, 16, 3, 4
 MASK, EOS = 1, 0
 
 
+def word(i):
+    """Token i's text: 'tok' + a letter (alphabetic, so a content word)."""
+    return "tok" + chr(97 + int(i) % 26)
+
+
 class FakeTok:
     all_special_ids = [EOS, MASK]
 
@@ -25,7 +30,7 @@ class FakeTok:
         return out
 
     def decode(self, ids, skip_special_tokens=False):
-        return " ".join(f"w{int(i)}" for i in ids
+        return " ".join(word(i) for i in ids
                         if not (skip_special_tokens and int(i) in self.all_special_ids))
 
 
@@ -120,4 +125,4 @@ class FakeAdapter(Adapter):
         return GenerationResult(torch.tensor(self.answer), masked, S, hhi)
 
     def token_strings(self, ids):
-        return [("<eos>" if int(i) == EOS else f" w{int(i)}") for i in ids]
+        return [("<eos>" if int(i) == EOS else " " + word(i)) for i in ids]

@@ -1,0 +1,30 @@
+import pytest
+
+from diffcam.attribution.targets import (Target, group_words, is_content_word, resolve_targets)
+
+
+def test_words_from_subwords():
+    sp = ["▁A", "▁red", "▁bus", "es", "▁on", "▁the", "▁road", "."]
+    assert [w.text for w in group_words(sp)] == ["A", "red", "buses", "on", "the", "road", "."]
+    bpe = ["A", "Ġcat", "Ġsit", "s", ",", "Ġhappily"]
+    ws = group_words(bpe)
+    assert [w.text for w in ws] == ["A", "cat", "sits", ",", "happily"]
+    assert ws[2].tokens == (2, 3)
+    special = [False, False, True, False]
+    assert [w.text for w in group_words([" a", " dog", "<eos>", " x"], special)] == ["a", "dog", "x"]
+
+
+def test_nouns_heuristic_and_specs():
+    ws = group_words([" A", " dog", " and", " a", " dog", " on", " grass", " quickly"])
+    assert not is_content_word("the") and not is_content_word("quickly")
+    t = resolve_targets("nouns", ws, 8)
+    assert t == [Target("dog", (1, 4)), Target("grass", (6,))]
+    assert [x.tokens for x in resolve_targets("all", ws, 8)] == [(j,) for j in range(8)]
+    assert resolve_targets(["Grass"], ws, 8) == [Target("Grass", (6,))]
+    assert [x.tokens for x in resolve_targets([2, [4, 6]], ws, 8)] == [(2,), (4, 6)]
+    cb = resolve_targets(lambda words, toks: [w.tokens for w in words if w.text == "on"], ws, 8)
+    assert cb[0].tokens == (5,)
+    with pytest.raises(ValueError, match="'cat' is not in the answer.*'grass'"):
+        resolve_targets(["cat"], ws, 8)
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_targets([8], ws, 8)
