@@ -265,7 +265,8 @@ __global__ void __launch_bounds__(1024) stage_kernel(
     bool run = true;
     if (p[P_GATE] != 0.0) {
       const double m3 = block_sum(s3, red) / n;
-      const double skew = sd > 0.0 ? m3 / (sd * sd * sd) : 0.0;
+      const double sd3 = sd * sd * sd;  // 0 also when sd^3 underflows
+      const double skew = sd3 > 0.0 ? m3 / sd3 : 0.0;
       run = (sd > p[P_GATE_STD]) || (skew > p[P_GATE_SKEW]);
     }
     double lam = 0.0;

@@ -39,7 +39,8 @@ inline DebiasInfo causal_debiasing_map(const float* m, const float* rep, double 
     return DebiasInfo{lam, 0};
   };
   if (p[P::gate] != 0.0) {
-    const double skew = sd > 0 ? (q3 / static_cast<double>(n)) / (sd * sd * sd) : 0.0;
+    const double sd3 = sd * sd * sd;  // skewness 0 also when sd^3 underflows
+    const double skew = sd3 > 0 ? (q3 / static_cast<double>(n)) / sd3 : 0.0;
     if (!(sd > p[P::gate_std] || skew > p[P::gate_skew])) return unchanged(0.0);
   }
   const double w_rep = p[P::w_rep], w_out = p[P::w_out];

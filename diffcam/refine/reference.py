@@ -220,7 +220,8 @@ def causal_debiasing_2d(m: np.ndarray, rep, rep_const: float, p: np.ndarray):
     m = np.asarray(m, dtype=np.float64)
     mu, sd = float(m.mean()), float(m.std())
     if p[P["gate"]] != 0:
-        skew = float(np.mean((m - mu) ** 3)) / sd ** 3 if sd > 0 else 0.0
+        sd3 = sd * sd * sd
+        skew = float(np.mean((m - mu) ** 3)) / sd3 if sd3 > 0 else 0.0   # 0 when it underflows
         if not (sd > p[P["gate_std"]] or skew > p[P["gate_skew"]]):
             return m.copy(), 0.0, 0
     m_rep = np.full_like(m, rep_const) if rep is None else np.asarray(rep, dtype=np.float64)
