@@ -11,6 +11,16 @@ from diffcam.testing import tiny_llava_anyres, tiny_qwen2vl
 from diffcam.testing.tiny import IMAGE_PLACEHOLDER, WordTokenizer
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread.  On a loaded 2-core machine, OpenMP thread contention
+    makes millisecond forwards take seconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _need_transformers():
     # the tiny models need transformers >= 5.5 (config.is_causal=False); install diffcam[models]
     pytest.importorskip("transformers", minversion="5.5")
