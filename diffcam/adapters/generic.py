@@ -162,6 +162,8 @@ class GenericAdapter(Adapter):
     forward_kwargs  extra keyword arguments of the inner forward (default: ``use_cache=False``
                     when the inner forward accepts it)
     default_layer   override of the hooked block (default: about a third of the depth)
+    extras_fn       ``extras_fn(sample, total_length) -> dict`` of extra inner-forward inputs for
+                    the full sequence (e.g. mRoPE ``position_ids``); default: ``sample.extras``
     """
 
     def __init__(self, model, tokenizer, *, blocks: str = "model.layers", mask_token_id: int,
@@ -171,7 +173,7 @@ class GenericAdapter(Adapter):
                  image_marker: str = "<image>", vision_start_id: Optional[int] = None,
                  vision_end_id: Optional[int] = None, prefix_ids: Sequence[int] = (),
                  forward_kwargs: Optional[dict] = None, default_layer: Optional[int] = None,
-                 name: str = "generic"):
+                 extras_fn: Optional[Callable] = None, name: str = "generic"):
         if image_token_id is None and placeholder_id is None and vision is not None:
             raise ValueError("give placeholder_id (LLaVA style) or image_token_id (image-pad runs)")
         if logit_shift not in (0, 1):
@@ -204,6 +206,7 @@ class GenericAdapter(Adapter):
                 pass
         self.forward_kwargs = dict(forward_kwargs)
         self._default_layer = default_layer
+        self.extras_fn = extras_fn
 
     # ------------------------------------------------------------------ protocol
     def blocks(self):
@@ -234,6 +237,11 @@ class GenericAdapter(Adapter):
         else:
             hidden = out[0]
         return self._lm_head(hidden)
+
+    def extend_extras(self, sample: PreparedSample, total_length: int) -> dict:
+        if self.extras_fn is not None:
+            return dict(self.extras_fn(sample, total_length))
+        return dict(sample.extras)
 
     # ------------------------------------------------------------------ prompts
     def _encode(self, text: str) -> list:

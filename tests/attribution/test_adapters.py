@@ -335,3 +335,17 @@ def test_batched_generation_matches_single(request, which):
     for s, rb in zip(samples, batch):
         r1 = ad.generate(s, cfg)
         assert torch.equal(r1.response_ids, rb.response_ids) and torch.equal(r1.masked, rb.masked)
+
+
+def test_extras_fn_reaches_the_inner_forward(llava):
+    seen = []
+
+    def extras_fn(sample, total):
+        seen.append(total)
+        return {"position_ids": torch.arange(total)[None]}
+
+    ad = GenericAdapter(llava.model, llava.tokenizer, mask_token_id=llava.mask_token_id,
+                        placeholder_id=IMAGE_PLACEHOLDER, vision=llava.vision, extras_fn=extras_fn)
+    s = ad.prepare(IMGS[:1], "<image> a cat")
+    res = ad.generate(s, GenerationConfig(steps=2, gen_length=2))
+    assert seen == [s.prompt_length + 2] and not res.masked[-1].any()
