@@ -176,7 +176,8 @@ class Explainer:
     def explain(self, images, prompts, targets="nouns", layer: Optional[int] = None,
                 states=("final",), score: str = "logit", contrast=None,
                 method: str = "diffusion-cam", answer=None,
-                generation: Optional[GenerationConfig] = None, gradcam: str = "paper"):
+                generation: Optional[GenerationConfig] = None, gradcam: str = "paper",
+                aggregate_only: bool = False):
         """Explain one sample (returns an :class:`Explanation`) or a batch (a list of them).
 
         images      a path, PIL image or array; a list of them (a batch, one image each); an
@@ -193,6 +194,8 @@ class Explainer:
         answer      explain this text instead of generating (a str, or one per sample)
         generation  GenerationConfig of the sampler (default ``GenerationConfig()``)
         gradcam     "paper" | "reference" aggregation (method.md 1.7, [ref])
+        aggregate_only  compute only the aggregate map (one backward vector instead of
+                    targets + 1); the maps' target axis then has length 1
         """
         if torch.is_inference_mode_enabled():
             raise RuntimeError("explain() was called inside torch.inference_mode(): gradients "
@@ -216,6 +219,7 @@ class Explainer:
                              "used with answer= (teacher forcing has no denoising steps)")
         d_id = self._contrast_id(contrast)
         try:
+            self._aggregate_only = bool(aggregate_only)
             out = self._explain(samples, prompts, targets, layer, state_list, score, d_id,
                                 method, answers, generation, gradcam, contrast)
         finally:
@@ -317,7 +321,8 @@ class Explainer:
                     (repr(targets) if callable(targets) else list(map(_jsonable, targets))),
                     "answer_given": answers is not None,
                     "generation": None if answers is not None else dict(vars(generation)),
-                    "logit_shift": shift, "backward": self.last_backward}
+                    "logit_shift": shift, "backward": self.last_backward,
+                    "aggregate_only": self._aggregate_only}
         try:
             adapter_info = ad.info()
         except Exception:
@@ -402,7 +407,8 @@ class Explainer:
         extras_list = [ad.extend_extras(prepared[i], L) for i, _, _ in rows]
         extras = self._collate(extras_list)
 
-        T = [len(infos[i][3]) for i, _, _ in rows]
+        agg_only = getattr(self, "_aggregate_only", False)
+        T = [0 if agg_only else len(infos[i][3]) for i, _, _ in rows]
         K = max(T) + 1
         result = {}
         with torch.enable_grad():
@@ -450,6 +456,9 @@ class Explainer:
                     sc = self._scores(logit_rows[b], r_final=infos[i][0], P=P, targets=tg,
                                       score=score, d_id=d_id, shift=shift)
                     agg = sc.sum()
+                    if agg_only:
+                        S_rows.append(agg[None])
+                        continue
                     pad = [sc.new_zeros(())] * (K - len(tg) - 1)
                     S_rows.append(torch.stack(list(sc) + [agg] + pad))
                 S = torch.stack(S_rows)             # (B, K)

@@ -9,7 +9,7 @@ for LLaVA anyres, ``"merged"`` for Qwen2-VL-style packing) to a float32 array of
     (len(targets) + 1, len(states), rows, cols)
 
 axis 0: the targets in :attr:`targets` order, the last entry the aggregate map (gradient of the
-sum of all target scores); axis 1: :attr:`states` in the order requested (``"final"`` or a step
+sum of all target scores; with ``aggregate_only=True`` axis 0 holds the aggregate alone); axis 1: :attr:`states` in the order requested (``"final"`` or a step
 number); then the grid's cells (newline columns never included).  Values are raw Grad-CAM maps,
 min-max normalised to [0, 1] per map.
 
@@ -87,9 +87,26 @@ class Explanation:
     # ------------------------------------------------------------------ access
     @property
     def target_names(self) -> list:
+        """Names along the maps' target axis."""
+        if self.aggregate_only:
+            return [AGGREGATE]
         return [t.name for t in self.targets] + [AGGREGATE]
 
+    @property
+    def aggregate_only(self) -> bool:
+        """True when only the aggregate map was computed (target axis of length 1)."""
+        return bool(self.settings.get("aggregate_only")) or (
+            bool(self.maps) and bool(self.maps[0]) and
+            next(iter(self.maps[0].values())).shape[0] == 1 and len(self.targets) > 0)
+
     def _target_index(self, word_or_index) -> int:
+        if self.aggregate_only:
+            if word_or_index is None or (isinstance(word_or_index, str) and word_or_index.strip()
+                                         .lower() in ("aggregate", AGGREGATE)) \
+                    or word_or_index in (0, -1):
+                return 0
+            raise KeyError(f"only the aggregate map was computed (aggregate_only=True); "
+                           f"{word_or_index!r} has no map of its own")
         n = len(self.targets) + 1
         if word_or_index is None:
             return n - 1

@@ -143,3 +143,15 @@ def test_save_load_round_trip(anyres, img, tmp_path):
     r = e.refined()
     assert r.maps[0]["hires"].shape == e.maps[0]["hires"].shape and "refine" in r.settings
     assert e.map("cat", refined=True).shape == e.map("cat").shape
+
+
+def test_aggregate_only_equals_aggregate(anyres, img, tmp_path):
+    kw = dict(answer="a red cat on the box", targets="all")
+    ex = Explainer(anyres)
+    full = ex.explain(img, "<image> describe the image", **kw)
+    agg = ex.explain(img, "<image> describe the image", aggregate_only=True, **kw)
+    assert agg.maps[0]["hires"].shape[0] == 1 and agg.target_names == ["<aggregate>"]
+    np.testing.assert_allclose(agg.map(None), full.map(None), atol=1e-5)
+    with pytest.raises(KeyError, match="aggregate_only"):
+        agg.map("cat")
+    assert Explanation.load(agg.save(tmp_path / "a")).aggregate_only
