@@ -1,0 +1,159 @@
+"""Attribution-pass benchmarks on the tiny in-process models (issue 3 item 9, CPU part).
+
+Run: ``python -m pytest bench/bench_attribution.py --benchmark-only``
+
+Time.  ``benchmark`` times ``Explainer.explain(image, prompt, answer=...)`` (teacher forcing, so
+no sampling; prepare + grad-enabled forward + backward + Grad-CAM).  Also measured with the same
+loop: the plain no-grad forward of the same full sequence (``adapter.forward``) and
+``adapter.prepare``.  extra_info records
+
+    ratio_pass   (explain - prepare) / no-grad forward   (targets: <= 3 aggregate, <= 4 for 16 maps)
+    ratio_total  explain / (prepare + no-grad forward)
+
+Memory.  CPU torch has no allocator statistics, so the graph's memory is measured exactly with
+``torch.autograd.graph.saved_tensors_hooks``: the bytes of every distinct non-parameter tensor
+saved for backward during the forward, plus the gradient buffers the backward returns
+(K x L x D for K backward vectors).  The baseline is a backward through the whole model (inputs
+embeddings requiring grad, so every block saves its activations) for the aggregate score.
+``mem_ratio`` = attribution / whole-model (target <= 0.6).  Transient buffers inside one backward
+op are not counted in either.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from diffcam.attribution import Explainer                      # noqa: E402
+from diffcam.testing import tiny_llava_anyres, tiny_qwen2vl   # noqa: E402
+
+MODELS = {"tiny-llava-anyres": tiny_llava_anyres, "tiny-qwen2vl": tiny_qwen2vl}
+PROMPT = "<image> describe the image"
+# 16 answer tokens, every one a target for the per-token case
+ANSWER = "a red cat and a dog sitting on the box near the big tree with a"
+IMG = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+
+
+def _median_time(fn, n=15):
+    fn()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+class SavedBytes:
+    """Bytes of distinct non-parameter tensors saved for backward inside the context."""
+
+    def __init__(self, params):
+        self.params = {p.data_ptr() for p in params}
+        self.seen = set()
+        self.bytes = 0
+
+    def pack(self, t):
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key[0] not in self.params and key not in self.seen:
+            self.seen.add(key)
+            self.bytes += key[1]
+        return t
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+def _full_sequence(ad):
+    sample = ad.prepare([IMG], PROMPT)
+    ids = torch.tensor(ad.tokenizer.encode(ANSWER))
+    with torch.no_grad():
+        emb = torch.cat([sample.inputs_embeds, ad.embed_tokens(ids)])[None]
+    return sample, ids, emb
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)          # a shared 2-core box: OpenMP spinning distorts timings
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("maps", ["aggregate", "16-per-token"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_attribution_pass_time(benchmark, model, maps):
+    ad = MODELS[model](seed=0)
+    sample, ids, emb = _full_sequence(ad)
+    assert len(ids) == 16
+    ex = Explainer(ad)
+    kw = dict(answer=ANSWER, targets="all", aggregate_only=(maps == "aggregate"))
+
+    def explain():
+        return ex.explain(IMG, PROMPT, **kw)
+
+    def fwd():
+        with torch.no_grad():
+            ad.forward(emb)
+
+    def prep():
+        ad.prepare([IMG], PROMPT)
+
+    e = explain()
+    assert e.maps[0][e.default_grid()].shape[0] == (1 if maps == "aggregate" else 17)
+    t_fwd, t_prep, t_exp = _median_time(fwd), _median_time(prep), _median_time(explain)
+    benchmark.group = f"attribution {model}"
+    benchmark(explain)
+    benchmark.extra_info.update({
+        "model": model, "maps": maps, "sequence_length": int(emb.shape[1]),
+        "threads": torch.get_num_threads(), "backward": ex.last_backward,
+        "no_grad_forward_ms": t_fwd * 1e3, "prepare_ms": t_prep * 1e3,
+        "explain_ms": t_exp * 1e3,
+        "ratio_pass": (t_exp - t_prep) / t_fwd, "ratio_total": t_exp / (t_prep + t_fwd),
+        "target_ratio": 3.0 if maps == "aggregate" else 4.0})
+
+
+@pytest.mark.parametrize("maps", ["aggregate", "16-per-token"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_attribution_memory(benchmark, model, maps):
+    ad = MODELS[model](seed=0)
+    sample, ids, emb = _full_sequence(ad)
+    params = list(ad.model.parameters())
+    L, D = emb.shape[1], emb.shape[2]
+    K = 1 if maps == "aggregate" else 17
+
+    with SavedBytes(params) as attr:
+        Explainer(ad).explain(IMG, PROMPT, answer=ANSWER, targets="all",
+                              aggregate_only=(maps == "aggregate"))
+    attr_bytes = attr.bytes + K * L * D * emb.element_size()
+
+    def whole_model():
+        x = emb.detach().clone().requires_grad_(True)
+        with SavedBytes(params) as full:
+            with torch.enable_grad():
+                logits = ad.forward(x)
+                P = sample.prompt_length
+                rows = torch.arange(len(ids)) + P - ad.logit_shift
+                score = logits[0, rows].gather(-1, ids[:, None]).sum()
+        (g,) = torch.autograd.grad(score, x)
+        return full.bytes + g.numel() * g.element_size()
+
+    full_bytes = whole_model()
+    benchmark.group = f"attribution memory {model}"
+    benchmark.pedantic(whole_model, rounds=1, iterations=1)
+    benchmark.extra_info.update({
+        "model": model, "maps": maps, "sequence_length": int(L),
+        "layer": Explainer(ad).layer, "num_blocks": len(ad.blocks()),
+        "attribution_bytes": int(attr_bytes), "whole_model_backward_bytes": int(full_bytes),
+        "mem_ratio": attr_bytes / full_bytes, "target_mem_ratio": 0.6,
+        "method": "saved_tensors_hooks (non-parameter saved tensors) + gradient buffers"})
