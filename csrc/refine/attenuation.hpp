@@ -18,23 +18,67 @@
 namespace diffcam {
 
 inline double background_threshold(const float* m, size_t n, const double* p, std::vector<float>& scratch) {
-  thread_local std::vector<uint32_t> keys, tmp;
-  scratch.resize(n);
+  (void)scratch;
+  thread_local std::vector<uint32_t> keys, work;
+  if (keys.size() < n) keys.resize(n);
+  if (work.size() < 4 * n + 64) work.resize(4 * n + 64);
+  uint32_t* kp = keys.data();
   size_t np = 0;
-  double psum = 0.0;
-  for (size_t i = 0; i < n; ++i) {
-    const float v = m[i];
-    if (v > 0.0f) {
-      ++np;
-      psum += v;
-    }
+  double ps0 = 0.0, ps1 = 0.0;
+  float mx = m[0];
+  size_t i = 0;
+  for (; i + 2 <= n; i += 2) {  // branch-free
+    const float a = m[i], b = m[i + 1];
+    kp[i] = float_key(a), kp[i + 1] = float_key(b);
+    np += (a > 0.0f) + (b > 0.0f);
+    ps0 += a > 0.0f ? static_cast<double>(a) : 0.0;
+    ps1 += b > 0.0f ? static_cast<double>(b) : 0.0;
+    mx = std::max(mx, std::max(a, b));
+  }
+  for (; i < n; ++i) {
+    const float a = m[i];
+    kp[i] = float_key(a);
+    np += a > 0.0f;
+    ps0 += a > 0.0f ? static_cast<double>(a) : 0.0;
+    mx = std::max(mx, a);
   }
   if (np == 0) return p[P::tau_bg_floor];
-  sort_floats(m, n, scratch.data(), keys, tmp);
-  const float mx = scratch[n - 1];
-  const double s1 = percentile_sorted(scratch.data() + (n - np), np, 50.0);
+  const double psum = ps0 + ps1;
+  // the positive pixels are the top np ranks: their median is a percentile of the whole map at
+  // shifted ranks.  Select the 4 ranks at once.
+  size_t ranks[4];
+  double t1, t2;
+  {
+    const double h = static_cast<double>(np - 1) * 0.5;
+    const double fl = std::floor(h);
+    const size_t lo = static_cast<size_t>(fl);
+    ranks[0] = (n - np) + lo;
+    ranks[1] = (n - np) + (lo + 1 < np ? lo + 1 : lo);
+    t1 = h - fl;
+  }
+  {
+    const double h = static_cast<double>(n - 1) * (p[P::bg_percentile] / 100.0);
+    const double fl = std::floor(h);
+    size_t lo = static_cast<size_t>(fl);
+    if (lo > n - 1) lo = n - 1;
+    ranks[2] = lo;
+    ranks[3] = lo + 1 < n ? lo + 1 : lo;
+    t2 = h - fl;
+  }
+  size_t sr[4] = {ranks[2], ranks[3], ranks[0], ranks[1]};
+  int ord[4] = {2, 3, 0, 1};
+  // sort the 4 ranks (insertion) keeping where each came from
+  for (int a = 1; a < 4; ++a)
+    for (int b = a; b > 0 && sr[b - 1] > sr[b]; --b) {
+      std::swap(sr[b - 1], sr[b]);
+      std::swap(ord[b - 1], ord[b]);
+    }
+  uint32_t sk[4], kk[4];
+  radix_select(kp, n, sr, 4, sk, work.data());
+  for (int a = 0; a < 4; ++a) kk[ord[a]] = sk[a];
+  const double s1 = numpy_lerp(key_float(kk[0]), key_float(kk[1]), t1);
+  const double s2 = numpy_lerp(key_float(kk[2]), key_float(kk[3]), t2);
   const double s3 = psum / static_cast<double>(np);
-  const double s2 = percentile_sorted(scratch.data(), n, p[P::bg_percentile]);
   const double tau = p[P::bg_w_median] * s1 + p[P::bg_w_pct] * s2 + p[P::bg_w_mean] * s3 +
                      p[P::bg_w_max] * static_cast<double>(mx);
   return tau > 0 ? tau : p[P::tau_bg_floor];
@@ -46,7 +90,9 @@ inline double background_attenuation_map(const float* m, float* out, size_t n, c
   const double gamma = p[P::gamma];
   for (size_t i = 0; i < n; ++i) {
     const double v = m[i];
-    out[i] = v < tau ? static_cast<float>(v * std::max(gamma, v / tau)) : m[i];
+    const double f = std::max(gamma, v / tau);
+    const float att = static_cast<float>(v * f);
+    out[i] = v < tau ? att : m[i];
   }
   return tau;
 }

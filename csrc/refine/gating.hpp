@@ -37,12 +37,22 @@ inline GateInfo gating_stats(const float* m, size_t n, const double* p, std::vec
   } else {
     branch = 3, alpha = p[P::pct_default];
   }
-  scratch.resize(n);
+  (void)scratch;
+  thread_local std::vector<uint32_t> keys, work;
+  if (keys.size() < n) keys.resize(n);
+  if (work.size() < 4 * n + 64) work.resize(4 * n + 64);
+  uint32_t* kp = keys.data();
   size_t np = 0;
-  for (size_t i = 0; i < n; ++i)
-    if (m[i] > 0.0f) scratch[np++] = m[i];
+  for (size_t i = 0; i < n; ++i) {  // branch-free compaction of the positive pixels
+    kp[np] = float_key(m[i]);
+    np += m[i] > 0.0f;
+  }
   double tau = p[P::tau_floor];
-  if (np > 0) tau = std::max(percentile_inplace(scratch.data(), np, alpha), p[P::tau_floor]);
+  if (np > 0) {
+    double pct;
+    key_percentiles(kp, np, &alpha, 1, &pct, work.data());
+    tau = std::max(pct, p[P::tau_floor]);
+  }
   return {branch, tau};
 }
 
@@ -84,7 +94,10 @@ inline GateInfo confidence_gating_map(const float* m, float* out, int H, int W, 
   blurred.resize(n);
   blur3(m, blurred.data(), H, W, p[P::blur_sigma], tmp);
   const double tau = gi.tau;
-  for (size_t i = 0; i < n; ++i) out[i] = (m[i] > tau) ? m[i] : blurred[i];
+  for (size_t i = 0; i < n; ++i) {
+    const float v = m[i], bv = blurred[i];
+    out[i] = (static_cast<double>(v) > tau) ? v : bv;
+  }
   return gi;
 }
 

@@ -26,15 +26,24 @@ struct MeanStd {
 };
 
 inline MeanStd mean_std(const float* m, size_t n) {
-  double s = 0.0;
-  for (size_t i = 0; i < n; ++i) s += m[i];
-  const double mu = s / static_cast<double>(n);
-  double q = 0.0;
-  for (size_t i = 0; i < n; ++i) {
-    double d = m[i] - mu;
-    q += d * d;
+  // 4 independent float64 accumulators (ILP); fixed order, so deterministic.
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+  size_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    s0 += m[i], s1 += m[i + 1], s2 += m[i + 2], s3 += m[i + 3];
   }
-  return {mu, std::sqrt(q / static_cast<double>(n))};
+  for (; i < n; ++i) s0 += m[i];
+  const double mu = ((s0 + s1) + (s2 + s3)) / static_cast<double>(n);
+  double q0 = 0.0, q1 = 0.0, q2 = 0.0, q3 = 0.0;
+  for (i = 0; i + 4 <= n; i += 4) {
+    const double d0 = m[i] - mu, d1 = m[i + 1] - mu, d2 = m[i + 2] - mu, d3 = m[i + 3] - mu;
+    q0 += d0 * d0, q1 += d1 * d1, q2 += d2 * d2, q3 += d3 * d3;
+  }
+  for (; i < n; ++i) {
+    const double d = m[i] - mu;
+    q0 += d * d;
+  }
+  return {mu, std::sqrt(((q0 + q1) + (q2 + q3)) / static_cast<double>(n))};
 }
 
 inline double numpy_lerp(double a, double b, double t) {
@@ -124,6 +133,126 @@ inline void sort_floats(const float* in, size_t n, float* out, std::vector<uint3
 // Index of the first value > 0 in an ascending sorted array.
 inline size_t first_positive(const float* v, size_t n) {
   return static_cast<size_t>(std::upper_bound(v, v + n, 0.0f) - v);
+}
+
+// ---- exact multi-rank selection (radix select on order-preserving uint32 keys)
+//
+// radix_select(keys, n, ranks, nr, out): out[j] = the ranks[j]-th smallest key (0-based), for
+// nondecreasing ranks.  Each level histograms (key - kmin) >> shift into <= 256 buckets (shift
+// chosen from the key range, so the range shrinks by 2^8 per level: <= 4 levels), then gathers
+// only the buckets holding a requested rank; buckets of <= 32 keys are finished by a small
+// sort.  Branch-free inner loops, O(n) per level, no allocation (work: >= 4 n + 64 keys).
+inline void small_sort_u32(uint32_t* a, size_t n) {
+  for (size_t i = 1; i < n; ++i) {
+    uint32_t v = a[i];
+    size_t j = i;
+    while (j > 0 && a[j - 1] > v) {
+      a[j] = a[j - 1];
+      --j;
+    }
+    a[j] = v;
+  }
+}
+
+inline void radix_select(const uint32_t* keys, size_t n, const size_t* ranks, int nr, uint32_t* out,
+                         uint32_t* work) {
+  if (nr == 0) return;
+  if (n <= 32) {
+    uint32_t t[32];
+    for (size_t i = 0; i < n; ++i) t[i] = keys[i];
+    small_sort_u32(t, n);
+    for (int j = 0; j < nr; ++j) out[j] = t[ranks[j]];
+    return;
+  }
+  uint32_t kmin = keys[0], kmax = keys[0];
+  for (size_t i = 1; i < n; ++i) {
+    kmin = keys[i] < kmin ? keys[i] : kmin;
+    kmax = keys[i] > kmax ? keys[i] : kmax;
+  }
+  if (kmin == kmax) {
+    for (int j = 0; j < nr; ++j) out[j] = kmin;
+    return;
+  }
+  const uint32_t range = kmax - kmin;
+  const int bits = 32 - __builtin_clz(range);
+  const int shift = bits > 8 ? bits - 8 : 0;
+  uint32_t h0[256], h1[256];
+  std::memset(h0, 0, sizeof(h0));
+  std::memset(h1, 0, sizeof(h1));
+  size_t i = 0;
+  for (; i + 2 <= n; i += 2) {
+    h0[(keys[i] - kmin) >> shift]++;
+    h1[(keys[i + 1] - kmin) >> shift]++;
+  }
+  if (i < n) h0[(keys[i] - kmin) >> shift]++;
+  const int nb = static_cast<int>(range >> shift) + 1;
+  // bucket start offsets
+  uint32_t start[257];
+  uint32_t off = 0;
+  for (int b = 0; b < nb; ++b) {
+    start[b] = off;
+    off += h0[b] + h1[b];
+  }
+  start[nb] = off;
+  int j = 0, b = 0;
+  while (j < nr) {
+    const size_t r = ranks[j];
+    while (start[b + 1] <= r) ++b;
+    int j1 = j;
+    size_t sub[8];
+    while (j1 < nr && ranks[j1] < start[b + 1] && j1 - j < 8) {
+      sub[j1 - j] = ranks[j1] - start[b];
+      ++j1;
+    }
+    const uint32_t cnt = start[b + 1] - start[b];
+    if (cnt == 1 || shift == 0) {
+      // one key, or a bucket of equal keys
+      for (int q = j; q < j1; ++q) out[q] = kmin + (static_cast<uint32_t>(b) << shift);
+      if (cnt == 1) {
+        for (size_t t = 0; t < n; ++t)
+          if (((keys[t] - kmin) >> shift) == static_cast<uint32_t>(b)) {
+            for (int q = j; q < j1; ++q) out[q] = keys[t];
+            break;
+          }
+      }
+    } else {
+      size_t m = 0;
+      const uint32_t bb = static_cast<uint32_t>(b);
+      for (size_t t = 0; t < n; ++t) {
+        work[m] = keys[t];
+        m += ((keys[t] - kmin) >> shift) == bb;
+      }
+      radix_select(work, m, sub, j1 - j, out + j, work + m);
+    }
+    j = j1;
+  }
+}
+
+// Percentiles (NumPy 'linear') of the keys at q[0..nq) (nq <= 4); one selection for all.
+inline void key_percentiles(const uint32_t* keys, size_t n, const double* q, int nq, double* res,
+                            uint32_t* work) {
+  size_t ranks[8];
+  double t[4];
+  int order[8];
+  for (int j = 0; j < nq; ++j) {
+    const double h = static_cast<double>(n - 1) * (q[j] / 100.0);
+    const double fl = std::floor(h);
+    size_t lo = static_cast<size_t>(fl);
+    if (lo > n - 1) lo = n - 1;
+    ranks[2 * j] = lo;
+    ranks[2 * j + 1] = lo + 1 < n ? lo + 1 : lo;
+    t[j] = h - fl;
+  }
+  const int nr = 2 * nq;
+  for (int j = 0; j < nr; ++j) order[j] = j;
+  std::sort(order, order + nr, [&](int a, int b) { return ranks[a] < ranks[b]; });
+  size_t sr[8];
+  uint32_t sk[8], kk[8];
+  for (int j = 0; j < nr; ++j) sr[j] = ranks[order[j]];
+  radix_select(keys, n, sr, nr, sk, work);
+  for (int j = 0; j < nr; ++j) kk[order[j]] = sk[j];
+  for (int j = 0; j < nq; ++j)
+    res[j] = numpy_lerp(key_float(kk[2 * j]), key_float(kk[2 * j + 1]), t[j]);
 }
 
 }  // namespace diffcam
