@@ -448,23 +448,13 @@ class Explainer:
                         f"block {layer} saw {hidden_rows[0].shape[0]} positions but the sequence "
                         f"has {lengths[0]}: the hooked hidden sequence does not contain the whole "
                         "image span (feasibility rule, method.md 1.8)")
-                # scores (B, K): targets, aggregate at column T_b, zeros after
-                S_rows = []
-                for b, (i, s, r) in enumerate(rows):
-                    tg = infos[i][3]
-                    P = prepared[i].prompt_length
-                    sc = self._scores(logit_rows[b], r_final=infos[i][0], P=P, targets=tg,
-                                      score=score, d_id=d_id, shift=shift)
-                    agg = sc.sum()
-                    if agg_only:
-                        S_rows.append(agg[None])
-                        continue
-                    pad = [sc.new_zeros(())] * (K - len(tg) - 1)
-                    S_rows.append(torch.stack(list(sc) + [agg] + pad))
-                S = torch.stack(S_rows)             # (B, K)
+                # scores (B, K): targets, aggregate at column T_b, zeros after -- one gather
+                # of all scored logit rows, then a constant 0/1 matrix sums tokens into targets
+                S = self._score_matrix(logit_rows, rows, infos, prepared, K, agg_only, score,
+                                       d_id, shift)
                 del logit_rows
                 grads = self._backward(S, leaves, K)    # list per leaf (K, b, L, D)
-                del S, S_rows
+                del S
                 if hidden is not None:
                     G_rows = [grads[0][:, b] for b in range(B)]
                 else:
@@ -507,24 +497,47 @@ class Explainer:
         return _PER_ROW
 
     @staticmethod
-    def _scores(logits, r_final, P, targets, score, d_id, shift):
-        """Per-target scores (T,) from one row's logits (L, V)."""
-        ids = torch.as_tensor(r_final, dtype=torch.long, device=logits.device)
-        out = []
-        for t in targets:
-            j = torch.as_tensor(t.tokens, dtype=torch.long, device=logits.device)
-            z = logits[P + j - shift].float()            # (n, V)
-            y = ids[j]
-            if score == "vocab_sum":
-                s = z.sum(-1)
-            else:
-                if score == "logprob":
-                    z = torch.log_softmax(z, -1)
-                s = z.gather(-1, y[:, None])[:, 0]
-                if d_id is not None:
-                    s = s - z[:, d_id]
-            out.append(s.sum())
-        return torch.stack(out)
+    def _score_matrix(logit_rows, rows, infos, prepared, K, agg_only, score, d_id, shift):
+        """Scores (B, K) of every row: per target the sum of its tokens' scores, the aggregate
+        (sum of the target scores) in column T_b (column 0 with ``agg_only``), zeros after."""
+        dev = logit_rows[0].device
+        B = len(rows)
+        toks, W_idx, W_val = [], [], []       # token entries, matrix (row, k, entry) = weight
+        y = []
+        for b, (i, s, r) in enumerate(rows):
+            ids, tg = infos[i][0], infos[i][3]
+            P = prepared[i].prompt_length
+            entry = {}
+            for t_k, t in enumerate(tg):
+                for j in t.tokens:
+                    if j not in entry:
+                        entry[j] = len(toks)
+                        toks.append((b, P + j - shift))
+                        y.append(ids[j])
+                    n = entry[j]
+                    if not agg_only:
+                        W_idx.append((b, t_k, n))
+                    W_idx.append((b, 0 if agg_only else len(tg), n))
+        bi = torch.tensor([t[0] for t in toks], device=dev)
+        pi = torch.tensor([t[1] for t in toks], device=dev)
+        yy = torch.tensor(y, dtype=torch.long, device=dev)
+        if len(logit_rows) == 1 or all(lg.shape == logit_rows[0].shape for lg in logit_rows):
+            logits = torch.stack(logit_rows) if len(logit_rows) > 1 else logit_rows[0][None]
+            z = logits[bi, pi].float()                                   # (N, V)
+        else:
+            z = torch.stack([logit_rows[b][p] for b, p in toks]).float()
+        if score == "vocab_sum":
+            st = z.sum(-1)
+        else:
+            if score == "logprob":
+                z = torch.log_softmax(z, -1)
+            st = z.gather(-1, yy[:, None])[:, 0]
+            if d_id is not None:
+                st = st - z[:, d_id]
+        W = torch.zeros(B * K, len(toks), dtype=st.dtype, device=dev)
+        for b, k, n in W_idx:
+            W[b * K + k, n] += 1.0
+        return (W @ st).reshape(B, K)
 
     def _backward(self, S, leaves, K):
         outputs = S.sum(0)                                   # (K,): rows are independent
