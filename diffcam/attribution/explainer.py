@@ -412,26 +412,36 @@ class Explainer:
         K = max(T) + 1
         result = {}
         with torch.enable_grad():
+            # gradients only where Grad-CAM reads them: the union of all grid positions
+            pos_sets = [np.unique(np.concatenate([g.positions(lay.span_start).ravel()
+                                                  for lay in prepared[i].layouts
+                                                  for g in lay.grids])) for i, _, _ in rows]
+            union = np.unique(np.concatenate(pos_sets))
             hook = BlockHook(block, f"block {layer}")
             self._hooks.append(hook)
             try:
                 if extras is not _PER_ROW:
+                    hook.positions = torch.as_tensor(union, dtype=torch.long, device=dev)
                     with hook:
                         logits = ad.forward(embeds, attn_arg, extras)
-                    hidden = hook.output
+                    hidden, leaf = hook.output, hook.leaf
                     hook.clear()
                     logit_rows = [logits[b] for b in range(B)]
                     hidden_rows = [hidden[b] for b in range(B)]
-                    leaves = [hidden]
+                    leaves = [leaf]
+                    lookups = [union] * B
                 else:   # extras that cannot be batched: one forward per row, same graph rules
-                    logit_rows, hidden_rows, leaves = [], [], []
+                    logit_rows, hidden_rows, leaves, lookups = [], [], [], []
                     for b in range(B):
+                        hook.positions = torch.as_tensor(pos_sets[b], dtype=torch.long,
+                                                         device=dev)
                         with hook:
                             lg = ad.forward(embeds[b:b + 1, :lengths[b]], None, extras_list[b])
-                        leaves.append(hook.output)
+                        leaves.append(hook.leaf)
+                        hidden_rows.append(hook.output[0])
+                        lookups.append(pos_sets[b])
                         hook.clear()
                         logit_rows.append(lg[0])
-                        hidden_rows.append(leaves[-1][0])
                     hidden = None
                 for b, lg in enumerate(logit_rows):
                     if lg.shape[0] < lengths[b] - shift:
@@ -453,7 +463,7 @@ class Explainer:
                 S = self._score_matrix(logit_rows, rows, infos, prepared, K, agg_only, score,
                                        d_id, shift)
                 del logit_rows
-                grads = self._backward(S, leaves, K)    # list per leaf (K, b, L, D)
+                grads = self._backward(S, leaves, K)    # list per leaf (K, b, n, D)
                 del S
                 if hidden is not None:
                     G_rows = [grads[0][:, b] for b in range(B)]
@@ -467,9 +477,10 @@ class Explainer:
                     for lay in prepared[i].layouts:
                         d = {}
                         for g in lay.grids:
-                            pos = torch.as_tensor(g.positions(lay.span_start), device=A.device)
-                            a = A[pos]                      # (h, w, D)
-                            gg = Gb[:, pos]                 # (K, h, w, D)
+                            p_abs = g.positions(lay.span_start)
+                            p_leaf = np.searchsorted(lookups[b], p_abs)
+                            a = A[torch.as_tensor(p_abs, device=A.device)]       # (h, w, D)
+                            gg = Gb[:, torch.as_tensor(p_leaf, device=A.device)]  # (K, h, w, D)
                             m = grad_cam(a, gg[:T[b] + 1], variant=gradcam)
                             d[g.name] = m.cpu().numpy().astype(np.float32)
                         per_image.append(d)

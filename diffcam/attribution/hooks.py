@@ -29,14 +29,36 @@ class BlockHook:
     ``output`` is the hooked hidden state (B, L, D), a leaf that requires grad.  ``calls`` counts
     how many times the block ran; a block that runs twice (activation checkpointing re-runs
     blocks) raises, because the second call would replace the leaf.
+
+    ``positions`` (optional 1-D LongTensor of sequence positions, e.g. the image tokens): then
+    only those positions form the leaf (``leaf``, (B, n, D)), spliced back into the detached
+    output with ``index_copy``, so gradients are only materialised where they are needed.
+    ``output`` is then the full detached hidden state (its values).
     """
 
-    def __init__(self, block, name: str = "block"):
+    def __init__(self, block, name: str = "block", positions=None):
         self.block = block
         self.name = name
+        self.positions = positions
         self._handle = None
         self._output = None
+        self._leaf = None
         self.calls = 0
+
+    def _start(self, h):
+        if self.positions is None:
+            h = h.detach().requires_grad_(True)
+            self._output = self._leaf = h
+            return h
+        hd = h.detach()
+        if self.positions.numel() and int(self.positions.max()) >= hd.shape[1]:
+            raise ValueError(
+                f"{self.name} saw {hd.shape[1]} positions but the image tokens reach position "
+                f"{int(self.positions.max())}: the hooked hidden sequence does not contain the "
+                "whole image span (feasibility rule, method.md 1.8)")
+        leaf = hd[:, self.positions].requires_grad_(True)
+        self._output, self._leaf = hd, leaf
+        return hd.index_copy(1, self.positions, leaf)
 
     def _hook(self, module, inputs, out):
         self.calls += 1
@@ -47,19 +69,15 @@ class BlockHook:
         if isinstance(out, tuple):
             if not out or not hasattr(out[0], "detach"):
                 raise TypeError(f"{self.name} returned a tuple whose element 0 is not a tensor")
-            h = out[0].detach().requires_grad_(True)
-            self._output = h
-            return (h,) + tuple(out[1:])
+            return (self._start(out[0]),) + tuple(out[1:])
         if hasattr(out, "detach"):
-            h = out.detach().requires_grad_(True)
-            self._output = h
-            return h
+            return self._start(out)
         raise TypeError(f"{self.name} returned {type(out).__name__}; expected a tensor or a tuple "
                         "whose element 0 is the hidden state")
 
     def __enter__(self) -> "BlockHook":
         self.calls = 0
-        self._output = None
+        self._output = self._leaf = None
         self._handle = self.block.register_forward_hook(self._hook)
         return self
 
@@ -80,5 +98,12 @@ class BlockHook:
                 "through adapter.blocks()[layer] (wrong block list, or a cached path)")
         return self._output
 
+    @property
+    def leaf(self):
+        """The tensor the gradients are taken against (``output`` unless ``positions``)."""
+        self.output
+        return self._leaf
+
     def clear(self) -> None:
         self._output = None
+        self._leaf = None

@@ -115,3 +115,17 @@ def test_image_conversions_warn(ad, tmp_path):
     assert e.images[0].shape == (24, 32, 3)
     with pytest.warns(UserWarning, match="grayscale"):
         Explainer(ad).explain(Image.fromarray(gray), "p")
+
+
+def test_hooked_sequence_without_image_span():
+    from diffcam.attribution import BlockHook
+    block = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="does not contain the whole image span"):
+        with BlockHook(block, "block 0", positions=torch.tensor([2, 9])):
+            block(torch.randn(1, 5, 4))
+    assert len(block._forward_hooks) == 0
+    with BlockHook(block, positions=torch.tensor([1, 3])) as h:
+        y = block(torch.randn(1, 5, 4))
+    assert h.leaf.shape == (1, 2, 4) and h.output.shape == (1, 5, 4)
+    (g,) = torch.autograd.grad(y.sum(), h.leaf)
+    assert g.shape == (1, 2, 4)
