@@ -13,7 +13,7 @@ loop: the plain no-grad forward of the same full sequence (``adapter.forward``) 
 Memory.  CPU torch has no allocator statistics, so the graph's memory is measured exactly with
 ``torch.autograd.graph.saved_tensors_hooks``: the bytes of every distinct non-parameter tensor
 saved for backward during the forward, plus the gradient buffers the backward returns
-(K x L x D for K backward vectors).  The baseline is a backward through the whole model (inputs
+(K x n_image x D for K backward vectors: the leaf is the image positions only).  The baseline is a backward through the whole model (inputs
 embeddings requiring grad, so every block saves its activations) for the aggregate score.
 ``mem_ratio`` = attribution / whole-model (target <= 0.6).  Transient buffers inside one backward
 op are not counted in either.
@@ -135,7 +135,8 @@ def test_attribution_memory(benchmark, model, maps):
     with SavedBytes(params) as attr:
         Explainer(ad).explain(IMG, PROMPT, answer=ANSWER, targets="all",
                               aggregate_only=(maps == "aggregate"))
-    attr_bytes = attr.bytes + K * L * D * emb.element_size()
+    n_img = sum(lay.span_length for lay in sample.layouts)   # the gradient leaf: image tokens
+    attr_bytes = attr.bytes + K * n_img * D * emb.element_size()
 
     def whole_model():
         x = emb.detach().clone().requires_grad_(True)
@@ -152,7 +153,7 @@ def test_attribution_memory(benchmark, model, maps):
     benchmark.group = f"attribution memory {model}"
     benchmark.pedantic(whole_model, rounds=1, iterations=1)
     benchmark.extra_info.update({
-        "model": model, "maps": maps, "sequence_length": int(L),
+        "model": model, "maps": maps, "sequence_length": int(L), "image_tokens": int(n_img),
         "layer": Explainer(ad).layer, "num_blocks": len(ad.blocks()),
         "attribution_bytes": int(attr_bytes), "whole_model_backward_bytes": int(full_bytes),
         "mem_ratio": attr_bytes / full_bytes, "target_mem_ratio": 0.6,
