@@ -432,6 +432,7 @@ class Explainer:
                     lookups = [union] * B
                 else:   # extras that cannot be batched: one forward per row, same graph rules
                     logit_rows, hidden_rows, leaves, lookups = [], [], [], []
+                    logits = None
                     for b in range(B):
                         hook.positions = torch.as_tensor(pos_sets[b], dtype=torch.long,
                                                          device=dev)
@@ -460,8 +461,9 @@ class Explainer:
                         "image span (feasibility rule, method.md 1.8)")
                 # scores (B, K): targets, aggregate at column T_b, zeros after -- one gather
                 # of all scored logit rows, then a constant 0/1 matrix sums tokens into targets
-                S = self._score_matrix(logit_rows, rows, infos, prepared, K, agg_only, score,
-                                       d_id, shift)
+                S = self._score_matrix(logits if hidden is not None else logit_rows, rows,
+                                       infos, prepared, K, agg_only, score, d_id, shift)
+                logits = None
                 del logit_rows
                 grads = self._backward(S, leaves, K)    # list per leaf (K, b, n, D)
                 del S
@@ -508,10 +510,11 @@ class Explainer:
         return _PER_ROW
 
     @staticmethod
-    def _score_matrix(logit_rows, rows, infos, prepared, K, agg_only, score, d_id, shift):
+    def _score_matrix(logits, rows, infos, prepared, K, agg_only, score, d_id, shift):
         """Scores (B, K) of every row: per target the sum of its tokens' scores, the aggregate
-        (sum of the target scores) in column T_b (column 0 with ``agg_only``), zeros after."""
-        dev = logit_rows[0].device
+        (sum of the target scores) in column T_b (column 0 with ``agg_only``), zeros after.
+        ``logits`` is the (B, L, V) tensor, or a list of per-row (L_b, V) tensors."""
+        dev = logits[0].device
         B = len(rows)
         toks, W_idx, W_val = [], [], []       # token entries, matrix (row, k, entry) = weight
         y = []
@@ -532,11 +535,10 @@ class Explainer:
         bi = torch.tensor([t[0] for t in toks], device=dev)
         pi = torch.tensor([t[1] for t in toks], device=dev)
         yy = torch.tensor(y, dtype=torch.long, device=dev)
-        if len(logit_rows) == 1 or all(lg.shape == logit_rows[0].shape for lg in logit_rows):
-            logits = torch.stack(logit_rows) if len(logit_rows) > 1 else logit_rows[0][None]
+        if torch.is_tensor(logits):
             z = logits[bi, pi].float()                                   # (N, V)
         else:
-            z = torch.stack([logit_rows[b][p] for b, p in toks]).float()
+            z = torch.stack([logits[b][p] for b, p in toks]).float()
         if score == "vocab_sum":
             st = z.sum(-1)
         else:

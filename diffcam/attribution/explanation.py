@@ -125,6 +125,8 @@ class Explanation:
         return k % n
 
     def _state_index(self, state) -> int:
+        if state is None:           # "final" when explained, else the first state
+            return self.states.index("final") if "final" in self.states else 0
         for k, s in enumerate(self.states):
             if s == state:
                 return k
@@ -136,12 +138,13 @@ class Explanation:
         return best[0]
 
     def map(self, word_or_index=None, image: int = 0, grid: Optional[str] = None,
-            state="final", refined: bool = False, config=None) -> np.ndarray:
+            state=None, refined: bool = False, config=None) -> np.ndarray:
         """One (rows, cols) float32 map.
 
         word_or_index  a target name, "aggregate" / None (the aggregate), or an index along the
                        targets axis (``len(targets)`` or -1 is the aggregate)
         grid           grid name; default :meth:`default_grid`
+        state          "final" or a step number; default "final" if explained, else the first
         refined        run ``diffcam.refine`` (``config``, default the paper preset) on it
         """
         if not 0 <= image < len(self.maps):
@@ -178,7 +181,7 @@ class Explanation:
         return replace(self, maps=new_maps, settings=settings)
 
     def overlay(self, word_or_index=None, image: int = 0, grid: Optional[str] = None,
-                state="final", refined: bool = False, alpha: float = 0.5, config=None):
+                state=None, refined: bool = False, alpha: float = 0.5, config=None):
         """A PIL image: the map colourised and blended over the input image."""
         try:
             from PIL import Image
