@@ -26,20 +26,18 @@ were still masked after s denoising steps; the score is still the final token's.
 
 from __future__ import annotations
 
-import gc
-import math
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 
-from ..adapters.base import Adapter, GenerationConfig, GenerationResult
+from ..adapters.base import Adapter, GenerationConfig
 from .explanation import Explanation
 from .gradcam import grad_cam
 from .hooks import BlockHook
 from .images import is_image_like, load_image
-from .targets import Target, group_words, resolve_targets
+from .targets import group_words, resolve_targets
 
 __all__ = ["Explainer", "SCORES", "METHODS"]
 
@@ -486,7 +484,6 @@ class Explainer:
                             m = grad_cam(a, gg[:T[b] + 1], variant=gradcam)
                             d[g.name] = m.cpu().numpy().astype(np.float32)
                         per_image.append(d)
-                    k = rows[b][1]
                     result[(i, self._state_pos(rows, b))] = per_image
                 del G_rows, hidden_rows, leaves, hidden
             finally:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import unicodedata
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 __all__ = ["Word", "Target", "group_words", "is_content_word", "resolve_targets", "STOPWORDS",
            "AGGREGATE"]

@@ -3,7 +3,6 @@
 import gc
 
 import numpy as np
-import pytest
 import torch
 
 from diffcam.attribution import Explainer
