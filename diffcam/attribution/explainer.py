@@ -65,19 +65,23 @@ class Explainer:
     layer     block to hook (default ``adapter.default_layer``); negative counts from the end
     batched_backward  True: try ``is_grads_batched`` first (falls back to a loop on error);
                       False: always loop over targets
+    head_rows_only    True: apply the LM head with gradients only to the scored rows (the head
+                      module is found on the adapter and verified against the full logits on
+                      every call, with a fallback); False: keep the full logits in the graph
 
     Hooks exist only inside an explain call (the context manager form guarantees cleanup of
     anything left by an interrupted call); no autograd graph survives a call.
     """
 
     def __init__(self, adapter: Adapter, layer: Optional[int] = None,
-                 batched_backward: bool = True):
+                 batched_backward: bool = True, head_rows_only: bool = True):
         if not isinstance(adapter, Adapter) and not all(
                 hasattr(adapter, a) for a in ("blocks", "prepare", "forward", "embed_tokens")):
             raise TypeError(f"adapter must implement diffcam.adapters.Adapter, got "
                             f"{type(adapter).__name__}")
         self.adapter = adapter
         self.batched_backward = bool(batched_backward)
+        self.head_rows_only = bool(head_rows_only)
         self._hooks: list = []
         self.last_backward = None      # "batched" or "loop": how the last call got its grads
         self.layer = self._check_layer(layer)
@@ -418,10 +422,17 @@ class Explainer:
             hook = BlockHook(block, f"block {layer}")
             self._hooks.append(hook)
             try:
+                gather = None
                 if extras is not _PER_ROW:
                     hook.positions = torch.as_tensor(union, dtype=torch.long, device=dev)
-                    with hook:
-                        logits = ad.forward(embeds, attn_arg, extras)
+                    head = self._head_module() if self.head_rows_only else None
+                    try:
+                        logits, gather = self._batched_forward(hook, head, embeds, attn_arg,
+                                                               extras)
+                    except _HeadMismatch:
+                        self._head_ok = False
+                        logits, gather = self._batched_forward(hook, None, embeds, attn_arg,
+                                                               extras)
                     hidden, leaf = hook.output, hook.leaf
                     hook.clear()
                     logit_rows = [logits[b] for b in range(B)]
@@ -446,7 +457,7 @@ class Explainer:
                     if lg.shape[0] < lengths[b] - shift:
                         raise RuntimeError(f"the adapter returned {lg.shape[0]} logit rows for a "
                                            f"sequence of {lengths[b]} positions")
-                if not logit_rows[0].requires_grad:
+                if gather is None and not logit_rows[0].requires_grad:
                     raise RuntimeError(
                         f"gradients cannot flow from the logits to block {layer}: the logits do "
                         "not depend on the hooked output with autograd (the adapter's forward "
@@ -459,9 +470,22 @@ class Explainer:
                         "image span (feasibility rule, method.md 1.8)")
                 # scores (B, K): targets, aggregate at column T_b, zeros after -- one gather
                 # of all scored logit rows, then a constant 0/1 matrix sums tokens into targets
-                S = self._score_matrix(logits if hidden is not None else logit_rows, rows,
-                                       infos, prepared, K, agg_only, score, d_id, shift)
-                logits = None
+                try:
+                    S = self._score_matrix(logits if hidden is not None else logit_rows, rows,
+                                           infos, prepared, K, agg_only, score, d_id, shift,
+                                           gather)
+                except _HeadMismatch:
+                    # the LM head is not applied row-wise to what we captured: redo the
+                    # forward with the full logits in the graph
+                    self._head_ok = False
+                    hook.positions = torch.as_tensor(union, dtype=torch.long, device=dev)
+                    logits, _ = self._batched_forward(hook, None, embeds, attn_arg, extras)
+                    hidden, leaves = hook.output, [hook.leaf]
+                    hidden_rows = [hidden[b] for b in range(B)]
+                    hook.clear()
+                    S = self._score_matrix(logits, rows, infos, prepared, K, agg_only, score,
+                                           d_id, shift, None)
+                logits = gather = None
                 del logit_rows
                 grads = self._backward(S, leaves, K)    # list per leaf (K, b, n, D)
                 del S
@@ -507,7 +531,8 @@ class Explainer:
         return _PER_ROW
 
     @staticmethod
-    def _score_matrix(logits, rows, infos, prepared, K, agg_only, score, d_id, shift):
+    def _score_matrix(logits, rows, infos, prepared, K, agg_only, score, d_id, shift,
+                      gather=None):
         """Scores (B, K) of every row: per target the sum of its tokens' scores, the aggregate
         (sum of the target scores) in column T_b (column 0 with ``agg_only``), zeros after.
         ``logits`` is the (B, L, V) tensor, or a list of per-row (L_b, V) tensors."""
@@ -532,7 +557,9 @@ class Explainer:
         bi = torch.tensor([t[0] for t in toks], device=dev)
         pi = torch.tensor([t[1] for t in toks], device=dev)
         yy = torch.tensor(y, dtype=torch.long, device=dev)
-        if torch.is_tensor(logits):
+        if gather is not None:
+            z = gather(bi, pi).float()                                   # (N, V)
+        elif torch.is_tensor(logits):
             z = logits[bi, pi].float()                                   # (N, V)
         else:
             z = torch.stack([logits[b][p] for b, p in toks]).float()
@@ -548,6 +575,57 @@ class Explainer:
         for b, k, n in W_idx:
             W[b * K + k, n] += 1.0
         return (W @ st).reshape(B, K)
+
+    def _head_module(self):
+        """The LM head applied row-wise to the final hidden state, if the adapter names it
+        (``head_module()`` / ``lm_head`` / ``_lm_head`` / the model's output embeddings)."""
+        if not getattr(self, "_head_ok", True):
+            return None
+        ad = self.adapter
+        fn = getattr(ad, "head_module", None)
+        if callable(fn):
+            return fn()
+        for name in ("lm_head", "_lm_head"):
+            m = getattr(ad, name, None)
+            if isinstance(m, torch.nn.Module):
+                return m
+        get = getattr(ad.model, "get_output_embeddings", None)
+        try:
+            m = get() if callable(get) else None
+        except Exception:
+            m = None
+        return m if isinstance(m, torch.nn.Module) else None
+
+    def _batched_forward(self, hook, head, embeds, attn_arg, extras):
+        """The grad-enabled forward.  With ``head``, the LM head's input is captured and the full
+        logits are computed without a graph; the scores then apply the head to the scored rows
+        only (returned ``gather``), so the backward never materialises (K, B, L, V) gradients.
+        The head path is verified against the full logits (values) on every call."""
+        cap = _HeadCapture(head) if head is not None else None
+        with hook:
+            if cap is None:
+                return self.adapter.forward(embeds, attn_arg, extras), None
+            with cap:
+                logits = self.adapter.forward(embeds, attn_arg, extras)
+        hin = cap.hidden
+        cap.hidden = None
+        if (cap.calls != 1 or hin is None or not hin.requires_grad or hin.dim() != 3
+                or hin.shape[:2] != logits.shape[:2]):
+            if logits.requires_grad:
+                return logits, None
+            raise _HeadMismatch()   # head fired but its result is not the logits: redo
+
+        def gather(bi, pi):
+            z = head(hin[bi, pi])
+            ref = logits[bi, pi].detach()
+            if z.shape != ref.shape:
+                raise _HeadMismatch()
+            tol = 1e-2 * float(ref.abs().max()) + 1e-3 if ref.numel() else 0.0
+            if ref.numel() and float((z.detach().float() - ref.float()).abs().max()) > tol:
+                raise _HeadMismatch()
+            return z
+
+        return logits, gather
 
     def _backward(self, S, leaves, K):
         outputs = S.sum(0)                                   # (K,): rows are independent
@@ -578,6 +656,37 @@ class Explainer:
 
 class _PerRow:
     pass
+
+
+class _HeadMismatch(Exception):
+    """The captured LM-head input does not reproduce the adapter's logits row-wise."""
+
+
+class _HeadCapture:
+    """Forward pre-hook on the LM head: keeps its input (with graph) and feeds the head a
+    detached copy, so the full (B, L, V) logits carry no autograd graph."""
+
+    def __init__(self, head):
+        self.head = head
+        self.hidden = None
+        self.calls = 0
+        self._handle = None
+
+    def _pre(self, module, args):
+        self.calls += 1
+        if self.calls > 1 or not args or not torch.is_tensor(args[0]) or \
+                not args[0].requires_grad:
+            return None
+        self.hidden = args[0]
+        return (args[0].detach(),) + tuple(args[1:])
+
+    def __enter__(self):
+        self._handle = self.head.register_forward_pre_hook(self._pre)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        self._handle = None
 
 
 _PER_ROW = _PerRow()

@@ -155,3 +155,32 @@ def test_aggregate_only_equals_aggregate(anyres, img, tmp_path):
     with pytest.raises(KeyError, match="aggregate_only"):
         agg.map("cat")
     assert Explanation.load(agg.save(tmp_path / "a")).aggregate_only
+
+
+@pytest.mark.parametrize("model", ["anyres", "qwen"])
+def test_head_rows_only_equals_full_logits(request, img, model):
+    ad = request.getfixturevalue(model)
+    kw = dict(answer="a red cat on the box", targets="all", score="logprob")
+    ex = Explainer(ad)
+    a = ex.explain(img, "<image> describe the image", **kw)
+    assert ex._head_module() is not None and getattr(ex, "_head_ok", True)
+    b = Explainer(ad, head_rows_only=False).explain(img, "<image> describe the image", **kw)
+    for g in a.maps[0]:
+        np.testing.assert_allclose(a.maps[0][g], b.maps[0][g], atol=1e-5)
+
+
+def test_head_mismatch_falls_back(img):
+    from fakes import FakeAdapter
+
+    class Scaled(FakeAdapter):          # the logits are not head(hidden) row-wise
+        lm_head = property(lambda self: self.model.head)
+
+        def forward(self, inputs_embeds, attention_mask=None, extras=None):
+            return 2.0 * super().forward(inputs_embeds, attention_mask, extras)
+
+    ad = Scaled()
+    ex = Explainer(ad)
+    a = ex.explain(img, "p", targets="all")
+    assert ex._head_ok is False
+    b = Explainer(ad, head_rows_only=False).explain(img, "p", targets="all")
+    np.testing.assert_allclose(a.maps[0]["base"], b.maps[0]["base"], atol=1e-5)
