@@ -220,6 +220,9 @@ class Explainer:
             raise ValueError("trajectory states need the generated trajectory; they cannot be "
                              "used with answer= (teacher forcing has no denoising steps)")
         d_id = self._contrast_id(contrast)
+        if getattr(getattr(self.adapter, "model", None), "training", False):
+            warnings.warn("the model is in training mode (dropout is active, maps are not "
+                          "deterministic); call model.eval() first", UserWarning, stacklevel=2)
         try:
             self._aggregate_only = bool(aggregate_only)
             out = self._explain(samples, prompts, targets, layer, state_list, score, d_id,
@@ -324,7 +327,8 @@ class Explainer:
                     "answer_given": answers is not None,
                     "generation": None if answers is not None else dict(vars(generation)),
                     "logit_shift": shift, "backward": self.last_backward,
-                    "aggregate_only": self._aggregate_only}
+                    "aggregate_only": self._aggregate_only,
+                    "head_rows_only": self.head_rows_only and getattr(self, "_head_ok", True)}
         try:
             adapter_info = ad.info()
         except Exception:
