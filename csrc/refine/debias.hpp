@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "params.hpp"
+#include "stats.hpp"
 
 namespace diffcam {
 
@@ -24,15 +25,28 @@ struct DebiasInfo {
 // out may alias m.  dbuf is float64 scratch.
 inline DebiasInfo causal_debiasing_map(const float* m, const float* rep, double rep_const, float* out,
                                        size_t n, const double* p, std::vector<double>& dbuf) {
-  double s = 0.0;
-  for (size_t i = 0; i < n; ++i) s += m[i];
-  const double mu = s / static_cast<double>(n);
-  double q2 = 0.0, q3 = 0.0;
-  for (size_t i = 0; i < n; ++i) {
+  // 4 independent float64 accumulators per sum (element i goes to i mod 4): fixed order.
+  double s[4] = {0.0, 0.0, 0.0, 0.0};
+  size_t i = 0;
+  const size_t n4 = n & ~static_cast<size_t>(3);
+  for (i = 0; i < n4; i += 4)
+    for (int l = 0; l < 4; ++l) s[l] += m[i + l];
+  for (; i < n; ++i) s[0] += m[i];
+  const double mu = ((s[0] + s[1]) + (s[2] + s[3])) / static_cast<double>(n);
+  double a2[4] = {0.0, 0.0, 0.0, 0.0}, a3[4] = {0.0, 0.0, 0.0, 0.0};
+  for (i = 0; i < n4; i += 4)
+    for (int l = 0; l < 4; ++l) {
+      const double d = m[i + l] - mu;
+      const double dd = d * d;
+      a2[l] += dd;
+      a3[l] += dd * d;
+    }
+  for (; i < n; ++i) {
     const double d = m[i] - mu;
-    q2 += d * d;
-    q3 += d * d * d;
+    a2[0] += d * d;
+    a3[0] += d * d * d;
   }
+  const double q2 = (a2[0] + a2[1]) + (a2[2] + a2[3]), q3 = (a3[0] + a3[1]) + (a3[2] + a3[3]);
   const double sd = std::sqrt(q2 / static_cast<double>(n));
   auto unchanged = [&](double lam) {
     if (out != m) std::copy(m, m + n, out);
@@ -45,49 +59,71 @@ inline DebiasInfo causal_debiasing_map(const float* m, const float* rep, double 
   }
   const double w_rep = p[P::w_rep], w_out = p[P::w_out];
   const double thr = mu + p[P::outlier_sigmas] * sd;
-  double ii = 0.0, mi = 0.0, mmin = m[0], mmax = m[0];
-  for (size_t i = 0; i < n; ++i) {
+  float fmin, fmax;
+  minmax_f(m, n, fmin, fmax);
+  const double mmin = fmin, mmax = fmax;
+  double ii[4] = {0.0, 0.0, 0.0, 0.0}, mi[4] = {0.0, 0.0, 0.0, 0.0};
+  for (i = 0; i < n4; i += 4)
+    for (int l = 0; l < 4; ++l) {
+      const double mv = m[i + l];
+      const double r = rep ? static_cast<double>(rep[i + l]) : rep_const;
+      const double inter = w_rep * r + w_out * (mv > thr ? 1.0 : 0.0);
+      ii[l] += inter * inter;
+      mi[l] += mv * inter;
+    }
+  for (; i < n; ++i) {
     const double mv = m[i];
     const double r = rep ? static_cast<double>(rep[i]) : rep_const;
     const double inter = w_rep * r + w_out * (mv > thr ? 1.0 : 0.0);
-    ii += inter * inter;
-    mi += mv * inter;
-    mmin = std::min(mmin, mv);
-    mmax = std::max(mmax, mv);
+    ii[0] += inter * inter;
+    mi[0] += mv * inter;
   }
-  double lam = ii > 0 ? mi / ii : 0.0;
+  const double iis = (ii[0] + ii[1]) + (ii[2] + ii[3]), mis = (mi[0] + mi[1]) + (mi[2] + mi[3]);
+  double lam = iis > 0 ? mis / iis : 0.0;
   lam = std::min(std::max(lam, p[P::lambda_min]), p[P::lambda_max]);
-  dbuf.resize(n);
-  double cmin = INFINITY, cmax = -INFINITY;
-  for (size_t i = 0; i < n; ++i) {
+  if (dbuf.size() < n) dbuf.resize(n);
+  double* cb = dbuf.data();
+  double cmn[4] = {INFINITY, INFINITY, INFINITY, INFINITY}, cmx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+  for (i = 0; i < n4; i += 4)
+    for (int l = 0; l < 4; ++l) {
+      const double mv = m[i + l];
+      const double r = rep ? static_cast<double>(rep[i + l]) : rep_const;
+      const double inter = w_rep * r + w_out * (mv > thr ? 1.0 : 0.0);
+      const double c = std::max(mv - lam * inter, 0.0);
+      cb[i + l] = c;
+      cmn[l] = std::min(cmn[l], c);
+      cmx[l] = std::max(cmx[l], c);
+    }
+  for (; i < n; ++i) {
     const double mv = m[i];
     const double r = rep ? static_cast<double>(rep[i]) : rep_const;
     const double inter = w_rep * r + w_out * (mv > thr ? 1.0 : 0.0);
     const double c = std::max(mv - lam * inter, 0.0);
-    dbuf[i] = c;
-    cmin = std::min(cmin, c);
-    cmax = std::max(cmax, c);
+    cb[i] = c;
+    cmn[0] = std::min(cmn[0], c);
+    cmx[0] = std::max(cmx[0], c);
   }
+  const double cmin = std::min(std::min(cmn[0], cmn[1]), std::min(cmn[2], cmn[3]));
+  const double cmax = std::max(std::max(cmx[0], cmx[1]), std::max(cmx[2], cmx[3]));
   const double guard = p[P::range_guard];
   if (guard > 0 && (cmax - cmin) < (1.0 - guard) * (mmax - mmin)) return unchanged(lam);
   if (p[P::final_normalize] != 0.0) {
     const double den = cmax - cmin + p[P::norm_eps];
-    for (size_t i = 0; i < n; ++i) out[i] = static_cast<float>((dbuf[i] - cmin) / den);
+    for (i = 0; i < n; ++i) out[i] = static_cast<float>((cb[i] - cmin) / den);
   } else {
-    for (size_t i = 0; i < n; ++i) out[i] = static_cast<float>(dbuf[i]);
+    for (i = 0; i < n; ++i) out[i] = static_cast<float>(cb[i]);
   }
   return {lam, 1};
 }
 
-// clip to [0, max(clip_max, 0)] then (M - min) / (max - min + eps), float64.
+// clip to [0, max(clip_max, 0)] then (M - min) / (max - min + eps), float64.  Clipping is
+// monotone, so the clipped min/max are the clipped float min/max (exact).
 inline void clip_normalize_map(float* m, size_t n, double clip_max, double eps) {
   const double hi_clip = std::max(clip_max, 0.0);
-  double lo = INFINITY, hi = -INFINITY;
-  for (size_t i = 0; i < n; ++i) {
-    const double v = std::min(std::max(static_cast<double>(m[i]), 0.0), hi_clip);
-    lo = std::min(lo, v);
-    hi = std::max(hi, v);
-  }
+  float fmin, fmax;
+  minmax_f(m, n, fmin, fmax);
+  const double lo = std::min(std::max(static_cast<double>(fmin), 0.0), hi_clip);
+  const double hi = std::min(std::max(static_cast<double>(fmax), 0.0), hi_clip);
   const double den = hi - lo + eps;
   for (size_t i = 0; i < n; ++i) {
     const double v = std::min(std::max(static_cast<double>(m[i]), 0.0), hi_clip);

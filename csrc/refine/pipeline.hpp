@@ -34,7 +34,8 @@ inline RefineInfo refine_map(const float* in, const float* rep, double rep_const
                              int W, const double* p, Workspace& ws, int filter_threads) {
   const size_t n = static_cast<size_t>(H) * W;
   RefineInfo info{0, 3, 0.0, NAN, NAN, 0};
-  const float raw_max = *std::max_element(in, in + n);
+  float raw_min, raw_max;
+  minmax_f(in, n, raw_min, raw_max);
   const float* cur = in;
   ws.a.resize(n);
   if (p[P::akd] != 0.0) {

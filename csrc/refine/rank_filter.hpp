@@ -73,18 +73,41 @@ inline void pad_reflect101(const float* in, int H, int W, int r, int L, std::vec
   }
 }
 
+// Two blocks of L pixels per step (their finish() chains interleave); a lone last block alone.
 template <class O, int K>
 void rank_rows_fixed(const float* pad, int stride, float* out, int W, int y0, int y1) {
   using V = typename O::V;
   constexpr int N = K * K, L = O::L;
+  alignas(64) V va[N], vb[N];
   for (int y = y0; y < y1; ++y) {
-    for (int x = 0; x < W; x += L) {
-      V v[N];
+    int x = 0;
+    for (; x + L < W; x += 2 * L) {
       const float* base = pad + static_cast<size_t>(y) * stride + x;
       for (int dy = 0; dy < K; ++dy)
-        for (int dx = 0; dx < K; ++dx) v[dy * K + dx] = O::load(base + dy * stride + dx);
-      SortNet<N>::template run<O>(v);
-      V res = O::finish(v, N);
+        for (int dx = 0; dx < K; ++dx) va[dy * K + dx] = O::load(base + dy * stride + dx);
+      SortNet<N>::template run<O>(va);
+      for (int dy = 0; dy < K; ++dy)
+        for (int dx = 0; dx < K; ++dx) vb[dy * K + dx] = O::load(base + dy * stride + dx + L);
+      SortNet<N>::template run<O>(vb);
+      const V* vs[2] = {va, vb};
+      V res[2];
+      O::template finish_u<2>(vs, N, res);
+      float* o = out + static_cast<size_t>(y) * W + x;
+      O::store(o, res[0]);
+      if (x + 2 * L <= W) {
+        O::store(o + L, res[1]);
+      } else {
+        alignas(64) float tmp[L];
+        O::store(tmp, res[1]);
+        for (int i = 0; i < W - x - L; ++i) o[L + i] = tmp[i];
+      }
+    }
+    for (; x < W; x += L) {
+      const float* base = pad + static_cast<size_t>(y) * stride + x;
+      for (int dy = 0; dy < K; ++dy)
+        for (int dx = 0; dx < K; ++dx) va[dy * K + dx] = O::load(base + dy * stride + dx);
+      SortNet<N>::template run<O>(va);
+      V res = O::finish(va, N);
       float* o = out + static_cast<size_t>(y) * W + x;
       if (x + L <= W) {
         O::store(o, res);

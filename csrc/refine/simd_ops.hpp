@@ -61,6 +61,10 @@ struct OpsScalar {
     }
     return acc / static_cast<float>(1.0 + 2.0 * wsum);
   }
+  template <int U>
+  static inline void finish_u(const V* const* vs, int n, V* out) {
+    for (int u = 0; u < U; ++u) out[u] = finish(vs[u], n);
+  }
 };
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -94,8 +98,18 @@ struct OpsAVX2 {
                                  1.0 / 5040.0,      1.0 / 720.0,       1.0 / 120.0,
                                  1.0 / 24.0,        1.0 / 6.0,         0.5,
                                  1.0,               1.0};
-    __m256d p = _mm256_set1_pd(c[0]);
-    for (int i = 1; i < 14; ++i) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(c[i]));
+    // Estrin: p(r) = sum_{i<=13} c[13-i] r^i in pairs, halving the dependency chain.
+    const __m256d r2 = _mm256_mul_pd(r, r), r4 = _mm256_mul_pd(r2, r2);
+    auto C = [&](int i) { return _mm256_set1_pd(c[13 - i]); };  // coefficient of r^i
+    __m256d e0 = _mm256_fmadd_pd(C(1), r, C(0)), e1 = _mm256_fmadd_pd(C(3), r, C(2));
+    __m256d e2 = _mm256_fmadd_pd(C(5), r, C(4)), e3 = _mm256_fmadd_pd(C(7), r, C(6));
+    __m256d e4 = _mm256_fmadd_pd(C(9), r, C(8)), e5 = _mm256_fmadd_pd(C(11), r, C(10));
+    __m256d e6 = _mm256_fmadd_pd(C(13), r, C(12));
+    __m256d f0 = _mm256_fmadd_pd(e1, r2, e0), f1 = _mm256_fmadd_pd(e3, r2, e2);
+    __m256d f2 = _mm256_fmadd_pd(e5, r2, e4);
+    __m256d g0 = _mm256_fmadd_pd(f1, r4, f0), g1 = _mm256_fmadd_pd(e6, r4, f2);
+    const __m256d r8 = _mm256_mul_pd(r4, r4);
+    __m256d p = _mm256_fmadd_pd(g1, r8, g0);
     __m256i ni = _mm256_sub_epi64(_mm256_castpd_si256(t), _mm256_castpd_si256(magic));
     __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(ni, _mm256_set1_epi64x(1023)), 52);
     __m256d res = _mm256_mul_pd(p, _mm256_castsi256_pd(bits));
@@ -103,79 +117,112 @@ struct OpsAVX2 {
   }
 
   static inline V finish(const V* v, int n) {
+    const V* vs[1] = {v};
+    V out;
+    finish_u<1>(vs, n, &out);
+    return out;
+  }
+
+  // finish() of U independent pixel blocks at once: their dependency chains (mean -> var ->
+  // exp -> recurrence -> divide, ~200 cycles of latency) interleave, so the core overlaps them.
+  template <int U>
+  static inline void finish_u(const V* const* vs, int n, V* out) {
     const int c = (n - 1) / 2;
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    int i = 0;
-    for (; i + 4 <= n; i += 4) {
-      s0 = _mm256_add_ps(s0, v[i]);
-      s1 = _mm256_add_ps(s1, v[i + 1]);
-      s2 = _mm256_add_ps(s2, v[i + 2]);
-      s3 = _mm256_add_ps(s3, v[i + 3]);
-    }
-    for (; i < n; ++i) s0 = _mm256_add_ps(s0, v[i]);
     const __m256 fn = _mm256_set1_ps(static_cast<float>(n));
-    const __m256 mu = _mm256_div_ps(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)), fn);
-    s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    i = 0;
-    for (; i + 4 <= n; i += 4) {
-      __m256 d0 = _mm256_sub_ps(v[i], mu), d1 = _mm256_sub_ps(v[i + 1], mu);
-      __m256 d2 = _mm256_sub_ps(v[i + 2], mu), d3 = _mm256_sub_ps(v[i + 3], mu);
-      s0 = _mm256_fmadd_ps(d0, d0, s0);
-      s1 = _mm256_fmadd_ps(d1, d1, s1);
-      s2 = _mm256_fmadd_ps(d2, d2, s2);
-      s3 = _mm256_fmadd_ps(d3, d3, s3);
+    __m256 mu[U], var[U];
+    for (int u = 0; u < U; ++u) {
+      const V* v = vs[u];
+      __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+      int i = 0;
+      for (; i + 4 <= n; i += 4) {
+        s0 = _mm256_add_ps(s0, v[i]);
+        s1 = _mm256_add_ps(s1, v[i + 1]);
+        s2 = _mm256_add_ps(s2, v[i + 2]);
+        s3 = _mm256_add_ps(s3, v[i + 3]);
+      }
+      for (; i < n; ++i) s0 = _mm256_add_ps(s0, v[i]);
+      mu[u] = _mm256_div_ps(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)), fn);
     }
-    for (; i < n; ++i) {
-      __m256 d0 = _mm256_sub_ps(v[i], mu);
-      s0 = _mm256_fmadd_ps(d0, d0, s0);
+    for (int u = 0; u < U; ++u) {
+      const V* v = vs[u];
+      __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+      int i = 0;
+      for (; i + 4 <= n; i += 4) {
+        __m256 d0 = _mm256_sub_ps(v[i], mu[u]), d1 = _mm256_sub_ps(v[i + 1], mu[u]);
+        __m256 d2 = _mm256_sub_ps(v[i + 2], mu[u]), d3 = _mm256_sub_ps(v[i + 3], mu[u]);
+        s0 = _mm256_fmadd_ps(d0, d0, s0);
+        s1 = _mm256_fmadd_ps(d1, d1, s1);
+        s2 = _mm256_fmadd_ps(d2, d2, s2);
+        s3 = _mm256_fmadd_ps(d3, d3, s3);
+      }
+      for (; i < n; ++i) {
+        __m256 d0 = _mm256_sub_ps(v[i], mu[u]);
+        s0 = _mm256_fmadd_ps(d0, d0, s0);
+      }
+      var[u] = _mm256_div_ps(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)), fn);
     }
-    const __m256 var = _mm256_div_ps(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)), fn);
-    // a = mu^2 / (2 var) in double, per half
-    __m256d mlo = _mm256_cvtps_pd(_mm256_castps256_ps128(mu));
-    __m256d mhi = _mm256_cvtps_pd(_mm256_extractf128_ps(mu, 1));
-    __m256d vlo = _mm256_cvtps_pd(_mm256_castps256_ps128(var));
-    __m256d vhi = _mm256_cvtps_pd(_mm256_extractf128_ps(var, 1));
-    const __m256d two = _mm256_set1_pd(2.0);
-    __m256d alo = _mm256_div_pd(_mm256_mul_pd(mlo, mlo), _mm256_mul_pd(two, vlo));
-    __m256d ahi = _mm256_div_pd(_mm256_mul_pd(mhi, mhi), _mm256_mul_pd(two, vhi));
     const __m256d zero = _mm256_setzero_pd();
-    // mu <= 0 lanes may hold NaN here (0/0); they are replaced by 0 at the end.  Keep them
-    // finite so the early exit below is not blocked: a := +inf there.
-    const __m256d inf = _mm256_set1_pd(INFINITY);
-    alo = _mm256_blendv_pd(inf, alo, _mm256_cmp_pd(alo, alo, _CMP_ORD_Q));
-    ahi = _mm256_blendv_pd(inf, ahi, _mm256_cmp_pd(ahi, ahi, _CMP_ORD_Q));
-    __m256d qlo = exp_neg_pd(_mm256_sub_pd(zero, alo));
-    __m256d qhi = exp_neg_pd(_mm256_sub_pd(zero, ahi));
-    __m256d q2lo = _mm256_mul_pd(qlo, qlo), q2hi = _mm256_mul_pd(qhi, qhi);
-    __m256d glo = _mm256_set1_pd(1.0), ghi = glo, rlo = qlo, rhi = qhi;
-    __m256d wlo = zero, whi = zero;
-    __m256 acc0 = v[c], acc1 = _mm256_setzero_ps();
+    const __m256d dinf = _mm256_set1_pd(INFINITY);
+    __m256d qlo[U], qhi[U];
+    for (int u = 0; u < U; ++u) {
+      // a = mu^2 / (2 var): +inf when var == 0; NaN (0/0, only with mu <= 0, whose lanes are
+      // replaced by 0 at the end) -> +inf so the early exit below is not blocked.
+      const __m256d mlo = _mm256_cvtps_pd(_mm256_castps256_ps128(mu[u]));
+      const __m256d mhi = _mm256_cvtps_pd(_mm256_extractf128_ps(mu[u], 1));
+      const __m256d vlo = _mm256_cvtps_pd(_mm256_castps256_ps128(var[u]));
+      const __m256d vhi = _mm256_cvtps_pd(_mm256_extractf128_ps(var[u], 1));
+      __m256d alo = _mm256_div_pd(_mm256_mul_pd(mlo, mlo), _mm256_add_pd(vlo, vlo));
+      __m256d ahi = _mm256_div_pd(_mm256_mul_pd(mhi, mhi), _mm256_add_pd(vhi, vhi));
+      alo = _mm256_blendv_pd(dinf, alo, _mm256_cmp_pd(alo, alo, _CMP_ORD_Q));
+      ahi = _mm256_blendv_pd(dinf, ahi, _mm256_cmp_pd(ahi, ahi, _CMP_ORD_Q));
+      qlo[u] = exp_neg_pd(_mm256_sub_pd(zero, alo));
+      qhi[u] = exp_neg_pd(_mm256_sub_pd(zero, ahi));
+    }
+    __m256d q2lo[U], q2hi[U], glo[U], ghi[U], rlo[U], rhi[U], wlo[U], whi[U];
+    __m256 acc0[U], acc1[U];
+    for (int u = 0; u < U; ++u) {
+      q2lo[u] = _mm256_mul_pd(qlo[u], qlo[u]);
+      q2hi[u] = _mm256_mul_pd(qhi[u], qhi[u]);
+      glo[u] = ghi[u] = _mm256_set1_pd(1.0);
+      rlo[u] = qlo[u];
+      rhi[u] = qhi[u];
+      wlo[u] = whi[u] = zero;
+      acc0[u] = vs[u][c];
+      acc1[u] = _mm256_setzero_ps();
+    }
     const __m256d tiny = _mm256_set1_pd(1e-20);
     for (int d = 1; d <= c; ++d) {
-      glo = _mm256_mul_pd(glo, rlo);
-      ghi = _mm256_mul_pd(ghi, rhi);
-      rlo = _mm256_mul_pd(rlo, q2lo);
-      rhi = _mm256_mul_pd(rhi, q2hi);
-      wlo = _mm256_add_pd(wlo, glo);
-      whi = _mm256_add_pd(whi, ghi);
-      __m256 gf = _mm256_set_m128(_mm256_cvtpd_ps(ghi), _mm256_cvtpd_ps(glo));
-      __m256 pair = _mm256_add_ps(v[c - d], v[c + d]);
-      if (d & 1)
-        acc1 = _mm256_fmadd_ps(gf, pair, acc1);
-      else
-        acc0 = _mm256_fmadd_ps(gf, pair, acc0);
+      for (int u = 0; u < U; ++u) {
+        glo[u] = _mm256_mul_pd(glo[u], rlo[u]);
+        ghi[u] = _mm256_mul_pd(ghi[u], rhi[u]);
+        rlo[u] = _mm256_mul_pd(rlo[u], q2lo[u]);
+        rhi[u] = _mm256_mul_pd(rhi[u], q2hi[u]);
+        wlo[u] = _mm256_add_pd(wlo[u], glo[u]);
+        whi[u] = _mm256_add_pd(whi[u], ghi[u]);
+        __m256 gf = _mm256_set_m128(_mm256_cvtpd_ps(ghi[u]), _mm256_cvtpd_ps(glo[u]));
+        __m256 pair = _mm256_add_ps(vs[u][c - d], vs[u][c + d]);
+        if (d & 1)
+          acc1[u] = _mm256_fmadd_ps(gf, pair, acc1[u]);
+        else
+          acc0[u] = _mm256_fmadd_ps(gf, pair, acc0[u]);
+      }
       if ((d & 3) == 0) {
-        __m256d m = _mm256_and_pd(_mm256_cmp_pd(glo, tiny, _CMP_LT_OQ),
-                                  _mm256_cmp_pd(ghi, tiny, _CMP_LT_OQ));
+        __m256d m = _mm256_and_pd(_mm256_cmp_pd(glo[0], tiny, _CMP_LT_OQ),
+                                  _mm256_cmp_pd(ghi[0], tiny, _CMP_LT_OQ));
+        for (int u = 1; u < U; ++u)
+          m = _mm256_and_pd(m, _mm256_and_pd(_mm256_cmp_pd(glo[u], tiny, _CMP_LT_OQ),
+                                             _mm256_cmp_pd(ghi[u], tiny, _CMP_LT_OQ)));
         if (_mm256_movemask_pd(m) == 0xF) break;
       }
     }
-    const __m256d one = _mm256_set1_pd(1.0);
-    __m256d dlo = _mm256_fmadd_pd(two, wlo, one), dhi = _mm256_fmadd_pd(two, whi, one);
-    __m256 den = _mm256_set_m128(_mm256_cvtpd_ps(dhi), _mm256_cvtpd_ps(dlo));
-    __m256 out = _mm256_div_ps(_mm256_add_ps(acc0, acc1), den);
-    __m256 nonpos = _mm256_cmp_ps(mu, _mm256_setzero_ps(), _CMP_LE_OQ);
-    return _mm256_blendv_ps(out, _mm256_setzero_ps(), nonpos);
+    const __m256d one = _mm256_set1_pd(1.0), two = _mm256_set1_pd(2.0);
+    for (int u = 0; u < U; ++u) {
+      __m256d dlo = _mm256_fmadd_pd(two, wlo[u], one), dhi = _mm256_fmadd_pd(two, whi[u], one);
+      __m256 den = _mm256_set_m128(_mm256_cvtpd_ps(dhi), _mm256_cvtpd_ps(dlo));
+      __m256 o = _mm256_div_ps(_mm256_add_ps(acc0[u], acc1[u]), den);
+      __m256 nonpos = _mm256_cmp_ps(mu[u], _mm256_setzero_ps(), _CMP_LE_OQ);
+      out[u] = _mm256_blendv_ps(o, _mm256_setzero_ps(), nonpos);
+    }
   }
 };
 #endif

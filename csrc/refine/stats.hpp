@@ -19,6 +19,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace diffcam {
 
 struct MeanStd {
@@ -44,6 +48,32 @@ inline MeanStd mean_std(const float* m, size_t n) {
     q0 += d * d;
   }
   return {mu, std::sqrt(((q0 + q1) + (q2 + q3)) / static_cast<double>(n))};
+}
+
+// Exact float min and max of m[0..n) (n >= 1); order-free, so the SSE path equals the scalar one.
+inline void minmax_f(const float* m, size_t n, float& lo, float& hi) {
+  size_t i = 0;
+  float l = m[0], h = m[0];
+#if defined(__SSE2__)
+  if (n >= 8) {
+    __m128 l0 = _mm_loadu_ps(m), l1 = _mm_loadu_ps(m + 4), h0 = l0, h1 = l1;
+    for (i = 8; i + 8 <= n; i += 8) {
+      const __m128 a = _mm_loadu_ps(m + i), b = _mm_loadu_ps(m + i + 4);
+      l0 = _mm_min_ps(l0, a), l1 = _mm_min_ps(l1, b);
+      h0 = _mm_max_ps(h0, a), h1 = _mm_max_ps(h1, b);
+    }
+    alignas(16) float tl[4], th[4];
+    _mm_store_ps(tl, _mm_min_ps(l0, l1));
+    _mm_store_ps(th, _mm_max_ps(h0, h1));
+    l = std::min(std::min(tl[0], tl[1]), std::min(tl[2], tl[3]));
+    h = std::max(std::max(th[0], th[1]), std::max(th[2], th[3]));
+  }
+#endif
+  for (; i < n; ++i) {
+    l = std::min(l, m[i]);
+    h = std::max(h, m[i]);
+  }
+  lo = l, hi = h;
 }
 
 inline double numpy_lerp(double a, double b, double t) {
