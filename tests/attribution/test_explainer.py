@@ -184,3 +184,23 @@ def test_head_mismatch_falls_back(img):
     assert ex._head_ok is False
     b = Explainer(ad, head_rows_only=False).explain(img, "p", targets="all")
     np.testing.assert_allclose(a.maps[0]["base"], b.maps[0]["base"], atol=1e-5)
+
+
+def test_unbatchable_extras_run_per_row(img, img2):
+    """Extras the engine cannot collate (e.g. mRoPE ids) -> one forward per row, same maps."""
+    from fakes import FakeAdapter
+
+    class WithExtras(FakeAdapter):
+        def extend_extras(self, sample, total_length):
+            return {"positions": torch.arange(total_length)[None]}
+
+        def forward(self, inputs_embeds, attention_mask=None, extras=None):
+            assert extras["positions"].shape[-1] == inputs_embeds.shape[1]
+            return super().forward(inputs_embeds, attention_mask, None)
+
+    ad = WithExtras()
+    ex = Explainer(ad)
+    batch = ex.explain([img, img2], "p", targets="all", states=("final", 1))
+    for im, eb in zip([img, img2], batch):
+        e1 = ex.explain(im, "p", targets="all", states=("final", 1))
+        np.testing.assert_allclose(eb.maps[0]["base"], e1.maps[0]["base"], atol=1e-5)
