@@ -167,8 +167,9 @@ def test_refine(benchmark, bench_options, bench_record, case):
             pytest.skip(f"backend {backend!r} unavailable: {reason}")
     threads = _threads(shape, n)
     maps = cam_maps(shape, n)
-    # Warm-up (JIT compile, first-touch, error check) on a small crop: same dtype, same k.
-    small = np.ascontiguousarray(maps[:1, :min(shape[0], 64), :min(shape[1], 64)])
+    # Warm-up (JIT compile, first-touch, error check) on a small crop: same dtype, same k, and
+    # several maps for batches (backends may take another code path for many maps).
+    small = np.ascontiguousarray(maps[:min(n, 16), :min(shape[0], 64), :min(shape[1], 64)])
     try:
         _make_call(module, backend, small, k, threads)()
     except Exception as exc:  # a backend being written may be broken: say so, time the others
