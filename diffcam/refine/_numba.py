@@ -72,9 +72,15 @@ def _resolve_threads(threads: int) -> int:
     return max(1, min(n, _max_threads()))
 
 
+# Below this much work (pixels x window size) one thread is faster than waking the pool.
+_SERIAL_WORK = 1 << 18
+
+
 @contextmanager
-def _threads(threads: int):
+def _threads(threads: int, work: int | None = None):
     n = _resolve_threads(threads)
+    if work is not None and work < _SERIAL_WORK:
+        n = 1
     old = numba.get_num_threads()
     numba.set_num_threads(n)
     try:
@@ -260,13 +266,19 @@ def _kernel_sizes_nb(maps, p, out):
         out[i] = _kernel_size_map(maps[i], p)
 
 
+@njit(cache=True, nogil=True, boundscheck=False)
+def _kernel_sizes_serial(maps, p, out):
+    for i in range(maps.shape[0]):
+        out[i] = _kernel_size_map(maps[i], p)
+
+
 def kernel_sizes(maps, params, *, threads=0) -> np.ndarray:
     """AKD kernel size of every map: int32 (N,)."""
     maps, p = _f32(maps), _params(params)
     out = np.zeros(maps.shape[0], np.int32)
     if maps.shape[0]:
-        with _threads(threads):
-            _kernel_sizes_nb(maps, p, out)
+        with _threads(threads, maps.size) as nt:
+            (_kernel_sizes_nb if nt > 1 else _kernel_sizes_serial)(maps, p, out)
     return out
 
 
@@ -281,8 +293,15 @@ def _bands(n_maps: int, height: int, nthreads: int) -> int:
 def _filter_group(maps: np.ndarray, k: int, nthreads: int) -> np.ndarray:
     from . import _numba_nets as nets
 
-    out = np.empty_like(maps)
+    out = np.empty(maps.shape, np.float64)
     nb = _bands(maps.shape[0], maps.shape[1], nthreads)
+    if nthreads <= 1:
+        kern = nets.SERIAL_KERNELS.get(k)
+        if kern is not None:
+            kern(maps, out)
+        else:
+            nets.rgf_generic_serial(maps, out, k)
+        return out
     kern = nets.NETWORK_KERNELS.get(k)
     if kern is not None:
         kern(maps, out, nb)
@@ -292,14 +311,15 @@ def _filter_group(maps: np.ndarray, k: int, nthreads: int) -> np.ndarray:
 
 
 def _filter_all(maps: np.ndarray, ks: np.ndarray, nthreads: int) -> np.ndarray:
-    """Filter each map with its own k (maps grouped by k); k <= 0 leaves a map unchanged."""
+    """Filter each map with its own k (maps grouped by k), as float64 (the sum is float64
+    in the kernels; the pipeline keeps it); k <= 0 leaves a map unchanged."""
     if maps.shape[0] == 0 or maps.shape[1] == 0 or maps.shape[2] == 0:
-        return maps.copy()
+        return maps.astype(np.float64)
     uniq = np.unique(ks)
     if uniq.size == 1:
         k = int(uniq[0])
-        return _filter_group(maps, k, nthreads) if k > 0 else maps.copy()
-    out = maps.copy()
+        return _filter_group(maps, k, nthreads) if k > 0 else maps.astype(np.float64)
+    out = maps.astype(np.float64)
     for k in uniq:
         k = int(k)
         if k <= 0:
@@ -316,8 +336,8 @@ def rank_gaussian_filter(maps, ksizes, *, threads=0) -> np.ndarray:
     for k in np.unique(ks):
         if k < 1 or k % 2 == 0:
             raise ValueError(f"kernel size must be odd and >= 1, got {k}")
-    with _threads(threads) as nt:
-        return _filter_all(maps, ks, nt)
+    with _threads(threads, maps.size * int(ks.max(initial=1)) ** 2) as nt:
+        return _filter_all(maps, ks, nt).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- DACG
@@ -392,7 +412,7 @@ def confidence_gating(maps, params, *, threads=0):
     branch = np.zeros(n, np.int32)
     tau = np.zeros(n, np.float64)
     if n and maps.size:
-        with _threads(threads):
+        with _threads(threads, 4 * maps.size):
             _dacg_nb(maps, p, out, branch, tau)
     return out, branch, tau
 
@@ -437,7 +457,7 @@ def background_attenuation(maps, params, *, threads=0):
     out = np.empty_like(maps)
     tau = np.zeros(maps.shape[0], np.float64)
     if maps.shape[0] and maps.size:
-        with _threads(threads):
+        with _threads(threads, 4 * maps.size):
             _cba_nb(maps, p, out, tau)
     return out, tau
 
@@ -463,7 +483,12 @@ def _sicd_map(a, rep, has_rep, rep_const, p):
             d = np.empty(n, np.float64)
             for i in range(n):
                 d[i] = math.pow(a[i] - mu, 3.0)
-            skew = (_sum(d) / n) / math.pow(sd, 3.0)
+            m3 = _sum(d) / n
+            s3 = math.pow(sd, 3.0)
+            if s3 > 0.0:
+                skew = m3 / s3
+            elif m3 != 0.0:  # sd**3 underflows (the reference raises ZeroDivisionError)
+                skew = math.copysign(math.inf, m3)
         if not (sd > p[GATE_STD] or skew > p[GATE_SKEW]):
             return 0.0, 0
     thr = mu + p[OUT_SIG] * sd
@@ -531,42 +556,59 @@ def causal_debiasing(maps, rep, rep_const, params, *, threads=0):
     lam = np.zeros(n, np.float64)
     applied = np.zeros(n, np.uint8)
     if n and maps.size:
-        with _threads(threads):
-            _sicd_nb(maps, rep_a, _rep_idx(has_rep, n), has_rep, rc, p, out, lam, applied)
+        with _threads(threads, 4 * maps.size):
+            _sicd_nb(maps, rep_a, _rep_idx(has_rep, n), has_rep, rc, p, out, lam,
+                     applied)
     return out, lam, applied
 
 
 # --------------------------------------------------------------------------- pipeline
-@njit(parallel=True, cache=True, boundscheck=False)
-def _post_nb(raw, filt, rep, rep_idx, has_rep, rep_const, p, out, branch, tau, tau_bg, lam, applied):
-    """DACG -> CBA -> clip and min-max -> SICD of every map (filt: the AKD output)."""
+@njit(cache=True, nogil=True, boundscheck=False)
+def _post_one(i, raw, filt, rep, rep_idx, has_rep, rep_const, p, out, branch, tau, tau_bg, lam,
+              applied):
+    """DACG -> CBA -> clip and min-max -> SICD of map i (filt: the float64 AKD output)."""
     N, H, W = filt.shape
-    for i in prange(N):
-        raw_max = raw[i].max()
-        m = filt[i].astype(np.float64)
-        o = np.empty_like(m)
-        b, t = _dacg_map(m, p, o)
-        branch[i] = b
-        tau[i] = t
-        a = o.ravel()
-        if p[CBA] != 0:
-            tau_bg[i] = _cba_map(a, p, a)
-        else:
-            tau_bg[i] = np.nan
-        cmax = max(np.float64(raw_max), 0.0)
-        for j in range(a.size):
-            v = a[j]
-            a[j] = 0.0 if v < 0.0 else (cmax if v > cmax else v)
-        _minmax_inplace(a, p[NORM_EPS])
-        if p[SICD] != 0:
-            r = rep[rep_idx[i]].ravel().astype(np.float64)
-            l, ap = _sicd_map(a, r, has_rep, rep_const[i], p)
-            lam[i] = l
-            applied[i] = ap
-        else:
-            lam[i] = np.nan
-            applied[i] = 0
-        out[i] = a.reshape(H, W).astype(np.float32)
+    raw_max = raw[i].max()
+    m = filt[i]
+    o = np.empty_like(m)
+    b, t = _dacg_map(m, p, o)
+    branch[i] = b
+    tau[i] = t
+    a = o.ravel()
+    if p[CBA] != 0:
+        tau_bg[i] = _cba_map(a, p, a)
+    else:
+        tau_bg[i] = np.nan
+    cmax = max(np.float64(raw_max), 0.0)
+    for j in range(a.size):
+        v = a[j]
+        a[j] = 0.0 if v < 0.0 else (cmax if v > cmax else v)
+    _minmax_inplace(a, p[NORM_EPS])
+    if p[SICD] != 0:
+        r = rep[rep_idx[i]].ravel().astype(np.float64)
+        l, ap = _sicd_map(a, r, has_rep, rep_const[i], p)
+        lam[i] = l
+        applied[i] = ap
+    else:
+        lam[i] = np.nan
+        applied[i] = 0
+    out[i] = a.reshape(H, W).astype(np.float32)
+
+
+@njit(parallel=True, cache=True, boundscheck=False)
+def _post_nb(raw, filt, rep, rep_idx, has_rep, rep_const, p, out, branch, tau, tau_bg, lam,
+             applied):
+    for i in prange(filt.shape[0]):
+        _post_one(i, raw, filt, rep, rep_idx, has_rep, rep_const, p, out, branch, tau, tau_bg,
+                  lam, applied)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _post_serial(raw, filt, rep, rep_idx, has_rep, rep_const, p, out, branch, tau, tau_bg, lam,
+                 applied):
+    for i in range(filt.shape[0]):
+        _post_one(i, raw, filt, rep, rep_idx, has_rep, rep_const, p, out, branch, tau, tau_bg,
+                  lam, applied)
 
 
 def refine(maps, rep, rep_const, params, *, threads=0):
@@ -583,13 +625,15 @@ def refine(maps, rep, rep_const, params, *, threads=0):
     applied = np.zeros(n, np.uint8)
     if n == 0 or maps.size == 0:
         return out, ks, branch, tau, tau_bg, lam, applied
-    with _threads(threads) as nt:
+    with _threads(threads, 16 * maps.size) as nt:
         if p[AKD] != 0:
-            _kernel_sizes_nb(maps, p, ks)
+            (_kernel_sizes_nb if nt > 1 else _kernel_sizes_serial)(maps, p, ks)
             filt = _filter_all(maps, ks, nt)
         else:
-            filt = maps
-        _post_nb(maps, filt, rep_a, _rep_idx(has_rep, n), has_rep, rc, p, out, branch, tau, tau_bg, lam, applied)
+            filt = maps.astype(np.float64)
+        post = _post_nb if nt > 1 else _post_serial
+        post(maps, filt, rep_a, _rep_idx(has_rep, n), has_rep, rc, p, out, branch, tau, tau_bg,
+             lam, applied)
     return out, ks, branch, tau, tau_bg, lam, applied
 
 
@@ -638,7 +682,7 @@ def otsu_threshold_u8(imgs, *, threads=0) -> np.ndarray:
         raise ValueError(f"expected (N, H, W) images, got shape {imgs.shape}")
     out = np.zeros(imgs.shape[0], np.int32)
     if imgs.shape[0] and imgs.size:
-        with _threads(threads):
+        with _threads(threads, imgs.size):
             _otsu_nb(imgs, out)
     return out
 
@@ -699,7 +743,7 @@ def resize_bilinear(maps, out_h, out_w, *, threads=0) -> np.ndarray:
     if maps.shape[0]:
         if maps.shape[1] == 0 or maps.shape[2] == 0:
             raise ValueError("cannot resize an empty map")
-        with _threads(threads):
+        with _threads(threads, 4 * out.size):
             _resize_nb(maps, out)
     return out
 
@@ -779,6 +823,6 @@ def localization(maps, masks, *, threads=0) -> np.ndarray:
         raise ValueError(f"masks must be (N, C, Hm, Wm), got {masks.shape}")
     out = np.zeros((maps.shape[0], 3), np.float64)
     if maps.shape[0] and masks.shape[2] and masks.shape[3]:
-        with _threads(threads):
+        with _threads(threads, 8 * masks.size):
             _localization_nb(maps, masks, out)
     return out

@@ -190,6 +190,13 @@ def rgf_generic(maps, out, k, nb):
         y1 = ((b + 1) * H) // nb
         if y1 > y0:
             band_generic(maps[i], out[i], y0, y1, k)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def rgf_generic_serial(maps, out, k):
+    """rgf_generic on one thread (no parallel launch cost for small work)."""
+    for i in range(maps.shape[0]):
+        band_generic(maps[i], out[i], 0, maps.shape[1], k)
 '''
 
 _BAND = '''
@@ -241,6 +248,13 @@ def rgf_k{k}(maps, out, nb):
         y1 = ((b + 1) * H) // nb
         if y1 > y0:
             band_k{k}(maps[i], out[i], y0, y1)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def rgf_k{k}_serial(maps, out):
+    """rgf_k{k} on one thread (no parallel launch cost for small work)."""
+    for i in range(maps.shape[0]):
+        band_k{k}(maps[i], out[i], 0, maps.shape[1])
 '''
 
 
@@ -285,6 +299,7 @@ def generate(ks=NETWORK_KS) -> str:
     for k in ks:
         src += _gen_band(k)
     src += "\n\nNETWORK_KERNELS = {" + ", ".join(f"{k}: rgf_k{k}" for k in ks) + "}\n"
+    src += "SERIAL_KERNELS = {" + ", ".join(f"{k}: rgf_k{k}_serial" for k in ks) + "}\n"
     return src
 
 

@@ -126,6 +126,13 @@ def rgf_generic(maps, out, k, nb):
             band_generic(maps[i], out[i], y0, y1, k)
 
 
+@njit(cache=True, nogil=True, boundscheck=False)
+def rgf_generic_serial(maps, out, k):
+    """rgf_generic on one thread (no parallel launch cost for small work)."""
+    for i in range(maps.shape[0]):
+        band_generic(maps[i], out[i], 0, maps.shape[1], k)
+
+
 @njit(fastmath=_FM, cache=True, nogil=True, boundscheck=False, error_model="numpy")
 def band_k3(m, out, y0, y1):
     """Rows y0..y1 of the k=3 filter: Batcher network (28 comparators) across x."""
@@ -267,6 +274,13 @@ def rgf_k3(maps, out, nb):
         y1 = ((b + 1) * H) // nb
         if y1 > y0:
             band_k3(maps[i], out[i], y0, y1)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def rgf_k3_serial(maps, out):
+    """rgf_k3 on one thread (no parallel launch cost for small work)."""
+    for i in range(maps.shape[0]):
+        band_k3(maps[i], out[i], 0, maps.shape[1])
 
 
 @njit(fastmath=_FM, cache=True, nogil=True, boundscheck=False, error_model="numpy")
@@ -604,6 +618,13 @@ def rgf_k5(maps, out, nb):
         y1 = ((b + 1) * H) // nb
         if y1 > y0:
             band_k5(maps[i], out[i], y0, y1)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def rgf_k5_serial(maps, out):
+    """rgf_k5 on one thread (no parallel launch cost for small work)."""
+    for i in range(maps.shape[0]):
+        band_k5(maps[i], out[i], 0, maps.shape[1])
 
 
 @njit(fastmath=_FM, cache=True, nogil=True, boundscheck=False, error_model="numpy")
@@ -1317,6 +1338,13 @@ def rgf_k7(maps, out, nb):
         y1 = ((b + 1) * H) // nb
         if y1 > y0:
             band_k7(maps[i], out[i], y0, y1)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def rgf_k7_serial(maps, out):
+    """rgf_k7 on one thread (no parallel launch cost for small work)."""
+    for i in range(maps.shape[0]):
+        band_k7(maps[i], out[i], 0, maps.shape[1])
 
 
 @njit(fastmath=_FM, cache=True, nogil=True, boundscheck=False, error_model="numpy")
@@ -2664,4 +2692,12 @@ def rgf_k9(maps, out, nb):
             band_k9(maps[i], out[i], y0, y1)
 
 
+@njit(cache=True, nogil=True, boundscheck=False)
+def rgf_k9_serial(maps, out):
+    """rgf_k9 on one thread (no parallel launch cost for small work)."""
+    for i in range(maps.shape[0]):
+        band_k9(maps[i], out[i], 0, maps.shape[1])
+
+
 NETWORK_KERNELS = {3: rgf_k3, 5: rgf_k5, 7: rgf_k7, 9: rgf_k9}
+SERIAL_KERNELS = {3: rgf_k3_serial, 5: rgf_k5_serial, 7: rgf_k7_serial, 9: rgf_k9_serial}
