@@ -19,17 +19,16 @@ namespace diffcam {
 
 inline double background_threshold(const float* m, size_t n, const double* p, std::vector<float>& scratch) {
   (void)scratch;
-  thread_local std::vector<uint32_t> keys, work;
-  if (keys.size() < n) keys.resize(n);
-  if (work.size() < 4 * n + 64) work.resize(4 * n + 64);
-  uint32_t* kp = keys.data();
+  thread_local std::vector<float> work;
+  thread_local std::vector<uint8_t> bidx;
+  if (work.size() < 10 * n + 64) work.resize(10 * n + 64);
+  if (bidx.size() < n) bidx.resize(n);
   size_t np = 0;
   double ps0 = 0.0, ps1 = 0.0;
   float mx = m[0];
   size_t i = 0;
   for (; i + 2 <= n; i += 2) {  // branch-free
     const float a = m[i], b = m[i + 1];
-    kp[i] = float_key(a), kp[i + 1] = float_key(b);
     np += (a > 0.0f) + (b > 0.0f);
     ps0 += a > 0.0f ? static_cast<double>(a) : 0.0;
     ps1 += b > 0.0f ? static_cast<double>(b) : 0.0;
@@ -37,7 +36,6 @@ inline double background_threshold(const float* m, size_t n, const double* p, st
   }
   for (; i < n; ++i) {
     const float a = m[i];
-    kp[i] = float_key(a);
     np += a > 0.0f;
     ps0 += a > 0.0f ? static_cast<double>(a) : 0.0;
     mx = std::max(mx, a);
@@ -73,11 +71,11 @@ inline double background_threshold(const float* m, size_t n, const double* p, st
       std::swap(sr[b - 1], sr[b]);
       std::swap(ord[b - 1], ord[b]);
     }
-  uint32_t sk[4], kk[4];
-  radix_select(kp, n, sr, 4, sk, work.data());
+  float sk[4], kk[4];
+  select_ranks_f(m, n, sr, 4, sk, work.data(), bidx.data());
   for (int a = 0; a < 4; ++a) kk[ord[a]] = sk[a];
-  const double s1 = numpy_lerp(key_float(kk[0]), key_float(kk[1]), t1);
-  const double s2 = numpy_lerp(key_float(kk[2]), key_float(kk[3]), t2);
+  const double s1 = numpy_lerp(kk[0], kk[1], t1);
+  const double s2 = numpy_lerp(kk[2], kk[3], t2);
   const double s3 = psum / static_cast<double>(np);
   const double tau = p[P::bg_w_median] * s1 + p[P::bg_w_pct] * s2 + p[P::bg_w_mean] * s3 +
                      p[P::bg_w_max] * static_cast<double>(mx);

@@ -37,22 +37,19 @@ inline GateInfo gating_stats(const float* m, size_t n, const double* p, std::vec
   } else {
     branch = 3, alpha = p[P::pct_default];
   }
-  (void)scratch;
-  thread_local std::vector<uint32_t> keys, work;
-  if (keys.size() < n) keys.resize(n);
-  if (work.size() < 4 * n + 64) work.resize(4 * n + 64);
-  uint32_t* kp = keys.data();
+  thread_local std::vector<float> work;
+  thread_local std::vector<uint8_t> bidx;
+  if (work.size() < 10 * n + 64) work.resize(10 * n + 64);
+  if (bidx.size() < n) bidx.resize(n);
+  scratch.resize(n);
+  float* pos = scratch.data();
   size_t np = 0;
   for (size_t i = 0; i < n; ++i) {  // branch-free compaction of the positive pixels
-    kp[np] = float_key(m[i]);
+    pos[np] = m[i];
     np += m[i] > 0.0f;
   }
   double tau = p[P::tau_floor];
-  if (np > 0) {
-    double pct;
-    key_percentiles(kp, np, &alpha, 1, &pct, work.data());
-    tau = std::max(pct, p[P::tau_floor]);
-  }
+  if (np > 0) tau = std::max(percentile_select(pos, np, alpha, work.data(), bidx.data()), p[P::tau_floor]);
   return {branch, tau};
 }
 

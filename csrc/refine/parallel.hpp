@@ -21,7 +21,8 @@ inline int resolve_threads(int threads) {
     int v = std::atoi(s);
     if (v > 0) return v;
   }
-  unsigned hc = std::thread::hardware_concurrency();
+  // hardware_concurrency() reads /sys on every call (~10 us): ask once.
+  static const unsigned hc = std::thread::hardware_concurrency();
   return hc > 0 ? static_cast<int>(hc) : 1;
 }
 

@@ -165,16 +165,19 @@ inline size_t first_positive(const float* v, size_t n) {
   return static_cast<size_t>(std::upper_bound(v, v + n, 0.0f) - v);
 }
 
-// ---- exact multi-rank selection (radix select on order-preserving uint32 keys)
+// ---- exact multi-rank selection on floats (the percentiles of the pipeline)
 //
-// radix_select(keys, n, ranks, nr, out): out[j] = the ranks[j]-th smallest key (0-based), for
-// nondecreasing ranks.  Each level histograms (key - kmin) >> shift into <= 256 buckets (shift
-// chosen from the key range, so the range shrinks by 2^8 per level: <= 4 levels), then gathers
-// only the buckets holding a requested rank; buckets of <= 32 keys are finished by a small
-// sort.  Branch-free inner loops, O(n) per level, no allocation (work: >= 4 n + 64 keys).
-inline void small_sort_u32(uint32_t* a, size_t n) {
+// select_ranks_f(v, n, ranks, nr, out, work, bidx): out[j] = the ranks[j]-th smallest of
+// v[0..n) (0-based, ranks nondecreasing, nr <= 8).  One level: float min/max (SSE), bucket
+// b = min(floor((v - lo) * (255 / (hi - lo))), 255) in float32 (monotone in v, so buckets
+// are ordered and exact), a 256-bin histogram, then ONE gather pass collecting the (at most 2) buckets that
+// hold requested ranks; buckets of <= 32 values are insertion-sorted, larger ones recurse (the
+// bucket of lo and the bucket of hi differ, so every level shrinks the set; after 4 levels the
+// rest goes to std::nth_element).  Deterministic and exact; no allocation (work >= 5 (n + 8) floats,
+// bidx >= n bytes).
+inline void small_sort_f(float* a, size_t n) {
   for (size_t i = 1; i < n; ++i) {
-    uint32_t v = a[i];
+    float v = a[i];
     size_t j = i;
     while (j > 0 && a[j - 1] > v) {
       a[j] = a[j - 1];
@@ -184,105 +187,138 @@ inline void small_sort_u32(uint32_t* a, size_t n) {
   }
 }
 
-inline void radix_select(const uint32_t* keys, size_t n, const size_t* ranks, int nr, uint32_t* out,
-                         uint32_t* work) {
+inline void select_ranks_f(const float* v, size_t n, const size_t* ranks, int nr, float* out,
+                           float* work, uint8_t* bidx, int depth = 0) {
   if (nr == 0) return;
   if (n <= 32) {
-    uint32_t t[32];
-    for (size_t i = 0; i < n; ++i) t[i] = keys[i];
-    small_sort_u32(t, n);
+    float t[32];
+    for (size_t i = 0; i < n; ++i) t[i] = v[i];
+    small_sort_f(t, n);
     for (int j = 0; j < nr; ++j) out[j] = t[ranks[j]];
     return;
   }
-  uint32_t kmin = keys[0], kmax = keys[0];
-  for (size_t i = 1; i < n; ++i) {
-    kmin = keys[i] < kmin ? keys[i] : kmin;
-    kmax = keys[i] > kmax ? keys[i] : kmax;
-  }
-  if (kmin == kmax) {
-    for (int j = 0; j < nr; ++j) out[j] = kmin;
+  if (depth >= 4) {  // pathological spreads: finish with nth_element (exact)
+    std::copy(v, v + n, work);
+    for (int j = 0; j < nr; ++j) {
+      std::nth_element(work, work + ranks[j], work + n);
+      out[j] = work[ranks[j]];
+    }
     return;
   }
-  const uint32_t range = kmax - kmin;
-  const int bits = 32 - __builtin_clz(range);
-  const int shift = bits > 8 ? bits - 8 : 0;
+  float lo, hi;
+  minmax_f(v, n, lo, hi);
+  if (!(lo < hi)) {
+    for (int j = 0; j < nr; ++j) out[j] = lo;
+    return;
+  }
   uint32_t h0[256], h1[256];
   std::memset(h0, 0, sizeof(h0));
   std::memset(h1, 0, sizeof(h1));
+  const float frange = hi - lo;
   size_t i = 0;
-  for (; i + 2 <= n; i += 2) {
-    h0[(keys[i] - kmin) >> shift]++;
-    h1[(keys[i + 1] - kmin) >> shift]++;
+  if (frange <= 3.0e38f && frange >= 1.0e-30f) {  // else float64 buckets (no inf / NaN scale)
+    // float32 buckets (monotone: correctly rounded sub / mul by a positive constant), SSE
+    const float fs = 255.0f / frange;
+#if defined(__SSE2__)
+    const __m128 vlo = _mm_set1_ps(lo), vs = _mm_set1_ps(fs), vmax = _mm_set1_ps(255.0f);
+    for (; i + 16 <= n; i += 16) {
+      __m128i q[4];
+      for (int u = 0; u < 4; ++u)
+        q[u] = _mm_cvttps_epi32(_mm_min_ps(_mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(v + i + 4 * u), vlo), vs), vmax));
+      const __m128i w16a = _mm_packs_epi32(q[0], q[1]), w16b = _mm_packs_epi32(q[2], q[3]);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(bidx + i), _mm_packus_epi16(w16a, w16b));
+    }
+#endif
+    for (; i < n; ++i) bidx[i] = static_cast<uint8_t>(static_cast<int>(std::min((v[i] - lo) * fs, 255.0f)));
+  } else {
+    const double dlo = lo, scale = 255.0 / (static_cast<double>(hi) - dlo);
+    for (; i < n; ++i) {
+      const int b0 = static_cast<int>((static_cast<double>(v[i]) - dlo) * scale);
+      bidx[i] = static_cast<uint8_t>(b0 < 255 ? b0 : 255);
+    }
   }
-  if (i < n) h0[(keys[i] - kmin) >> shift]++;
-  const int nb = static_cast<int>(range >> shift) + 1;
-  // bucket start offsets
+  for (i = 0; i + 2 <= n; i += 2) {
+    h0[bidx[i]]++;
+    h1[bidx[i + 1]]++;
+  }
+  if (i < n) h0[bidx[i]]++;
   uint32_t start[257];
   uint32_t off = 0;
-  for (int b = 0; b < nb; ++b) {
+  for (int b = 0; b < 256; ++b) {
     start[b] = off;
     off += h0[b] + h1[b];
   }
-  start[nb] = off;
-  int j = 0, b = 0;
-  while (j < nr) {
-    const size_t r = ranks[j];
-    while (start[b + 1] <= r) ++b;
-    int j1 = j;
+  start[256] = off;
+  // group the ranks by bucket; ONE gather pass collects every group (<= 8).  Each group gets
+  // one spare slot: the branch-free gather writes one past its last kept value.
+  int gb[8], gj0[8], gj1[8], ng = 0;
+  float* wg[8];
+  size_t mg[8];
+  {
+    int j = 0, b = 0;
+    float* w = work;
+    while (j < nr) {
+      while (start[b + 1] <= ranks[j]) ++b;
+      gb[ng] = b, gj0[ng] = j;
+      while (j < nr && ranks[j] < start[b + 1]) ++j;
+      gj1[ng] = j;
+      wg[ng] = w;
+      mg[ng] = 0;
+      w += (start[b + 1] - start[b]) + 1;
+      ++ng;
+    }
+  }
+  float* next = wg[ng - 1] + (start[gb[ng - 1] + 1] - start[gb[ng - 1]]) + 1;
+  if (ng == 1) {
+    float* w0 = wg[0];
+    size_t m0 = 0;
+    const uint8_t b0 = static_cast<uint8_t>(gb[0]);
+    for (size_t t = 0; t < n; ++t) {
+      w0[m0] = v[t];
+      m0 += bidx[t] == b0;
+    }
+    mg[0] = m0;
+  } else if (ng == 2) {
+    float *w0 = wg[0], *w1 = wg[1];
+    size_t m0 = 0, m1 = 0;
+    const uint8_t b0 = static_cast<uint8_t>(gb[0]), b1 = static_cast<uint8_t>(gb[1]);
+    for (size_t t = 0; t < n; ++t) {
+      const float x = v[t];
+      const uint8_t bt = bidx[t];
+      w0[m0] = x;
+      m0 += bt == b0;
+      w1[m1] = x;
+      m1 += bt == b1;
+    }
+    mg[0] = m0, mg[1] = m1;
+  } else {
+    for (size_t t = 0; t < n; ++t) {
+      const float x = v[t];
+      const uint8_t bt = bidx[t];
+      for (int g = 0; g < ng; ++g) {
+        wg[g][mg[g]] = x;
+        mg[g] += bt == gb[g];
+      }
+    }
+  }
+  for (int g = 0; g < ng; ++g) {
     size_t sub[8];
-    while (j1 < nr && ranks[j1] < start[b + 1] && j1 - j < 8) {
-      sub[j1 - j] = ranks[j1] - start[b];
-      ++j1;
-    }
-    const uint32_t cnt = start[b + 1] - start[b];
-    if (cnt == 1 || shift == 0) {
-      // one key, or a bucket of equal keys
-      for (int q = j; q < j1; ++q) out[q] = kmin + (static_cast<uint32_t>(b) << shift);
-      if (cnt == 1) {
-        for (size_t t = 0; t < n; ++t)
-          if (((keys[t] - kmin) >> shift) == static_cast<uint32_t>(b)) {
-            for (int q = j; q < j1; ++q) out[q] = keys[t];
-            break;
-          }
-      }
-    } else {
-      size_t m = 0;
-      const uint32_t bb = static_cast<uint32_t>(b);
-      for (size_t t = 0; t < n; ++t) {
-        work[m] = keys[t];
-        m += ((keys[t] - kmin) >> shift) == bb;
-      }
-      radix_select(work, m, sub, j1 - j, out + j, work + m);
-    }
-    j = j1;
+    const int cnt = gj1[g] - gj0[g];
+    for (int q = 0; q < cnt; ++q) sub[q] = ranks[gj0[g] + q] - start[gb[g]];
+    select_ranks_f(wg[g], mg[g], sub, cnt, out + gj0[g], next, bidx, depth + 1);
   }
 }
 
-// Percentiles (NumPy 'linear') of the keys at q[0..nq) (nq <= 4); one selection for all.
-inline void key_percentiles(const uint32_t* keys, size_t n, const double* q, int nq, double* res,
-                            uint32_t* work) {
-  size_t ranks[8];
-  double t[4];
-  int order[8];
-  for (int j = 0; j < nq; ++j) {
-    const double h = static_cast<double>(n - 1) * (q[j] / 100.0);
-    const double fl = std::floor(h);
-    size_t lo = static_cast<size_t>(fl);
-    if (lo > n - 1) lo = n - 1;
-    ranks[2 * j] = lo;
-    ranks[2 * j + 1] = lo + 1 < n ? lo + 1 : lo;
-    t[j] = h - fl;
-  }
-  const int nr = 2 * nq;
-  for (int j = 0; j < nr; ++j) order[j] = j;
-  std::sort(order, order + nr, [&](int a, int b) { return ranks[a] < ranks[b]; });
-  size_t sr[8];
-  uint32_t sk[8], kk[8];
-  for (int j = 0; j < nr; ++j) sr[j] = ranks[order[j]];
-  radix_select(keys, n, sr, nr, sk, work);
-  for (int j = 0; j < nr; ++j) kk[order[j]] = sk[j];
-  for (int j = 0; j < nq; ++j)
-    res[j] = numpy_lerp(key_float(kk[2 * j]), key_float(kk[2 * j + 1]), t[j]);
+// Percentile (NumPy 'linear') of v[0..n) (n >= 1); v is not modified.
+inline double percentile_select(const float* v, size_t n, double q, float* work, uint8_t* bidx) {
+  const double h = static_cast<double>(n - 1) * (q / 100.0);
+  const double fl = std::floor(h);
+  size_t lo = static_cast<size_t>(fl);
+  if (lo > n - 1) lo = n - 1;
+  size_t r[2] = {lo, lo + 1 < n ? lo + 1 : lo};
+  float o[2];
+  select_ranks_f(v, n, r, 2, o, work, bidx);
+  return numpy_lerp(o[0], o[1], h - fl);
 }
 
 }  // namespace diffcam
