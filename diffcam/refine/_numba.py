@@ -376,19 +376,32 @@ def _dacg_map(m, p, out):
     gs = ((0.0 + e) + 1.0) + e
     g0 = e / gs
     g1 = 1.0 / gs
-    g = np.array([g0, g1, g0])
+    xl = np.empty(W, np.int64)
+    xr = np.empty(W, np.int64)
+    for x in range(W):
+        xl[x] = _fold(x - 1, W)
+        xr[x] = _fold(x + 1, W)
     for y in range(H):
+        r0 = m[_fold(y - 1, H)]
+        r1 = m[y]
+        r2 = m[_fold(y + 1, H)]
         for x in range(W):
-            v = m[y, x]
+            v = r1[x]
             if v > tau:
                 out[y, x] = v
                 continue
+            a, b = xl[x], xr[x]
+            # the reference's order: sum over dy, dx of (g[dy] * g[dx]) * m
             acc = 0.0
-            for dy in range(-1, 2):
-                row = m[_fold(y + dy, H)]
-                gy = g[dy + 1]
-                for dx in range(-1, 2):
-                    acc += gy * g[dx + 1] * row[_fold(x + dx, W)]
+            acc += g0 * g0 * r0[a]
+            acc += g0 * g1 * r0[x]
+            acc += g0 * g0 * r0[b]
+            acc += g1 * g0 * r1[a]
+            acc += g1 * g1 * r1[x]
+            acc += g1 * g0 * r1[b]
+            acc += g0 * g0 * r2[a]
+            acc += g0 * g1 * r2[x]
+            acc += g0 * g0 * r2[b]
             out[y, x] = acc
     return branch, tau
 
