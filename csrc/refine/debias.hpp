@@ -62,6 +62,60 @@ inline DebiasInfo causal_debiasing_map(const float* m, const float* rep, double 
   float fmin, fmax;
   minmax_f(m, n, fmin, fmax);
   const double mmin = fmin, mmax = fmax;
+  if (rep == nullptr) {
+    // Constant M_rep: I takes two values, i0 (M <= thr) and i1 (M > thr), so <I, I> and <M, I>
+    // follow from the count and the sum of the outliers, and M' = max(M - lam I, 0) is
+    // nondecreasing in M within each class: its min/max come from the class extremes.  One
+    // pass here, one writing the output (M' computed exactly as in the general path).
+    const double i0 = w_rep * rep_const + w_out * 0.0, i1 = w_rep * rep_const + w_out * 1.0;
+    size_t c1[2] = {0, 0};
+    double s1[2] = {0.0, 0.0};
+    float max0[2] = {-INFINITY, -INFINITY}, min1[2] = {INFINITY, INFINITY};
+    for (i = 0; i + 2 <= n; i += 2)
+      for (int l = 0; l < 2; ++l) {
+        const float mv = m[i + l];
+        const bool o = static_cast<double>(mv) > thr;
+        c1[l] += o;
+        s1[l] += o ? static_cast<double>(mv) : 0.0;
+        max0[l] = o ? max0[l] : std::max(max0[l], mv);
+        min1[l] = o ? std::min(min1[l], mv) : min1[l];
+      }
+    for (; i < n; ++i) {
+      const float mv = m[i];
+      const bool o = static_cast<double>(mv) > thr;
+      c1[0] += o;
+      s1[0] += o ? static_cast<double>(mv) : 0.0;
+      max0[0] = o ? max0[0] : std::max(max0[0], mv);
+      min1[0] = o ? std::min(min1[0], mv) : min1[0];
+    }
+    const size_t n1 = c1[0] + c1[1], n0 = n - n1;
+    const double iis = static_cast<double>(n0) * (i0 * i0) + static_cast<double>(n1) * (i1 * i1);
+    const double sum_all = (s[0] + s[1]) + (s[2] + s[3]);
+    const double mis = i0 * sum_all + (i1 - i0) * (s1[0] + s1[1]);
+    double lam = iis > 0 ? mis / iis : 0.0;
+    lam = std::min(std::max(lam, p[P::lambda_min]), p[P::lambda_max]);
+    auto clean0 = [&](double mv) { return std::max(mv - lam * i0, 0.0); };
+    auto clean1 = [&](double mv) { return std::max(mv - lam * i1, 0.0); };
+    double cmin = INFINITY, cmax = -INFINITY;
+    if (n0 > 0) {
+      cmin = std::min(cmin, clean0(mmin));
+      cmax = std::max(cmax, clean0(std::max(max0[0], max0[1])));
+    }
+    if (n1 > 0) {
+      cmin = std::min(cmin, clean1(std::min(min1[0], min1[1])));
+      cmax = std::max(cmax, clean1(mmax));
+    }
+    const double guard = p[P::range_guard];
+    if (guard > 0 && (cmax - cmin) < (1.0 - guard) * (mmax - mmin)) return unchanged(lam);
+    const bool norm = p[P::final_normalize] != 0.0;
+    const double den = cmax - cmin + p[P::norm_eps];
+    for (i = 0; i < n; ++i) {
+      const double mv = m[i];
+      const double c = std::max(mv - lam * (mv > thr ? i1 : i0), 0.0);
+      out[i] = static_cast<float>(norm ? (c - cmin) / den : c);
+    }
+    return {lam, 1};
+  }
   double ii[4] = {0.0, 0.0, 0.0, 0.0}, mi[4] = {0.0, 0.0, 0.0, 0.0};
   for (i = 0; i < n4; i += 4)
     for (int l = 0; l < 4; ++l) {
