@@ -278,14 +278,18 @@ PYBIND11_MODULE(_core, m) {
             RefineInfo ri = refine_map(mp.ptr + i * n, rp ? rp + i * n : nullptr, rc[i], o + i * n, mp.H, mp.W, p, ws, ft);
             k_[i] = ri.k, b_[i] = ri.branch, t_[i] = ri.tau, tb_[i] = ri.tau_bg, l_[i] = ri.lam, a_[i] = ri.applied;
           };
-          if (N >= t) {
-            parallel_for(N, t, [&](long b, long e, int) {
-              Workspace ws;
+          // the calling thread keeps its scratch between calls (no allocation for small maps)
+          static thread_local Workspace ws_caller;
+          if (t <= 1) {
+            for (long i = 0; i < N; ++i) one(i, ws_caller, 1);
+          } else if (N >= t) {
+            parallel_for(N, t, [&](long b, long e, int chunk) {
+              Workspace ws_local;
+              Workspace& ws = chunk == 0 ? ws_caller : ws_local;
               for (long i = b; i < e; ++i) one(i, ws, 1);
             });
           } else {
-            Workspace ws;
-            for (long i = 0; i < N; ++i) one(i, ws, t);
+            for (long i = 0; i < N; ++i) one(i, ws_caller, t);
           }
         }
         return py::make_tuple(out, ka, ba, ta, tba, la, aa);
