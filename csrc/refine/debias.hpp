@@ -26,27 +26,13 @@ struct DebiasInfo {
 inline DebiasInfo causal_debiasing_map(const float* m, const float* rep, double rep_const, float* out,
                                        size_t n, const double* p, std::vector<double>& dbuf) {
   // 4 independent float64 accumulators per sum (element i goes to i mod 4): fixed order.
-  double s[4] = {0.0, 0.0, 0.0, 0.0};
+  double s[4], a2[4], a3[4];
+  sum4(m, n, s);
+  const double mu = ((s[0] + s[1]) + (s[2] + s[3])) / static_cast<double>(n);
+  moments4(m, n, mu, a2, a3);
+  const double q2 = (a2[0] + a2[1]) + (a2[2] + a2[3]), q3 = (a3[0] + a3[1]) + (a3[2] + a3[3]);
   size_t i = 0;
   const size_t n4 = n & ~static_cast<size_t>(3);
-  for (i = 0; i < n4; i += 4)
-    for (int l = 0; l < 4; ++l) s[l] += m[i + l];
-  for (; i < n; ++i) s[0] += m[i];
-  const double mu = ((s[0] + s[1]) + (s[2] + s[3])) / static_cast<double>(n);
-  double a2[4] = {0.0, 0.0, 0.0, 0.0}, a3[4] = {0.0, 0.0, 0.0, 0.0};
-  for (i = 0; i < n4; i += 4)
-    for (int l = 0; l < 4; ++l) {
-      const double d = m[i + l] - mu;
-      const double dd = d * d;
-      a2[l] += dd;
-      a3[l] += dd * d;
-    }
-  for (; i < n; ++i) {
-    const double d = m[i] - mu;
-    a2[0] += d * d;
-    a3[0] += d * d * d;
-  }
-  const double q2 = (a2[0] + a2[1]) + (a2[2] + a2[3]), q3 = (a3[0] + a3[1]) + (a3[2] + a3[3]);
   const double sd = std::sqrt(q2 / static_cast<double>(n));
   auto unchanged = [&](double lam) {
     if (out != m) std::copy(m, m + n, out);

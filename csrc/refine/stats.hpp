@@ -29,25 +29,73 @@ struct MeanStd {
   double mean, std;
 };
 
-inline MeanStd mean_std(const float* m, size_t n) {
-  // 4 independent float64 accumulators (ILP); fixed order, so deterministic.
-  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+// sum4(m, n, s): s[l] = sum of m[i] over i = l (mod 4), i < n - n % 4, plus the tail in s[0];
+// float64, a fixed order.  The SSE2 path computes the very same sums (lanes (0,1), (2,3)).
+inline void sum4(const float* m, size_t n, double* s) {
   size_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    s0 += m[i], s1 += m[i + 1], s2 += m[i + 2], s3 += m[i + 3];
+  const size_t n4 = n & ~static_cast<size_t>(3);
+#if defined(__SSE2__)
+  __m128d a = _mm_setzero_pd(), b = _mm_setzero_pd();
+  for (; i < n4; i += 4) {
+    const __m128 x = _mm_loadu_ps(m + i);
+    a = _mm_add_pd(a, _mm_cvtps_pd(x));
+    b = _mm_add_pd(b, _mm_cvtps_pd(_mm_movehl_ps(x, x)));
   }
-  for (; i < n; ++i) s0 += m[i];
-  const double mu = ((s0 + s1) + (s2 + s3)) / static_cast<double>(n);
-  double q0 = 0.0, q1 = 0.0, q2 = 0.0, q3 = 0.0;
-  for (i = 0; i + 4 <= n; i += 4) {
-    const double d0 = m[i] - mu, d1 = m[i + 1] - mu, d2 = m[i + 2] - mu, d3 = m[i + 3] - mu;
-    q0 += d0 * d0, q1 += d1 * d1, q2 += d2 * d2, q3 += d3 * d3;
+  _mm_storeu_pd(s, a);
+  _mm_storeu_pd(s + 2, b);
+#else
+  s[0] = s[1] = s[2] = s[3] = 0.0;
+  for (; i < n4; i += 4)
+    for (int l = 0; l < 4; ++l) s[l] += m[i + l];
+#endif
+  for (; i < n; ++i) s[0] += m[i];
+}
+
+// Central moments about mu in the same 4-lane order: q2[l] = sum (m - mu)^2, q3[l] (optional)
+// = sum (m - mu)^3 (d * d * d evaluated as (d * d) * d).
+inline void moments4(const float* m, size_t n, double mu, double* q2, double* q3) {
+  size_t i = 0;
+  const size_t n4 = n & ~static_cast<size_t>(3);
+#if defined(__SSE2__)
+  const __m128d vmu = _mm_set1_pd(mu);
+  __m128d a2 = _mm_setzero_pd(), b2 = a2, a3 = a2, b3 = a2;
+  for (; i < n4; i += 4) {
+    const __m128 x = _mm_loadu_ps(m + i);
+    const __m128d da = _mm_sub_pd(_mm_cvtps_pd(x), vmu), db = _mm_sub_pd(_mm_cvtps_pd(_mm_movehl_ps(x, x)), vmu);
+    const __m128d sa = _mm_mul_pd(da, da), sb = _mm_mul_pd(db, db);
+    a2 = _mm_add_pd(a2, sa), b2 = _mm_add_pd(b2, sb);
+    if (q3) a3 = _mm_add_pd(a3, _mm_mul_pd(sa, da)), b3 = _mm_add_pd(b3, _mm_mul_pd(sb, db));
   }
+  _mm_storeu_pd(q2, a2);
+  _mm_storeu_pd(q2 + 2, b2);
+  if (q3) _mm_storeu_pd(q3, a3), _mm_storeu_pd(q3 + 2, b3);
+#else
+  for (int l = 0; l < 4; ++l) {
+    q2[l] = 0.0;
+    if (q3) q3[l] = 0.0;
+  }
+  for (; i < n4; i += 4)
+    for (int l = 0; l < 4; ++l) {
+      const double d = m[i + l] - mu;
+      const double dd = d * d;
+      q2[l] += dd;
+      if (q3) q3[l] += dd * d;
+    }
+#endif
   for (; i < n; ++i) {
     const double d = m[i] - mu;
-    q0 += d * d;
+    const double dd = d * d;
+    q2[0] += dd;
+    if (q3) q3[0] += dd * d;
   }
-  return {mu, std::sqrt(((q0 + q1) + (q2 + q3)) / static_cast<double>(n))};
+}
+
+inline MeanStd mean_std(const float* m, size_t n) {
+  double s[4], q[4];
+  sum4(m, n, s);
+  const double mu = ((s[0] + s[1]) + (s[2] + s[3])) / static_cast<double>(n);
+  moments4(m, n, mu, q, nullptr);
+  return {mu, std::sqrt(((q[0] + q[1]) + (q[2] + q[3])) / static_cast<double>(n))};
 }
 
 // Exact float min and max of m[0..n) (n >= 1); order-free, so the SSE path equals the scalar one.
