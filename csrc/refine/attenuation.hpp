@@ -3,8 +3,9 @@
 // tau_bg = w_median * S1 + w_pct * S2 + w_mean * S3 + w_max * S4 with S1 the median of the
 // positive pixels, S2 the bg_percentile of all pixels, S3 the float64 mean of the positive
 // pixels, S4 the max (tau_bg_floor when no pixel is positive or the sum is not > 0); then
-// M < tau_bg -> M * max(gamma, M / tau_bg), in float64.  O(H W): one radix sort of the map
-// gives S1, S2 and S4 (the positive pixels are a suffix of the sorted map).
+// M < tau_bg -> M * max(gamma, M / tau_bg), in float64.  O(H W): one branch-free pass (count,
+// sum and max of the positives), then ONE select_ranks_f of the 4 ranks of S1 and S2 (the
+// positive pixels are the top np ranks of the map, so their median is at shifted ranks).
 #pragma once
 
 #include <algorithm>

@@ -4,8 +4,8 @@
 // low_mean, default), tau = percentile (that branch's alpha) of the strictly positive pixels,
 // max'd with tau_floor (tau_floor when none is positive).  Pixels with M > tau keep their value,
 // the others take the separable 3x3 Gaussian blur (taps exp(-x^2 / (2 sigma^2)), x in -1..1,
-// normalised; reflect-101).  O(H W) plus one nth_element over the positive pixels (measured
-// faster here than a full radix sort: only one percentile is needed).
+// normalised; reflect-101).  O(H W): the positive pixels are compacted branch-free and one
+// select_ranks_f (stats.hpp) gives the two ranks of the percentile.
 #pragma once
 
 #include <cmath>

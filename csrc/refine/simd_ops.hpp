@@ -11,7 +11,8 @@
 // (v_c + sum_d g_d (v_{c-d} + v_{c+d})) / (1 + 2 sum_d g_d).  The loop over d stops once every
 // lane's weight is below 1e-20 (the weights decrease monotonically; what is dropped is below
 // 1e-17 of the result).  s = 0 or a tiny sigma_r gives a = +inf, q = 0: one-hot weights, the
-// output is v_c, never NaN; mu <= 0 gives 0.  Cost per pixel: the network (k^2 log^2 k^2
+// output is v_c, never NaN; mu <= 0 gives 0.  finish_u<U> does U blocks at once (interleaved
+// latency chains; the fixed-k rows use U = 2).  Cost per pixel: the network (k^2 log^2 k^2
 // compare-exchanges / L) plus O(k^2) adds and O(effective weight support) multiplies.
 #pragma once
 
