@@ -61,15 +61,14 @@ inline const std::vector<std::pair<short, short>>& batcher_pairs(int k) {
 inline int padded_stride(int W, int r, int L) { return W + 2 * r + L - 1; }
 inline void pad_reflect101(const float* in, int H, int W, int r, int L, std::vector<float>& buf) {
   const int stride = padded_stride(W, r, L), Hp = H + 2 * r;
-  buf.assign(static_cast<size_t>(Hp) * stride, 0.0f);
-  std::vector<int> cols(W + 2 * r);
-  for (int x = 0; x < W + 2 * r; ++x) cols[x] = fold_reflect101(x - r, W);
+  if (buf.size() < static_cast<size_t>(Hp) * stride) buf.resize(static_cast<size_t>(Hp) * stride);
   for (int y = 0; y < Hp; ++y) {
     const float* src = in + static_cast<size_t>(fold_reflect101(y - r, H)) * W;
     float* dst = buf.data() + static_cast<size_t>(y) * stride;
-    for (int x = 0; x < r && x < W + 2 * r; ++x) dst[x] = src[cols[x]];
+    for (int x = 0; x < r; ++x) dst[x] = src[fold_reflect101(x - r, W)];
     std::memcpy(dst + r, src, sizeof(float) * W);
-    for (int x = r + W; x < W + 2 * r; ++x) dst[x] = src[cols[x]];
+    for (int x = r + W; x < W + 2 * r; ++x) dst[x] = src[fold_reflect101(x - r, W)];
+    for (int x = W + 2 * r; x < stride; ++x) dst[x] = 0.0f;  // spare columns (discarded lanes)
   }
 }
 
