@@ -54,7 +54,11 @@ inline GateInfo gating_stats(const float* m, size_t n, const double* p, std::vec
 }
 
 // 3x3 separable Gaussian blur with reflect-101 borders; tmp is scratch.
-inline void blur3(const float* m, float* out, int H, int W, double sigma, std::vector<float>& tmp) {
+// With kSelect, out[i] = M[i] > tau ? M[i] : blur[i] directly (DACG's gate fused into the
+// vertical pass; out may alias m: each output reads m at its own index only).
+template <bool kSelect = false>
+inline void blur3(const float* m, float* out, int H, int W, double sigma, std::vector<float>& tmp,
+                  double tau = 0.0) {
   const double e = std::exp(-1.0 / (2.0 * sigma * sigma));
   const double s = 1.0 + 2.0 * e;
   const float g1 = static_cast<float>(e / s), g0 = static_cast<float>(1.0 / s);
@@ -75,7 +79,15 @@ inline void blur3(const float* m, float* out, int H, int W, double sigma, std::v
     const float* b = tmp.data() + static_cast<size_t>(y) * W;
     const float* c = tmp.data() + static_cast<size_t>(fold_reflect101(y + 1, H)) * W;
     float* o = out + static_cast<size_t>(y) * W;
-    for (int x = 0; x < W; ++x) o[x] = g0 * b[x] + g1 * (a[x] + c[x]);
+    if (kSelect) {
+      const float* mr = m + static_cast<size_t>(y) * W;
+      for (int x = 0; x < W; ++x) {
+        const float bv = g0 * b[x] + g1 * (a[x] + c[x]), v = mr[x];
+        o[x] = (static_cast<double>(v) > tau) ? v : bv;
+      }
+    } else {
+      for (int x = 0; x < W; ++x) o[x] = g0 * b[x] + g1 * (a[x] + c[x]);
+    }
   }
 }
 
@@ -87,14 +99,7 @@ inline GateInfo confidence_gating_map(const float* m, float* out, int H, int W, 
     if (out != m) std::copy(m, m + n, out);
     return gi;
   }
-  std::vector<float>& blurred = scratch;  // stats done; reuse
-  blurred.resize(n);
-  blur3(m, blurred.data(), H, W, p[P::blur_sigma], tmp);
-  const double tau = gi.tau;
-  for (size_t i = 0; i < n; ++i) {
-    const float v = m[i], bv = blurred[i];
-    out[i] = (static_cast<double>(v) > tau) ? v : bv;
-  }
+  blur3<true>(m, out, H, W, p[P::blur_sigma], tmp, gi.tau);
   return gi;
 }
 
