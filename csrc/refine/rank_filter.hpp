@@ -72,36 +72,39 @@ inline void pad_reflect101(const float* in, int H, int W, int r, int L, std::vec
   }
 }
 
-// Two blocks of L pixels per step (their finish() chains interleave); a lone last block alone.
+// U blocks of L pixels per step (their finish() chains interleave; U = 4 for k = 3, where the
+// network is short, 2 otherwise); the last blocks of a row one at a time.
 template <class O, int K>
 void rank_rows_fixed(const float* pad, int stride, float* out, int W, int y0, int y1) {
   using V = typename O::V;
-  constexpr int N = K * K, L = O::L;
-  alignas(64) V va[N], vb[N];
+  constexpr int N = K * K, L = O::L, U = K <= 3 ? 4 : 2;
+  alignas(64) V vv[U][N];
   for (int y = y0; y < y1; ++y) {
     int x = 0;
-    for (; x + L < W; x += 2 * L) {
+    for (; x + (U - 1) * L < W; x += U * L) {
       const float* base = pad + static_cast<size_t>(y) * stride + x;
-      for (int dy = 0; dy < K; ++dy)
-        for (int dx = 0; dx < K; ++dx) va[dy * K + dx] = O::load(base + dy * stride + dx);
-      SortNet<N>::template run<O>(va);
-      for (int dy = 0; dy < K; ++dy)
-        for (int dx = 0; dx < K; ++dx) vb[dy * K + dx] = O::load(base + dy * stride + dx + L);
-      SortNet<N>::template run<O>(vb);
-      const V* vs[2] = {va, vb};
-      V res[2];
-      O::template finish_u<2>(vs, N, res);
+      const V* vs[U];
+      for (int u = 0; u < U; ++u) {
+        V* v = vv[u];
+        for (int dy = 0; dy < K; ++dy)
+          for (int dx = 0; dx < K; ++dx) v[dy * K + dx] = O::load(base + dy * stride + dx + u * L);
+        SortNet<N>::template run<O>(v);
+        vs[u] = v;
+      }
+      V res[U];
+      O::template finish_u<U>(vs, N, res);
       float* o = out + static_cast<size_t>(y) * W + x;
-      O::store(o, res[0]);
-      if (x + 2 * L <= W) {
-        O::store(o + L, res[1]);
+      for (int u = 0; u < U - 1; ++u) O::store(o + u * L, res[u]);
+      if (x + U * L <= W) {
+        O::store(o + (U - 1) * L, res[U - 1]);
       } else {
         alignas(64) float tmp[L];
-        O::store(tmp, res[1]);
-        for (int i = 0; i < W - x - L; ++i) o[L + i] = tmp[i];
+        O::store(tmp, res[U - 1]);
+        for (int i = 0; i < W - x - (U - 1) * L; ++i) o[(U - 1) * L + i] = tmp[i];
       }
     }
     for (; x < W; x += L) {
+      V* va = vv[0];
       const float* base = pad + static_cast<size_t>(y) * stride + x;
       for (int dy = 0; dy < K; ++dy)
         for (int dx = 0; dx < K; ++dx) va[dy * K + dx] = O::load(base + dy * stride + dx);
