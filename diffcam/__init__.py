@@ -9,7 +9,9 @@ The refinement core (native kernels, batched, NumPy / torch / CUDA arrays in and
 (4, 27, 27)
 >>> ref = diffcam.refine(maps, config=diffcam.RefineConfig.reference())
 
-Nothing heavy (torch, transformers, numba) is imported at import time.
+The attribution engine (``diffcam.Explainer``, ``diffcam.load``) explains a diffusion MLLM through
+an adapter; see diffcam.attribution.  Nothing heavy (torch, transformers, numba) is imported at
+import time.
 """
 
 from ._backend import BackendUnavailableError, backends
@@ -21,9 +23,26 @@ from . import metrics
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "Explainer": ("diffcam.attribution", "Explainer"),
+    "Explanation": ("diffcam.attribution", "Explanation"),
+    "GenerationConfig": ("diffcam.adapters", "GenerationConfig"),
+    "load": ("diffcam.adapters", "load"),
+}
+
+
+def __getattr__(name):
+    """The attribution engine is imported on first use (it needs torch)."""
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(mod), attr)
+    raise AttributeError(f"module 'diffcam' has no attribute {name!r}")
+
 __all__ = [
     "refine", "RefineConfig", "RefineInfo", "backends", "BackendUnavailableError",
     "adaptive_kernel_size", "rank_gaussian_filter", "adaptive_kernel_denoising",
     "confidence_gating", "background_attenuation", "causal_debiasing", "metrics",
-    "__version__",
+    "Explainer", "Explanation", "GenerationConfig", "load", "__version__",
 ]

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import tempfile
 import sys
 
 import numpy as np
@@ -200,8 +201,9 @@ def test_every_available_backend_agrees(maps):
 
 def _run(code, **env):
     e = dict(os.environ, **env)
+    # run outside the source tree so the installed package (with its extensions) is imported
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e,
-                          timeout=300)
+                          timeout=300, cwd=tempfile.gettempdir())
 
 
 def test_environment_override_and_disabled_extensions():

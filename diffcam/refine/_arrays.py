@@ -7,6 +7,7 @@ tensor on the same device out; one (H, W) map in, one map out).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,8 +127,8 @@ def as_batch(x, name: str = "maps", *, allow_negative: bool = False, max_value: 
         lo, hi, finite = _gpu_stats(arr, kind)
     else:
         arr = np.ascontiguousarray(arr, dtype=np.float32)
-        finite = bool(np.isfinite(arr).all())
-        lo = hi = None
+        lo, hi = float(arr.min()), float(arr.max())     # NaN and Inf show up in min/max
+        finite = math.isfinite(lo) and math.isfinite(hi)
     if not finite:
         bad = "NaN" if _has_nan(arr, kind) else "Inf"
         raise ValueError(f"{name} contains {bad} values; refine only finite maps "

@@ -9,9 +9,12 @@ from ._arrays import Batch, host_array
 from .config import RefineConfig
 
 
+_PAPER = RefineConfig.paper()
+
+
 def config_or_default(config) -> RefineConfig:
     if config is None:
-        return RefineConfig.paper()
+        return _PAPER
     if isinstance(config, str):
         presets = {"paper": RefineConfig.paper, "reference": RefineConfig.reference}
         if config not in presets:

@@ -163,6 +163,8 @@ class RefineConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        # the config is immutable: build the kernels' parameter vector once
+        object.__setattr__(self, "_params", self._build_params())
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -271,12 +273,15 @@ class RefineConfig:
 
     # -------------------------------------------------------------- kernel side
     def to_params(self):
-        """The flat float64 parameter vector every backend's kernels take.
+        """The flat float64 parameter vector every backend's kernels take (read-only, cached).
 
         >>> p = RefineConfig.paper().to_params()
         >>> p[PARAM_FIELDS.index("k_max")]
         11.0
         """
+        return self._params
+
+    def _build_params(self):
         import numpy as np
 
         p = np.zeros(len(PARAM_FIELDS), dtype=np.float64)
@@ -287,6 +292,7 @@ class RefineConfig:
             if name == "kernel_size":
                 v = 0 if v is None else v
             p[i] = float(v)
+        p.flags.writeable = False
         return p
 
     def to_dict(self) -> dict:
