@@ -6,10 +6,32 @@ from __future__ import annotations
 from .base import Adapter, GenerationConfig, GenerationResult, PreparedSample
 
 __all__ = ["Adapter", "PreparedSample", "GenerationConfig", "GenerationResult", "GenericAdapter",
-           "load", "FAMILIES"]
+           "load", "FAMILIES", "FAMILY_MODULES"]
 
-#: named model families; their adapters are built in issue 4
-FAMILIES = ("llada-v", "lavida", "mmada", "dream-vl", "diffusion-gemma")
+#: named model families -> the module of diffcam.adapters that implements each; every module
+#: exposes ``load(path_or_model=None, **kwargs) -> Adapter``
+FAMILY_MODULES = {
+    "llada-v": "llada_v",
+    "lavida": "lavida",
+    "mmada": "mmada",
+    "dream-vl": "dream_vl",
+    "diffusion-gemma": "diffusion_gemma",
+    "bundled": "bundled",
+}
+FAMILIES = tuple(k for k in FAMILY_MODULES if k != "bundled")
+
+
+def _family_loader(key: str):
+    import importlib
+
+    modname = FAMILY_MODULES[key]
+    try:
+        mod = importlib.import_module(f"{__name__}.{modname}")
+    except ModuleNotFoundError as e:
+        if e.name == f"{__name__}.{modname}":
+            raise NotImplementedError(f"the {key!r} adapter is not available in this build") from e
+        raise
+    return mod.load
 
 
 def __getattr__(name):
@@ -19,35 +41,32 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def load(name_or_model, **kwargs) -> Adapter:
+def load(name_or_model, path_or_model=None, **kwargs) -> Adapter:
     """Pick the adapter for a model.
 
-    * an :class:`Adapter`: returned as is (no keyword arguments allowed);
+    * an :class:`Adapter`: returned as is (no other arguments allowed);
+    * a family name (``"llada-v"``, ``"lavida"``, ``"mmada"``, ``"dream-vl"``,
+      ``"diffusion-gemma"``) with a checkpoint path or an already loaded model:
+      ``load("llada-v", "GSAI-ML/LLaDA-V")``; keyword arguments go to the family's loader
+      (see docs/models.md);
+    * ``"bundled"``: diffcam's own small diffusion MLLM, shipped with the package;
     * a torch module: wrapped in a :class:`~diffcam.adapters.generic.GenericAdapter` built from
       ``kwargs`` (``tokenizer``, ``blocks``, ``mask_token_id``, ``placeholder_id`` or
-      ``image_token_id``, ``vision``, ``layout``, ...);
-    * a family name (``"llada-v"``, ``"lavida"``, ``"mmada"``, ``"dream-vl"``,
-      ``"diffusion-gemma"``) or ``"bundled"``: not available yet (NotImplementedError).
+      ``image_token_id``, ``vision``, ``layout``, ...).
     """
     if isinstance(name_or_model, Adapter):
-        if kwargs:
-            raise TypeError(f"load() got an Adapter and keyword arguments {sorted(kwargs)}; "
-                            f"configure the adapter itself instead")
+        if kwargs or path_or_model is not None:
+            raise TypeError(f"load() got an Adapter and other arguments; configure the adapter "
+                            f"itself instead")
         return name_or_model
     if isinstance(name_or_model, str):
         key = name_or_model.strip().lower().replace("_", "-")
-        if key in FAMILIES:
-            raise NotImplementedError(
-                f"the {key!r} adapter is issue 4 (adapters for the named model families) and is not "
-                f"available yet; meanwhile wrap the model with diffcam.load(model, tokenizer=..., "
-                f"blocks=..., mask_token_id=..., placeholder_id=... or image_token_id=..., "
-                f"vision=..., layout=...)")
-        if key == "bundled":
-            raise NotImplementedError(
-                "the bundled model is the bundled-model issue and is not available yet; for tests "
-                "use diffcam.testing.tiny_llava_anyres() or diffcam.testing.tiny_qwen2vl()")
+        if key in FAMILY_MODULES:
+            return _family_loader(key)(path_or_model, **kwargs)
         raise ValueError(f"unknown model name {name_or_model!r}: expected an Adapter, a torch module "
-                         f"with GenericAdapter keyword arguments, or one of {FAMILIES + ('bundled',)}")
+                         f"with GenericAdapter keyword arguments, or one of {tuple(FAMILY_MODULES)}")
+    if path_or_model is not None:
+        raise TypeError("load(module, ...) takes keyword arguments only after the module")
     try:
         import torch
     except ImportError as e:  # pragma: no cover

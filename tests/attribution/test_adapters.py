@@ -309,11 +309,8 @@ def test_load_dispatch(llava):
     assert load(llava) is llava
     with pytest.raises(TypeError):
         load(llava, blocks="x")
-    for name in ("llada-v", "lavida", "mmada", "dream-vl", "diffusion-gemma", "LLaDA_V"):
-        with pytest.raises(NotImplementedError, match="issue 4"):
-            load(name)
-    with pytest.raises(NotImplementedError, match="bundled"):
-        load("bundled")
+    with pytest.raises(TypeError, match="other arguments"):
+        load(llava, "some/path")
     with pytest.raises(ValueError, match="unknown"):
         load("gpt-2")
     with pytest.raises(TypeError, match="tokenizer"):
