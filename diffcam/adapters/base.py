@@ -128,6 +128,8 @@ class Adapter(abc.ABC):
     logit_shift: int = 0
     #: family name, recorded in every Explanation
     name: str = "adapter"
+    #: the GenerationConfig the Explainer uses when none is given (None: ``GenerationConfig()``)
+    default_generation: Optional["GenerationConfig"] = None
 
     # ----------------------------------------------------------------- abstract
     @abc.abstractmethod

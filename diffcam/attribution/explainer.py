@@ -194,7 +194,8 @@ class Explainer:
         method      "diffusion-cam" (raw maps here; refine with ``Explanation.refined()``) or
                     "grad-cam" (the same raw maps, recorded as the baseline)
         answer      explain this text instead of generating (a str, or one per sample)
-        generation  GenerationConfig of the sampler (default ``GenerationConfig()``)
+        generation  GenerationConfig of the sampler (default: ``adapter.default_generation``,
+                    else ``GenerationConfig()``)
         gradcam     "paper" | "reference" aggregation (method.md 1.7, [ref])
         aggregate_only  compute only the aggregate map (one backward vector instead of
                     targets + 1); the maps' target axis then has length 1
@@ -213,7 +214,8 @@ class Explainer:
                              "does not depend on the token)")
         layer = self.layer if layer is None else self._check_layer(layer)
         state_list = self._states(states)
-        generation = generation if generation is not None else GenerationConfig()
+        if generation is None:
+            generation = getattr(self.adapter, "default_generation", None) or GenerationConfig()
         single, samples, prompts = self._samples(images, prompts)
         answers = self._answers(answer, len(samples))
         if answers is not None and any(s != "final" for s in state_list):

@@ -1,0 +1,106 @@
+"""The adapter of diffcam's bundled diffusion MLLM (:mod:`diffcam.models.bundled`).
+
+>>> import diffcam
+>>> adapter = diffcam.load("bundled")                  # the shipped masked-diffusion model
+>>> adapter.name, len(adapter.blocks())
+('bundled', 4)
+>>> twin = diffcam.load("bundled", kind="autoregressive")   # the causal twin, same vision tower
+
+It is an ordinary :class:`~diffcam.adapters.generic.GenericAdapter`: LLaDA-V packing (placeholder
+-200 -> 4x4 base grid + 12x12 grid with a newline column), blocks at ``model.layers``, logit
+shift 0.  The autoregressive twin has causal attention and next-token logits (logit shift 1: row
+j - 1 scores token j); it explains given answers (``answer=...``) and answers by greedy
+left-to-right decoding in :mod:`diffcam.models.evaluate`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .base import GenerationConfig
+from .generic import GenericAdapter
+
+__all__ = ["BundledAdapter", "load"]
+
+
+class BundledAdapter(GenericAdapter):
+    """GenericAdapter configured for :class:`~diffcam.models.bundled.DiffcamTinyForMaskedDiffusion`.
+
+    ``default_generation``: the whole response (18 tokens) as one block, one token per step,
+    greedy low-confidence remasking -- the setting the model card's scores were measured with.
+    """
+
+    def __init__(self, model, tokenizer, name: Optional[str] = None):
+        from ..models.bundled import IMAGE_PLACEHOLDER
+
+        cfg = model.config
+        causal = bool(cfg.causal)
+        super().__init__(model, tokenizer, blocks="model.layers", mask_token_id=cfg.mask_token_id,
+                         placeholder_id=IMAGE_PLACEHOLDER, vision=model.encode_images,
+                         layout="anyres", logit_shift=1 if causal else 0, inner="model",
+                         lm_head="lm_head",
+                         prefix_ids=[tokenizer.bos_token_id],
+                         name=name or ("bundled-ar" if causal else "bundled"))
+        self.causal = causal
+        self.eos_token_id = int(tokenizer.eos_token_id)
+        self.default_generation = GenerationConfig(steps=cfg.gen_length, gen_length=cfg.gen_length)
+
+    def generate(self, sample, config):
+        if self.causal:
+            raise ValueError("the autoregressive twin has no masked-diffusion sampler; explain a "
+                             "given answer (answer=...) or use diffcam.load('bundled')")
+        return super().generate(sample, config)
+
+    def answer_text(self, ids) -> str:
+        """The response text up to the first ``<eos>``."""
+        ids = [int(i) for i in ids]
+        if self.eos_token_id in ids:
+            ids = ids[:ids.index(self.eos_token_id)]
+        return self.tokenizer.decode(ids)
+
+    def info(self) -> dict:
+        d = super().info()
+        d["weights"] = getattr(self.model, "name_or_path", "")
+        return d
+
+
+def load(path_or_model=None, kind: str = "diffusion", device="cpu", dtype=torch.float32,
+         attn_implementation: str = "sdpa", tokenizer=None) -> BundledAdapter:
+    """The bundled model behind its adapter.
+
+    path_or_model  None (the weights shipped with diffcam), a folder written by
+                   ``python -m diffcam.models.train --out DIR``, or a loaded
+                   ``DiffcamTinyForMaskedDiffusion``
+    kind           'diffusion' (default) or 'autoregressive' (the causal twin); only used when
+                   ``path_or_model`` is None
+    attn_implementation  'sdpa' (default; about 3x faster than 'eager' on CPU, same maps up to
+                   float rounding) or 'eager'
+    """
+    from ..models.bundled import (DiffcamTinyForMaskedDiffusion, build_tokenizer,
+                                  weights_dir)
+
+    if isinstance(path_or_model, DiffcamTinyForMaskedDiffusion):
+        model = path_or_model
+        tok = tokenizer or build_tokenizer()
+    else:
+        path = weights_dir(kind) if path_or_model is None else os.fspath(path_or_model)
+        if not os.path.isfile(os.path.join(path, "model.safetensors")):
+            hint = ("the shipped weights are missing from this installation; reinstall diffcam or "
+                    "train them with `python -m diffcam.models.train`" if path_or_model is None
+                    else "train a model there with `python -m diffcam.models.train --out DIR`")
+            raise FileNotFoundError(f"no bundled model weights at {path}: {hint}")
+        model = DiffcamTinyForMaskedDiffusion.from_pretrained(
+            path, attn_implementation=attn_implementation)
+        if tokenizer is None:
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast.from_pretrained(path)
+        else:
+            tok = tokenizer
+    model = model.to(device=device, dtype=dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return BundledAdapter(model, tok)

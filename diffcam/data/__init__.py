@@ -1,0 +1,1 @@
+"""Datasets: :mod:`diffcam.data.shapes`, the procedural grounded world of the bundled model."""

@@ -1,0 +1,293 @@
+"""Scores of the bundled model on the shapes world: answer accuracy and map localization.
+
+>>> import diffcam
+>>> from diffcam.models import evaluate
+>>> ad = diffcam.load("bundled")
+>>> acc = evaluate.answer_accuracy(ad, "test", n=50)          # doctest: +SKIP
+>>> recs = evaluate.collect_maps(ad, "test", n=20)             # doctest: +SKIP
+>>> evaluate.score_maps(recs, "paper")["f3_of_means"]          # doctest: +SKIP
+
+Map protocol
+------------
+For every held-out scene the model answers the question (its own generation, greedy
+low-confidence remasking, ``adapter.default_generation``).  When the answer is right, each
+*grounded* answer word (the colour and shape word of every object of a description; the colour
+of a colour question; ``yes`` of a presence question; the number of a count question) is a
+target, and its map is scored against the pixel-exact mask of the object(s) it refers to
+(Obj-IoU, contrast, concentration, F3 of :func:`diffcam.metrics.localization`) on the 12x12
+grid.  Wrong answers are counted but not scored (their words have no ground truth).
+
+``collect_maps`` keeps the raw Grad-CAM maps, so any refinement setting can be scored on the same
+records (``score_maps(records, config)``): ``"raw"`` (min-max normalised raw maps),
+``"random"`` (uniform noise maps), ``"paper"``, ``"reference"`` or a
+:class:`~diffcam.RefineConfig`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..data import shapes
+
+__all__ = ["answer_accuracy", "collect_maps", "score_maps", "MapRecord", "grounding_for",
+           "randomised_copy", "rank_correlation", "randomisation_check"]
+
+
+# ------------------------------------------------------------------------------ answers
+def _prepare_batch(adapter, items):
+    return [adapter.prepare([sc.image], qa.prompt) for sc, qa in items]
+
+
+def _generate_texts(adapter, samples, config, batch: int) -> List[str]:
+    """Answers of prepared samples (grouped by prompt length, batched)."""
+    from ..generation import masked_diffusion_generate_batch
+
+    out: List[Optional[str]] = [None] * len(samples)
+    groups: Dict[int, List[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(int(s.inputs_embeds.shape[0]), []).append(i)
+    for idx in groups.values():
+        for lo in range(0, len(idx), batch):
+            part = idx[lo:lo + batch]
+            if getattr(adapter, "causal", False):
+                res = _greedy_ar(adapter, [samples[i] for i in part], config.gen_length)
+            else:
+                res = [r.response_ids for r in
+                       masked_diffusion_generate_batch(adapter, [samples[i] for i in part], config)]
+            for i, r in zip(part, res):
+                out[i] = adapter.answer_text(r)
+    return out  # type: ignore[return-value]
+
+
+def _greedy_ar(adapter, samples, max_new: int):
+    """Greedy left-to-right decoding for the autoregressive twin (no KV cache)."""
+    with torch.inference_mode():
+        prompts = torch.stack([s.inputs_embeds for s in samples])
+        B = prompts.shape[0]
+        ids = torch.empty(B, 0, dtype=torch.long)
+        for _ in range(max_new):
+            emb = adapter.embed_tokens(ids.reshape(-1)).reshape(B, ids.shape[1], -1)
+            logits = adapter.forward(torch.cat([prompts, emb.to(prompts.dtype)], 1))
+            nxt = logits[:, -1].argmax(-1)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            if bool((ids == adapter.eos_token_id).any(1).all()):
+                break
+    return list(ids)
+
+
+def answer_accuracy(adapter, split: str = "test", n: int = 300, start: int = 0,
+                    kinds: Sequence[str] = shapes.KINDS, generation=None, batch: int = 64,
+                    return_records: bool = False):
+    """Exact-match accuracy per question kind on scenes ``start..start+n`` of ``split`` (one
+    question of every kind per scene).  Returns ``{kind: accuracy}`` (and the per-question
+    records ``(scene index, kind, prompt, gold, answer)`` with ``return_records=True``)."""
+    config = generation or adapter.default_generation
+    items = []
+    for i in range(start, start + n):
+        sc = shapes.scene(split, i)
+        for k in kinds:
+            items.append((sc, shapes.question(sc, k)))
+    texts = _generate_texts(adapter, _prepare_batch(adapter, items), config, batch)
+    recs = [(sc.index, qa.kind, qa.prompt, qa.answer, t) for (sc, qa), t in zip(items, texts)]
+    acc = {}
+    for k in kinds:
+        r = [x for x in recs if x[1] == k]
+        acc[k] = sum(x[3] == x[4] for x in r) / max(1, len(r))
+    return (acc, recs) if return_records else acc
+
+
+# ------------------------------------------------------------------------------ maps
+@dataclass
+class MapRecord:
+    """The raw maps of one answered question.
+
+    raw        float32 (T, 12, 12): raw Grad-CAM map of every grounded answer token
+    token_ids  the answer's token ids (for SICD's repeated-token fallback)
+    masks      bool (T, 96, 96): the ground-truth object mask of every target (union of the
+               instances a word refers to)
+    """
+
+    split: str
+    index: int
+    kind: str
+    prompt: str
+    answer: str
+    correct: bool
+    raw: np.ndarray = field(repr=False, default=None)
+    token_ids: List[int] = field(default_factory=list)
+    masks: np.ndarray = field(repr=False, default=None)
+    words: List[str] = field(default_factory=list)
+    interference: Optional[np.ndarray] = field(repr=False, default=None)
+
+
+#: function words whose per-token maps form SICD's M_rep when they occur more than once
+FUNCTION_WORDS = frozenset({"a", "the", "and", "is", "there", "are", "of", ","})
+
+
+def _interference_index(words: Sequence[str]) -> List[int]:
+    return [i for i, w in enumerate(words) if w in FUNCTION_WORDS and list(words).count(w) > 1]
+
+
+def grounding_for(sc, qa) -> List[tuple]:
+    """(answer word index, [instance indices]) of every grounded word of the gold answer."""
+    by_word: Dict[int, List[int]] = {}
+    for w, k in qa.grounding:
+        by_word.setdefault(w, []).append(k)
+    return sorted(by_word.items())
+
+
+def collect_maps(adapter, split: str = "test", n: int = 60, start: int = 0,
+                 kinds: Sequence[str] = ("describe",), layer: Optional[int] = None,
+                 generation=None, progress: bool = False) -> List[MapRecord]:
+    """Generate, check and explain ``n`` scenes (one question of each of ``kinds`` per scene)."""
+    from ..attribution import Explainer
+
+    recs: List[MapRecord] = []
+    t0 = time.perf_counter()
+    with Explainer(adapter, layer=layer) as ex:
+        for i in range(start, start + n):
+            sc = shapes.scene(split, i)
+            for kind in kinds:
+                qa = shapes.question(sc, kind)
+                ground = grounding_for(sc, qa)
+                exp = ex.explain(sc.image, qa.prompt, targets="all", generation=generation)
+                text = adapter.answer_text(exp.token_ids)
+                rec = MapRecord(split, i, kind, qa.prompt, text, text == qa.answer)
+                recs.append(rec)
+                if not rec.correct or not ground:
+                    continue
+                words = [w.text for w in exp.words]
+                gold = qa.answer.split()
+                if words[:len(gold)] != gold:
+                    raise RuntimeError(f"answer words {words} do not line up with {gold}")
+                # targets='all' gives one target per answer word, in order
+                names = [t.name for t in exp.targets]
+                hires = exp.maps[0]["hires"][:, 0]                     # (targets + 1, 12, 12)
+                idx = [w for w, _ in ground]
+                if max(idx) >= len(names):
+                    raise RuntimeError(f"grounded word {max(idx)} beyond the targets {names}")
+                rec.raw = np.ascontiguousarray(hires[idx], dtype=np.float32)
+                rec.words = [gold[w] for w in idx]
+                rec.token_ids = [int(t) for t in exp.token_ids]
+                rec.masks = np.stack([np.any(sc.masks[ks], axis=0) for _, ks in ground])
+                rep = _interference_index(gold)
+                rec.interference = np.ascontiguousarray(hires[rep], dtype=np.float32)
+            if progress and (i - start + 1) % 10 == 0:
+                el = time.perf_counter() - t0
+                print(f"  explained {i - start + 1}/{n} scenes ({el:.0f} s)", flush=True)
+    return recs
+
+
+def _normalise(maps: np.ndarray) -> np.ndarray:
+    m = np.maximum(maps.astype(np.float64), 0)
+    lo = m.min(axis=(-2, -1), keepdims=True)
+    hi = m.max(axis=(-2, -1), keepdims=True)
+    return ((m - lo) / np.where(hi - lo > 0, hi - lo, 1)).astype(np.float32)
+
+
+def refine_record(rec: MapRecord, config) -> np.ndarray:
+    """The record's maps under ``config`` ('raw', 'random', 'paper', 'reference', RefineConfig)."""
+    import diffcam
+
+    if isinstance(config, str) and config == "raw":
+        return _normalise(rec.raw)
+    if isinstance(config, str) and config == "random":
+        rng = np.random.default_rng([rec.index, len(rec.words)])
+        return rng.random(rec.raw.shape).astype(np.float32)
+    maps = _normalise(rec.raw)
+    inter = None
+    if rec.interference is not None and len(rec.interference):
+        inter = [_normalise(rec.interference)] * len(maps)
+    return np.asarray(diffcam.refine(maps, config=config, tokens=list(rec.token_ids) or None,
+                                     interference=inter), np.float32)
+
+
+def score_maps(records: Sequence[MapRecord], config="paper", per_map: bool = False):
+    """Localization summary (metrics.summarize) of every scored map of ``records`` under
+    ``config``; ``n_maps`` and ``n_answers`` / ``n_correct`` are added."""
+    from .. import metrics
+
+    maps, masks = [], []
+    for r in records:
+        if r.raw is None:
+            continue
+        out = refine_record(r, config)
+        maps.extend(out)
+        masks.extend(m[None] for m in r.masks)
+    if not maps:
+        raise ValueError("no scored maps: every answer was wrong or ungrounded")
+    s = metrics.localization(np.stack(maps), masks)
+    summ = metrics.summarize(s)
+    summ.update(n_maps=len(maps), n_answers=len(records),
+                n_correct=sum(r.correct for r in records))
+    return (summ, s) if per_map else summ
+
+
+# ------------------------------------------------------------------------------ sanity check
+def randomised_copy(adapter, seed: int = 0):
+    """The same adapter around a copy of its model with every weight re-initialised (the model
+    parameter randomisation test of Adebayo et al. 2018, full randomisation)."""
+    import copy
+
+    from ..adapters.bundled import BundledAdapter
+
+    model = copy.deepcopy(adapter.model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.apply(model._init_weights)
+    return BundledAdapter(model, adapter.tokenizer, name=adapter.name + "-randomised")
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of two maps (average ranks for ties); 0 for a constant map."""
+    def ranks(x):
+        x = np.asarray(x, np.float64).ravel()
+        order = np.argsort(x, kind="mergesort")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        # average ties
+        _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+        sums = np.bincount(inv, weights=r)
+        return sums[inv] / counts[inv]
+    ra, rb = ranks(a), ranks(b)
+    ra -= ra.mean()
+    rb -= rb.mean()
+    den = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / den) if den > 0 else 0.0
+
+
+def randomisation_check(adapter, records: Sequence[MapRecord], config="paper",
+                        seed: int = 0) -> dict:
+    """Mean Spearman correlation between the maps of the trained model and those of a randomised
+    copy, explaining the *same* answers (teacher forcing) for the same target words."""
+    from ..attribution import Explainer
+
+    rand = randomised_copy(adapter, seed)
+    corr = []
+    with Explainer(rand) as ex:
+        for r in records:
+            if r.raw is None:
+                continue
+            sc = shapes.scene(r.split, r.index)
+            eos = adapter.tokenizer.eos_token
+            pad = len(r.token_ids) - len(r.answer.split())
+            exp = ex.explain(sc.image, r.prompt, targets="all",
+                             answer=r.answer + (" " + eos) * pad)
+            qa = shapes.question(sc, r.kind)
+            idx = [w for w, _ in grounding_for(sc, qa)]
+            raw_r = exp.maps[0]["hires"][idx, 0]
+            rep = _interference_index(r.answer.split())
+            fake = MapRecord(r.split, r.index, r.kind, r.prompt, r.answer, True, raw_r,
+                             r.token_ids, r.masks, r.words,
+                             np.ascontiguousarray(exp.maps[0]["hires"][rep, 0]))
+            a = refine_record(r, config)
+            b = refine_record(fake, config)
+            corr.extend(rank_correlation(x, y) for x, y in zip(a, b))
+    return {"mean_rank_correlation": float(np.mean(corr)), "n_maps": len(corr)}

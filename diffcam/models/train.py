@@ -1,0 +1,267 @@
+"""Train the bundled model on the shapes world (seeded, CPU).
+
+    python -m diffcam.models.train                       # the masked-diffusion model
+    python -m diffcam.models.train --objective ar        # the autoregressive twin
+
+Masked diffusion (LLaDA's SFT recipe): each training answer is padded with ``<eos>`` to
+``gen_length`` tokens; a masking ratio ``t ~ U(eps, 1)`` is drawn per sample, every response token
+is masked with probability ``t``, and the loss is the cross-entropy on the masked positions
+weighted by ``1 / t`` and averaged over the response length.  The prompt (with the image) is
+never masked.  The autoregressive twin uses causal attention and next-token cross-entropy on the
+answer and one ``<eos>``.
+
+Scene ``i`` of the train split is used once, by step ``i // batch``; the run is reproducible from
+its seed (up to floating-point summation order across thread counts).  The weights, the tokenizer
+and ``training_log.json`` are written to ``--out`` (default: the packaged weights folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data import shapes
+from .bundled import (DiffcamTinyConfig, DiffcamTinyForMaskedDiffusion, GEN_LENGTH,
+                      IMAGE_PLACEHOLDER, build_tokenizer, encode_images, weights_dir)
+
+KIND_WEIGHTS = {"describe": 0.4, "colour": 0.2, "presence": 0.2, "count": 0.2}
+
+
+class Batches(torch.utils.data.IterableDataset):
+    """Training batches of (pixels, ids, response start, response length) built from scenes
+    ``[step * batch, (step + 1) * batch)`` of a split."""
+
+    def __init__(self, tok, batch: int, steps: int, start_step: int = 0, split: str = "train",
+                 objective: str = "mdm", gen_length: int = GEN_LENGTH):
+        self.tok, self.batch, self.steps, self.start = tok, batch, steps, start_step
+        self.split, self.objective, self.gen_length = split, objective, gen_length
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            pairs = list(shapes.samples(self.split, step * self.batch, (step + 1) * self.batch,
+                                        kinds=tuple(KIND_WEIGHTS),
+                                        weights=tuple(KIND_WEIGHTS.values())))
+            yield make_batch(self.tok, pairs, self.objective, self.gen_length)
+
+
+def prompt_ids(tok, prompt: str) -> list:
+    """``<bos> <image-placeholder> question...`` (the prompt must start with ``<image>``)."""
+    if not prompt.startswith("<image>"):
+        raise ValueError(f"shapes prompts start with <image>: {prompt!r}")
+    return [tok.bos_token_id, IMAGE_PLACEHOLDER] + tok.encode(prompt[len("<image>"):].strip(),
+                                                               add_special_tokens=False)
+
+
+def make_batch(tok, pairs, objective: str = "mdm", gen_length: int = GEN_LENGTH):
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+    rows, starts, lens = [], [], []
+    for sc, qa in pairs:
+        p = prompt_ids(tok, qa.prompt)
+        a = tok.encode(qa.answer, add_special_tokens=False)
+        if objective == "mdm":
+            if len(a) > gen_length:
+                raise ValueError(f"answer longer than gen_length={gen_length}: {qa.answer!r}")
+            r = a + [eos] * (gen_length - len(a))
+        else:
+            r = a + [eos]
+        starts.append(len(p))
+        lens.append(len(r))
+        rows.append(p + r)
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad, dtype=torch.long)
+    att = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        att[i, :len(r)] = 1
+    pixels = encode_images([sc.image for sc, _ in pairs])
+    return pixels, ids, att, torch.tensor(starts), torch.tensor(lens)
+
+
+def _expanded(model, ids, att, starts):
+    """Attention mask and response starts in the expanded sequence (one image per row)."""
+    n_img = model.config.image_tokens
+    att_e = torch.cat([att[:, :1], att.new_ones(att.shape[0], n_img), att[:, 2:]], dim=1)
+    return att_e, starts + n_img - 1
+
+
+def _response_view(model, logits, ids, objective):
+    """(logits that score ids[:, 2:], ids[:, 2:]): ids[:, j >= 2] sits at expanded position
+    j + n_img - 1; a masked-diffusion row scores its own position, a causal row the next one."""
+    n_img = model.config.image_tokens
+    L = ids.shape[1] - 2
+    start = n_img + 1 if objective == "mdm" else n_img
+    return logits[:, start:start + L], ids[:, 2:]
+
+
+def loss_mdm(model, batch, gen: torch.Generator, eps: float = 1e-3):
+    pixels, ids, att, starts, lens = batch
+    B = ids.shape[0]
+    t = (1 - eps) * torch.rand(B, generator=gen) + eps
+    pos = torch.arange(ids.shape[1])[None]
+    resp = (pos >= starts[:, None]) & (pos < (starts + lens)[:, None])
+    masked = resp & (torch.rand(ids.shape, generator=gen) < t[:, None])
+    noisy = torch.where(masked, torch.full_like(ids, model.config.mask_token_id), ids)
+    att_e, _ = _expanded(model, ids, att, starts)
+    logits = model(input_ids=noisy, pixel_values=pixels, attention_mask=att_e)
+    lg, tgt = _response_view(model, logits, ids, "mdm")
+    m = masked[:, 2:]
+    ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none")
+    ce = ce.reshape(tgt.shape) * m / t[:, None]
+    return (ce.sum(1) / lens).mean(), masked.sum().item()
+
+
+def loss_ar(model, batch):
+    pixels, ids, att, starts, lens = batch
+    att_e, _ = _expanded(model, ids, att, starts)
+    logits = model(input_ids=ids, pixel_values=pixels, attention_mask=att_e)
+    pos = torch.arange(ids.shape[1])[None]
+    resp = (pos >= starts[:, None]) & (pos < (starts + lens)[:, None])
+    lg, tgt = _response_view(model, logits, ids, "ar")
+    m = resp[:, 2:]
+    ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none")
+    ce = ce.reshape(tgt.shape) * m
+    return ce.sum() / m.sum(), int(m.sum())
+
+
+@torch.no_grad()
+def quick_eval(model, tok, batch, objective: str) -> float:
+    """Answer-word accuracy of a one-shot prediction of the whole (fully masked) response (mdm)
+    or of teacher-forced next-token prediction (ar) on a fixed validation batch."""
+    model.eval()
+    pixels, ids, att, starts, lens = batch
+    pos = torch.arange(ids.shape[1])[None]
+    resp = (pos >= starts[:, None]) & (pos < (starts + lens)[:, None])
+    att_e, _ = _expanded(model, ids, att, starts)
+    if objective == "mdm":
+        noisy = torch.where(resp, torch.full_like(ids, model.config.mask_token_id), ids)
+        logits = model(input_ids=noisy, pixel_values=pixels, attention_mask=att_e)
+    else:
+        logits = model(input_ids=ids, pixel_values=pixels, attention_mask=att_e)
+    lg, tgt = _response_view(model, logits, ids, objective)
+    m = resp[:, 2:] & (tgt != tok.eos_token_id)     # answer words only (not the <eos> padding)
+    pred = lg.argmax(-1)
+    model.train()
+    return float(((pred == tgt) & m).sum() / m.sum())
+
+
+def build_model(tok, objective: str, hidden: int, layers: int, heads: int, seed: int):
+    from transformers import LlamaConfig
+
+    torch.manual_seed(seed)
+    tc = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=3 * hidden,
+                     num_hidden_layers=layers, num_attention_heads=heads,
+                     num_key_value_heads=heads, max_position_embeddings=256,
+                     tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    tc._attn_implementation = "sdpa"
+    cfg = DiffcamTinyConfig(text_config=tc, causal=(objective == "ar"),
+                            mask_token_id=tok.mask_token_id, bos_token_id=tok.bos_token_id,
+                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg._attn_implementation = "sdpa"
+    return DiffcamTinyForMaskedDiffusion(cfg)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m diffcam.models.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--objective", choices=("mdm", "ar"), default="mdm")
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    ap.add_argument("--max-minutes", type=float, default=50.0,
+                    help="stop early (and still save) when the run would exceed this")
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--out", default=None, help="output folder (default: the packaged weights)")
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or weights_dir("diffusion" if args.objective == "mdm" else "autoregressive")
+    tok = build_tokenizer()
+    model = build_model(tok, args.objective, args.hidden, args.layers, args.heads, args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[train] objective={args.objective} params={n_params / 1e6:.2f}M steps={args.steps} "
+          f"batch={args.batch} threads={torch.get_num_threads()} -> {out}", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+
+    def lr_at(s, minutes=0.0):
+        """Warm-up, then cosine decay to 5 %.  Progress is the larger of the step fraction and
+        the time fraction of --max-minutes, so a slow (shared) machine still ends the schedule
+        inside the time budget (the run then does fewer steps; training_log.json records them)."""
+        if s < args.warmup:
+            return args.lr * (s + 1) / args.warmup
+        p = (s - args.warmup) / max(1, args.steps - args.warmup)
+        p = min(1.0, max(p, minutes / args.max_minutes))
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
+
+    val = make_batch(tok, list(shapes.samples("val", 0, 96, kinds=tuple(KIND_WEIGHTS),
+                                              weights=tuple(KIND_WEIGHTS.values()))),
+                     args.objective)
+    data = torch.utils.data.DataLoader(Batches(tok, args.batch, args.steps,
+                                               objective=args.objective),
+                                       batch_size=None, num_workers=1, prefetch_factor=4)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    log = {"args": vars(args), "params": n_params, "history": []}
+    t0 = time.perf_counter()
+    model.train()
+    run_loss, run_n, done = 0.0, 0, 0
+    for step, batch in enumerate(data):
+        lr = lr_at(step, (time.perf_counter() - t0) / 60)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        if args.objective == "mdm":
+            loss, _ = loss_mdm(model, batch, gen)
+        else:
+            loss, _ = loss_ar(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        run_loss += loss.item()
+        run_n += 1
+        done = step + 1
+        elapsed = time.perf_counter() - t0
+        if done % args.eval_every == 0 or done == args.steps:
+            acc = quick_eval(model, tok, val, args.objective)
+            rec = {"step": done, "loss": run_loss / run_n, "val_token_acc": acc,
+                   "minutes": elapsed / 60, "lr": lr}
+            log["history"].append(rec)
+            eta = elapsed / done * (args.steps - done) / 60
+            print(f"[train] step {done}/{args.steps} loss {rec['loss']:.4f} val-acc {acc:.3f} "
+                  f"{elapsed / 60:.1f} min (eta {eta:.1f} min)", flush=True)
+            run_loss, run_n = 0.0, 0
+        if elapsed / 60 * (done + 1) / done > args.max_minutes:
+            print(f"[train] stopping at step {done}: the next step would pass "
+                  f"--max-minutes={args.max_minutes}", flush=True)
+            break
+    minutes = (time.perf_counter() - t0) / 60
+    model.eval()
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    log.update({"steps_done": done, "train_minutes": minutes, "scenes_seen": done * args.batch,
+                "machine": f"{platform.machine()} {os.cpu_count()} cores, "
+                           f"torch {torch.__version__}, python {sys.version.split()[0]}"})
+    with open(os.path.join(out, "training_log.json"), "w") as f:
+        json.dump(log, f, indent=1)
+    print(f"[train] saved to {out} after {done} steps, {minutes:.1f} min", flush=True)
+    return log
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Tests of the bundled model: training, loading, quality on the shipped weights."""

@@ -1,0 +1,130 @@
+"""The shipped bundled model: it loads offline, packs images like LLaDA-V, answers held-out
+questions, and its Diffusion-CAM maps point at the objects it names (issue 5, item 4).
+
+Sizes are kept small for CI (a few hundred held-out questions); docs/bundled_model.md reports
+the same scores on larger samples."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import diffcam
+from diffcam.data import shapes
+from diffcam.models import evaluate
+from diffcam.models.bundled import weights_dir
+
+N_QA = 150          # scenes for the colour / presence / count questions (450 questions)
+N_DESCRIBE = 100    # scenes for the descriptions
+N_MAPS = 40         # scenes whose description maps are scored
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return diffcam.load("bundled")
+
+
+def test_shipped_files_and_size():
+    d = weights_dir("diffusion")
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "training_log.json"):
+        assert os.path.isfile(os.path.join(d, f)), f
+    assert os.path.getsize(os.path.join(d, "model.safetensors")) <= 20 * 2 ** 20
+
+
+def test_structure_and_packing(adapter):
+    m = adapter.model
+    assert type(m.model).__name__ == "LlamaModel" and m.config.text_config.is_causal is False
+    assert adapter.blocks() is m.model.layers and adapter.logit_shift == 0
+    sc = shapes.scene("test", 3)
+    s = adapter.prepare([sc.image], "<image> describe the image .")
+    lay = s.layouts[0]
+    base, hires = lay.grid("base"), lay.grid("hires")
+    assert lay.span_start == 1 and base.shape == (4, 4) and hires.shape == (12, 12)
+    # the newline column: 12 rows of 13 tokens after the 16 base tokens, the 13th is the newline
+    pos = hires.positions(0)
+    assert pos[0, 0] == 16 and pos[1, 0] == 16 + 13 and pos[11, 11] == 16 + 11 * 13 + 11
+    # a marker planted in the vision output of cell (5, 7) lands at that cell's position
+    k = int(pos[5, 7])
+    marker = torch.full((m.config.text_config.hidden_size,), 3.0)
+
+    def hook(i, f):
+        f = f.clone()
+        f[k] = marker
+        return f
+    m.feature_hook = hook
+    try:
+        s2 = adapter.prepare([sc.image], "<image> describe the image .")
+    finally:
+        m.feature_hook = None
+    diff = (s2.inputs_embeds - s.inputs_embeds).abs().sum(-1)
+    assert diff.nonzero().flatten().tolist() == [lay.span_start + k]
+    nl = lay.span_start + 16 + 12
+    assert torch.allclose(s.inputs_embeds[nl], m.image_newline)
+
+
+def test_save_load_round_trip(adapter, tmp_path):
+    adapter.model.save_pretrained(tmp_path)
+    again = diffcam.load("bundled", str(tmp_path), tokenizer=adapter.tokenizer)
+    for (n, p), (_, q) in zip(adapter.model.named_parameters(), again.model.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_sdpa_and_eager_give_the_same_maps(adapter):
+    eager = diffcam.load("bundled", attn_implementation="eager")
+    sc = shapes.scene("test", 5)
+    qa = shapes.question(sc, "describe")
+    maps = []
+    for ad in (adapter, eager):
+        with diffcam.Explainer(ad) as ex:
+            maps.append(ex.explain(sc.image, qa.prompt, targets="all",
+                                   answer=qa.answer).maps[0]["hires"])
+    np.testing.assert_allclose(maps[0], maps[1], rtol=2e-3, atol=1e-5 * np.abs(maps[1]).max())
+
+
+@pytest.fixture(scope="module")
+def qa_accuracy(adapter):
+    return evaluate.answer_accuracy(adapter, "test", n=N_QA, kinds=("colour", "presence", "count"))
+
+
+def test_questions_answered(qa_accuracy):
+    pooled = np.mean(list(qa_accuracy.values()))
+    assert pooled >= 0.95, qa_accuracy
+
+
+def test_descriptions_exact(adapter):
+    acc = evaluate.answer_accuracy(adapter, "test", n=N_DESCRIBE, start=N_QA,
+                                   kinds=("describe",))
+    assert acc["describe"] >= 0.80, acc
+
+
+@pytest.fixture(scope="module")
+def records(adapter):
+    return evaluate.collect_maps(adapter, "test", n=N_MAPS, start=500)
+
+
+def test_diffusion_cam_beats_random_and_raw(records):
+    scores = {c: evaluate.score_maps(records, c) for c in ("random", "raw", "paper")}
+    assert scores["paper"]["n_maps"] >= 2 * N_MAPS  # at least one object per scene, 2 words each
+    for other in ("random", "raw"):
+        for metric in ("obj_iou", "f3_of_means"):
+            assert scores["paper"][metric] > scores[other][metric], (metric, other, scores)
+
+
+def test_parameter_randomisation(adapter, records):
+    res = evaluate.randomisation_check(adapter, records[:15], config="paper")
+    assert res["n_maps"] >= 30
+    assert res["mean_rank_correlation"] < 0.2, res
+
+
+def test_rank_correlation_reference():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    a = rng.random((12, 12))
+    assert evaluate.rank_correlation(a, a ** 3) == pytest.approx(1.0)
+    assert evaluate.rank_correlation(a, -a) == pytest.approx(-1.0)
+    assert evaluate.rank_correlation(a, np.ones_like(a)) == 0.0
+    for _ in range(5):
+        x, y = np.round(rng.random((12, 12)) * 4), rng.random((12, 12)) + a  # ties in x
+        assert evaluate.rank_correlation(x, y) == pytest.approx(
+            stats.spearmanr(x.ravel(), y.ravel()).statistic, abs=1e-12)

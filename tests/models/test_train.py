@@ -1,0 +1,75 @@
+"""The training script runs end to end and its output loads through diffcam.load; the loss
+weights and logit rows of both objectives are the right ones."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import diffcam
+from diffcam.data import shapes
+from diffcam.models import train
+from diffcam.models.bundled import build_tokenizer
+
+
+def test_tiny_training_run_saves_a_loadable_model(tmp_path):
+    out = tmp_path / "w"
+    log = train.main(["--steps", "3", "--batch", "4", "--hidden", "32", "--layers", "2",
+                      "--heads", "2", "--eval-every", "3", "--out", str(out)])
+    assert log["steps_done"] == 3 and len(log["history"]) == 1
+    saved = json.load(open(out / "training_log.json"))
+    assert saved["scenes_seen"] == 12 and saved["args"]["hidden"] == 32
+    ad = diffcam.load("bundled", str(out))
+    assert len(ad.blocks()) == 2 and ad.model.config.text_config.hidden_size == 32
+    sc = shapes.scene("test", 0)
+    s = ad.prepare([sc.image], "<image> describe the image .")
+    lay = s.layouts[0]
+    assert lay.span_start == 1 and lay.span_length == 16 + 12 * 13
+    assert lay.grid("base").shape == (4, 4) and lay.grid("hires").shape == (12, 12)
+
+
+def _batch(objective):
+    tok = build_tokenizer()
+    pairs = list(shapes.samples("val", 0, 3))
+    return tok, pairs, train.make_batch(tok, pairs, objective)
+
+
+def test_make_batch_layout():
+    tok, pairs, (pix, ids, att, starts, lens) = _batch("mdm")
+    assert pix.shape == (3, 3, 96, 96)
+    for i, (sc, qa) in enumerate(pairs):
+        row = ids[i, :int(att[i].sum())].tolist()
+        assert row[:2] == [tok.bos_token_id, -200]
+        ans = tok.encode(qa.answer, add_special_tokens=False)
+        assert row[starts[i]:starts[i] + len(ans)] == ans
+        assert lens[i] == 18 and row[starts[i] + len(ans):] == [tok.eos_token_id] * (18 - len(ans))
+
+
+def test_mdm_loss_reads_own_rows_and_ar_loss_next_rows():
+    """With a model whose logits equal a one-hot of the *input* ids at each position, the masked
+    diffusion view must line up row j with token j, the causal view row j-1 with token j."""
+    tok, pairs, batch = _batch("mdm")
+    model = train.build_model(tok, "mdm", 32, 1, 2, seed=0)
+    pix, ids, att, starts, lens = batch
+    n_img = model.config.image_tokens
+    # fake logits: the expanded sequence's own ids as one-hot
+    exp_ids = torch.cat([ids[:, :1], torch.full((ids.shape[0], n_img), 0), ids[:, 2:]], 1)
+    logits = torch.nn.functional.one_hot(exp_ids, len(tok)).float()
+    lg, tgt = train._response_view(model, logits, ids, "mdm")
+    assert torch.equal(lg.argmax(-1), tgt)
+    lg, tgt = train._response_view(model, logits, ids, "ar")
+    # the causal view at row j holds the id of position j-1 of ids[:, 2:] -> shifted by one
+    assert torch.equal(lg.argmax(-1)[:, 1:], tgt[:, :-1])
+
+
+def test_mdm_loss_only_on_masked_response_tokens():
+    tok, pairs, batch = _batch("mdm")
+    model = train.build_model(tok, "mdm", 32, 1, 2, seed=0)
+    g = torch.Generator().manual_seed(0)
+    loss, n_masked = train.loss_mdm(model, batch, g)
+    assert torch.isfinite(loss) and 0 < n_masked <= 3 * 18
+    loss.backward()
+    assert model.lm_head.weight.grad is not None
+    with pytest.raises(ValueError, match="start with <image>"):
+        train.prompt_ids(tok, "describe <image>")
