@@ -130,6 +130,10 @@ class Adapter(abc.ABC):
     name: str = "adapter"
     #: the GenerationConfig the Explainer uses when none is given (None: ``GenerationConfig()``)
     default_generation: Optional["GenerationConfig"] = None
+    #: True when :meth:`forward` accepts the extras of one sample (batch dim 1) for a batch of
+    #: rows: the Explainer then runs rows with equal extras (several states of one sample) in one
+    #: batched forward instead of one forward per row
+    broadcast_extras: bool = False
 
     # ----------------------------------------------------------------- abstract
     @abc.abstractmethod

@@ -413,7 +413,7 @@ class Explainer:
         del seqs
         attn_arg = None if all(n == L for n in lengths) else attn
         extras_list = [ad.extend_extras(prepared[i], L) for i, _, _ in rows]
-        extras = self._collate(extras_list)
+        extras = self._collate(extras_list, getattr(ad, "broadcast_extras", False))
 
         agg_only = getattr(self, "_aggregate_only", False)
         T = [0 if agg_only else len(infos[i][3]) for i, _, _ in rows]
@@ -529,10 +529,15 @@ class Explainer:
         return sum(1 for bb in range(b) if rows[bb][0] == i)
 
     @staticmethod
-    def _collate(extras_list):
+    def _collate(extras_list, broadcast=False):
+        """One extras dict for the batched forward, or _PER_ROW.  ``broadcast``: the adapter's
+        forward accepts one sample's extras for a batch of rows (``Adapter.broadcast_extras``),
+        so rows with equal extras (e.g. several states of one sample) share one forward."""
         if all(not e for e in extras_list):
             return {}
         if len(extras_list) == 1:
+            return extras_list[0]
+        if broadcast and all(_same_extras(e, extras_list[0]) for e in extras_list[1:]):
             return extras_list[0]
         return _PER_ROW
 
@@ -696,6 +701,20 @@ class _HeadCapture:
 
 
 _PER_ROW = _PerRow()
+
+
+def _same_extras(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if torch.is_tensor(x) or torch.is_tensor(y):
+            if not (torch.is_tensor(x) and torch.is_tensor(y) and x.shape == y.shape
+                    and (x is y or torch.equal(x, y))):
+                return False
+        elif x != y:
+            return False
+    return True
 
 
 def _accepts_kw(fn) -> bool:
