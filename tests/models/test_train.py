@@ -16,10 +16,11 @@ from diffcam.models.bundled import build_tokenizer
 def test_tiny_training_run_saves_a_loadable_model(tmp_path):
     out = tmp_path / "w"
     log = train.main(["--steps", "3", "--batch", "4", "--hidden", "32", "--layers", "2",
-                      "--heads", "2", "--eval-every", "3", "--out", str(out)])
+                      "--heads", "2", "--eval-every", "3", "--vision-steps", "2", "--out", str(out)])
     assert log["steps_done"] == 3 and len(log["history"]) == 1
     saved = json.load(open(out / "training_log.json"))
     assert saved["scenes_seen"] == 12 and saved["args"]["hidden"] == 32
+    assert [h["step"] for h in saved["vision_history"]] == [2]
     ad = diffcam.load("bundled", str(out))
     assert len(ad.blocks()) == 2 and ad.model.config.text_config.hidden_size == 32
     sc = shapes.scene("test", 0)
@@ -73,3 +74,21 @@ def test_mdm_loss_only_on_masked_response_tokens():
     assert model.lm_head.weight.grad is not None
     with pytest.raises(ValueError, match="start with <image>"):
         train.prompt_ids(tok, "describe <image>")
+
+
+def test_patch_labels_follow_the_masks():
+    sc = shapes.scene("val", 11)
+    col, shp = train.patch_labels(sc)
+    assert col.shape == shp.shape == (12, 12)
+    assert ((col > 0) == (shp > 0)).all()
+    for k in sc.named:
+        cover = sc.masks[k].reshape(12, 8, 12, 8).mean(axis=(1, 3))
+        # every cell this object covers most (and at least 30 %) carries its labels
+        others = np.stack([sc.masks[j].reshape(12, 8, 12, 8).mean(axis=(1, 3))
+                           for j in sc.named if j != k] or [np.zeros((12, 12))])
+        own = (cover >= 0.3) & (cover > others.max(0))
+        assert own.any()
+        assert (col[own] == 1 + list(shapes.COLOURS).index(sc.colours[k])).all()
+        assert (shp[own] == 1 + shapes.SHAPES.index(sc.shapes[k])).all()
+    assert (col[sc.masks[:sc.n_named].reshape(-1, 12, 8, 12, 8).mean(axis=(2, 4)).max(0) < 0.3]
+            == 0).all()
