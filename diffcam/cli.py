@@ -1,9 +1,11 @@
 """The ``diffcam`` command line.
 
-    diffcam demo [--out DIR] [--scenes N]    refinement demo with metrics and overlays
+    diffcam demo [--out DIR] [--scenes N]    the bundled model explains held-out scenes
     diffcam backends                          which kernel backends can run here, and why not
     diffcam refine IN.npy OUT.npy [--preset paper|reference] [--backend NAME] [--normalize]
     diffcam bench [--quick] [--backend NAME] [--json PATH]
+    diffcam eval [--val N] [--test N] [--cache DIR] [--out docs/benchmark.md]
+                                              the paper's tables on the bundled benchmark
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ def _cmd_backends(args) -> int:
 def _cmd_demo(args) -> int:
     from diffcam import demo
 
-    demo.run(args.out, scenes=args.scenes, seed=args.seed, backend=args.backend)
+    if args.synthetic:
+        demo.run_synthetic(args.out, scenes=args.scenes or 8, seed=args.seed,
+                           backend=args.backend)
+    else:
+        demo.run(args.out, scenes=args.scenes or 6, start=args.seed, backend=args.backend)
     return 0
 
 
@@ -52,15 +58,68 @@ def _cmd_bench(args) -> int:
     return bench.main(args.rest)
 
 
+def _eval_command(args) -> str:
+    """The canonical command line that reproduces an ``eval`` run."""
+    import shlex
+
+    parts = ["diffcam", "eval", "--val", str(args.val), "--test", str(args.test),
+             "--kinds", ",".join(args.kinds), "--cache", args.cache, "--out", args.out,
+             "--boot", str(args.boot)]
+    for flag, value in (("--weights", args.weights), ("--layer", args.layer),
+                        ("--threads", args.threads)):
+        if value is not None:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+def _cmd_eval(args) -> int:
+    import os
+    import time
+
+    from diffcam.data import shapes
+    from diffcam.models import tables
+
+    bad = [k for k in args.kinds if k not in shapes.KINDS]
+    if bad:
+        raise ValueError(f"unknown question kind(s) {bad}; expected some of {shapes.KINDS}")
+    if args.val < 1 or args.test < 1:
+        raise ValueError("--val and --test need at least one scene each")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    report = tables.run_benchmark(val=args.val, test=args.test, kinds=args.kinds,
+                                  cache_dir=args.cache, weights=args.weights, layer=args.layer,
+                                  n_boot=args.boot, progress=not args.quiet,
+                                  command=_eval_command(args))
+    text = tables.render_markdown(report)
+    folder = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(folder, exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text)
+    sel = report["selection"]
+    print(f"chosen SICD constants (val): {sel.constants()}")
+    for row, _ in report["headline"]:
+        print(f"  test {row.label:<45} F3 {100 * row.f3:6.2f} %  Obj-IoU {100 * row.obj_iou:6.2f} %"
+              f"  ({row.n_maps} maps)")
+    print(f"wrote {args.out} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="diffcam", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="refinement demo with metrics and overlays")
+    p = sub.add_parser("demo", help="the bundled model explains held-out scenes: overlays, maps "
+                                    "and the paper's metrics")
     p.add_argument("--out", default="diffcam-demo")
-    p.add_argument("--scenes", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scenes", type=int, default=None, help="number of scenes (default 6; 8 "
+                   "with --synthetic)")
+    p.add_argument("--seed", type=int, default=0, help="first test scene (synthetic: RNG seed)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="refinement core only, on synthetic maps (no torch needed)")
     p.add_argument("--backend", default=None)
     p.set_defaults(func=_cmd_demo)
 
@@ -78,6 +137,25 @@ def main(argv=None) -> int:
     p = sub.add_parser("bench", help="run the benchmark suite", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("eval", help="the paper's ablation and sensitivity tables on the bundled "
+                                    "benchmark (writes docs/benchmark.md)")
+    p.add_argument("--val", type=int, default=150, help="val scenes (SICD constants chosen here)")
+    p.add_argument("--test", type=int, default=200, help="test scenes (every table)")
+    p.add_argument("--kinds", type=lambda s: tuple(k for k in s.split(",") if k),
+                   default=("describe", "colour", "presence", "count"),
+                   help="question kinds asked of every scene, comma-separated")
+    p.add_argument("--cache", default="~/.cache/diffcam/eval",
+                   help="folder of the cached maps (reruns are instant)")
+    p.add_argument("--out", default="docs/benchmark.md", help="markdown file written")
+    p.add_argument("--weights", default=None, help="model folder (default: the bundled weights)")
+    p.add_argument("--layer", type=int, default=None, help="hooked block (default: the adapter's)")
+    p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (use 1 on a busy machine: torch's thread pool slows "
+                        "down by an order of magnitude when other processes take the cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_cmd_eval)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:          # the benchmark runner parses its own options

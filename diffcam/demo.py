@@ -147,7 +147,8 @@ def run(out_dir: str = "diffcam-demo", scenes: int = 6, start: int = 0, split: s
     t1 = time.perf_counter()
     for i in range(start, start + scenes):
         ts = time.perf_counter()
-        rec = evaluate.collect_maps(ad, split, n=1, start=i, kinds=("describe",))[0]
+        rec = evaluate.collect_maps(ad, split, n=1, start=i, kinds=("describe",),
+                                    gold_if_wrong=True)[0]
         sc = shapes.scene(split, i)
         row = {"scene": i, "answer": rec.answer, "expected": shapes.describe(sc),
                "correct": rec.correct}
@@ -200,7 +201,7 @@ def _print_model_table(summary, out_dir):
     print(f"{'scene':>5}  {'answer':<52} {'Obj-IoU':>8} {'Contrast':>9} {'Concent.':>9} "
           f"{'F3':>6}")
     for r in summary["scenes"]:
-        ans = r["answer"] + ("" if r["correct"] else "  [wrong]")
+        ans = r["answer"] + ("" if r["correct"] else "  [wrong*]")
         if "paper" in r:
             s = r["paper"]
             print(f"{r['scene']:>5}  {ans:<52} {100 * s['obj_iou']:7.1f}% {s['contrast']:8.2f}x "
@@ -215,6 +216,7 @@ def _print_model_table(summary, out_dir):
         print(f"{label:>58} {100 * s['obj_iou']:7.1f}% {s['contrast']:8.2f}x "
               f"{100 * s['concentration']:8.1f}% {100 * s['f3_of_means']:5.1f}%")
     sec = summary["seconds"]
+    print("* wrong answer: the maps explain the correct description (teacher forcing)")
     print(f"\n{summary['answers_correct']}/{len(summary['scenes'])} answers exactly right; "
           f"{sec['per_scene']:.2f} s per scene (generation + attribution + refinement), model "
           f"loaded in {sec['load']:.1f} s")

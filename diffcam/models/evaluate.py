@@ -143,8 +143,13 @@ def grounding_for(sc, qa) -> List[tuple]:
 
 def collect_maps(adapter, split: str = "test", n: int = 60, start: int = 0,
                  kinds: Sequence[str] = ("describe",), layer: Optional[int] = None,
-                 generation=None, progress: bool = False) -> List[MapRecord]:
-    """Generate, check and explain ``n`` scenes (one question of each of ``kinds`` per scene)."""
+                 generation=None, progress: bool = False,
+                 gold_if_wrong: bool = False) -> List[MapRecord]:
+    """Generate, check and explain ``n`` scenes (one question of each of ``kinds`` per scene).
+
+    ``gold_if_wrong``: when the generated answer is wrong, explain the correct answer instead
+    (teacher forcing, padded with ``<eos>`` like a generated one) so that its words can still be
+    scored; ``rec.correct`` stays False and ``rec.answer`` holds the generated text."""
     from ..attribution import Explainer
 
     recs: List[MapRecord] = []
@@ -159,8 +164,13 @@ def collect_maps(adapter, split: str = "test", n: int = 60, start: int = 0,
                 text = adapter.answer_text(exp.token_ids)
                 rec = MapRecord(split, i, kind, qa.prompt, text, text == qa.answer)
                 recs.append(rec)
-                if not rec.correct or not ground:
+                if not ground or (not rec.correct and not gold_if_wrong):
                     continue
+                if not rec.correct:
+                    pad = len(exp.token_ids) - len(qa.answer.split())
+                    eos = adapter.tokenizer.eos_token
+                    exp = ex.explain(sc.image, qa.prompt, targets="all",
+                                     answer=qa.answer + (" " + eos) * max(0, pad))
                 words = [w.text for w in exp.words]
                 gold = qa.answer.split()
                 if words[:len(gold)] != gold:
