@@ -69,6 +69,8 @@ def _eval_command(args) -> str:
                         ("--threads", args.threads)):
         if value is not None:
             parts += [flag, str(value)]
+    if args.gold_if_wrong:
+        parts.append("--gold-if-wrong")
     return shlex.join(parts)
 
 
@@ -92,7 +94,7 @@ def _cmd_eval(args) -> int:
     report = tables.run_benchmark(val=args.val, test=args.test, kinds=args.kinds,
                                   cache_dir=args.cache, weights=args.weights, layer=args.layer,
                                   n_boot=args.boot, progress=not args.quiet,
-                                  command=_eval_command(args))
+                                  command=_eval_command(args), gold_if_wrong=args.gold_if_wrong)
     text = tables.render_markdown(report)
     folder = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(folder, exist_ok=True)
@@ -154,6 +156,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (use 1 on a busy machine: torch's thread pool slows "
                         "down by an order of magnitude when other processes take the cores)")
+    p.add_argument("--gold-if-wrong", action="store_true",
+                   help="also score the correct answer's maps (teacher forcing) when the model "
+                        "answers wrongly")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_eval)
 

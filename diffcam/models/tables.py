@@ -56,7 +56,7 @@ DEFAULT_KINDS = tuple(shapes.KINDS)
 #: Grid searched on the val split for the paper preset's unstated SICD constants.  ``gate`` is
 #: None (no gate: SICD on every map) or (gate_std, gate_skew).  Grid order is the tie-break order.
 SICD_GRID = {
-    "w_rep": (0.0, 0.5, 1.0, 2.0),
+    "w_rep": (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0),
     "w_out": (0.0, 0.05, 0.1, 0.2, 0.5),
     "gate": (None,) + tuple((s, k) for s in (0.15, 0.25, 0.35) for k in (0.5, 1.0, 2.0)),
 }
@@ -148,8 +148,8 @@ def weights_fingerprint(path: Optional[str] = None) -> str:
 def collect_split(adapter_or_factory, split: str, n: int, kinds: Sequence[str] = DEFAULT_KINDS,
                   cache_dir: Optional[str] = None, fingerprint: str = "", chunk: int = 25,
                   layer: Optional[int] = None, progress: bool = False,
-                  collect: Optional[Callable] = None, stats: Optional[dict] = None
-                  ) -> List[MapRecord]:
+                  collect: Optional[Callable] = None, stats: Optional[dict] = None,
+                  gold_if_wrong: bool = False) -> List[MapRecord]:
     """Records of scenes ``0..n-1`` of ``split`` (one question of each of ``kinds`` per scene).
 
     With ``cache_dir`` the records are cached in chunks of ``chunk`` scenes, one ``.npz`` per
@@ -157,7 +157,10 @@ def collect_split(adapter_or_factory, split: str, n: int, kinds: Sequence[str] =
     weights' hash), so a rerun is instant and a larger ``n`` only explains the new scenes.
     ``adapter_or_factory`` is an adapter or a callable returning one (called only on a cache
     miss).  ``collect`` replaces :func:`~diffcam.models.evaluate.collect_maps` (tests);
-    ``stats`` (a dict) receives the number of scenes ``"cached"`` and ``"explained"``.
+    ``stats`` (a dict) receives the number of scenes ``"cached"`` and ``"explained"`` and the
+    seconds spent explaining them (``"explained_seconds"``, and ``"cached_seconds"``: the time
+    the cached chunks took when they were made).  ``gold_if_wrong`` also explains the correct
+    answer of a wrongly answered question (see ``collect_maps``; a separate cache entry).
     """
     from . import evaluate
 
@@ -173,21 +176,29 @@ def collect_split(adapter_or_factory, split: str, n: int, kinds: Sequence[str] =
         hi = min(n, lo + chunk)
         path = None
         if cache_dir:
-            tag = "-".join(kinds)
+            tag = "-".join(kinds) + ("_gold" if gold_if_wrong else "")
             name = f"{split}_{lo:06d}-{hi:06d}_{tag}_L{layer if layer is not None else 'd'}" \
                    f"_{fingerprint or 'nofp'}.npz"
             path = os.path.join(os.path.expanduser(cache_dir), name)
             if os.path.isfile(path):
-                out.extend(load_records(path))
+                recs, meta = load_records(path, with_meta=True)
+                out.extend(recs)
                 stats["cached"] += hi - lo
+                if "seconds" in meta:
+                    stats["cached_seconds"] = stats.get("cached_seconds", 0.0) + meta["seconds"]
                 continue
         if adapter is None:
             adapter = adapter_or_factory() if callable(adapter_or_factory) and not hasattr(
                 adapter_or_factory, "prepare") else adapter_or_factory
-        recs = collect(adapter, split, n=hi - lo, start=lo, kinds=kinds, layer=layer)
+        t1 = time.perf_counter()
+        extra = {"gold_if_wrong": True} if gold_if_wrong else {}
+        recs = collect(adapter, split, n=hi - lo, start=lo, kinds=kinds, layer=layer, **extra)
+        dt = time.perf_counter() - t1
+        stats["explained_seconds"] = stats.get("explained_seconds", 0.0) + dt
         if path:
             save_records(path, recs, meta={"split": split, "start": lo, "stop": hi,
-                                           "kinds": list(kinds), "fingerprint": fingerprint})
+                                           "kinds": list(kinds), "fingerprint": fingerprint,
+                                           "seconds": dt, "machine": _machine()})
         out.extend(recs)
         stats["explained"] += hi - lo
         if progress:
@@ -594,12 +605,13 @@ def run_benchmark(val: int = 150, test: int = 200, kinds: Sequence[str] = DEFAUL
                   cache_dir: Optional[str] = None, weights: Optional[str] = None,
                   layer: Optional[int] = None, n_boot: int = 1000, progress: bool = False,
                   command: str = "", adapter=None, records: Optional[dict] = None,
-                  grid: Optional[dict] = None) -> dict:
+                  grid: Optional[dict] = None, gold_if_wrong: bool = False) -> dict:
     """Collect (or load) the val and test records, select the SICD constants on val, and compute
     every table on test.  Returns the report :func:`render_markdown` writes.
 
     ``records`` (``{"val": [...], "test": [...]}``) skips the collection (tests, notebooks);
-    ``adapter`` replaces ``diffcam.load("bundled", weights)``.
+    ``adapter`` replaces ``diffcam.load("bundled", weights)``; ``gold_if_wrong`` scores the
+    correct answer's maps for wrongly answered questions too (teacher forcing).
     """
     t_start = time.perf_counter()
     fp = ""
@@ -621,7 +633,8 @@ def run_benchmark(val: int = 150, test: int = 200, kinds: Sequence[str] = DEFAUL
                 print(f"collecting {split}: {n} scenes x {len(kinds)} questions", flush=True)
             st: dict = {}
             records[split] = collect_split(source, split, n, kinds, cache_dir, fp,
-                                           layer=layer, progress=progress, stats=st)
+                                           layer=layer, progress=progress, stats=st,
+                                           gold_if_wrong=gold_if_wrong)
             timings[f"collect_{split}_s"] = time.perf_counter() - t0
             cache_stats[split] = st
     else:
@@ -657,8 +670,21 @@ def run_benchmark(val: int = 150, test: int = 200, kinds: Sequence[str] = DEFAUL
         print("sensitivity sweeps on test", flush=True)
     sweeps = {name: sweep(pt, paper_cfg, name) for name in SWEEP_FIELDS}
     timings["sweeps_s"] = time.perf_counter() - t0
-    sel_test = score(pt, paper_cfg, "chosen on test")
-    base_test = score(pt, RefineConfig.paper(), "config.py on test")
+    sel_test = headline[3]
+    base_test = headline[2]
+    chosen_val = score(pv, paper_cfg, "chosen")
+    sel_deltas = {"val_vs_config": paired_delta(pv, chosen_val, sel.baseline, n_boot),
+                  "val_vs_sicd_off": paired_delta(pv, chosen_val, sel.sicd_off, n_boot),
+                  "test_vs_config": paired_delta(pt, sel_test, base_test, n_boot)}
+    by_kind = {}
+    for r in headline:
+        for k in sorted(set(pt.kind.tolist()), key=lambda x: list(shapes.KINDS).index(x)
+                        if x in shapes.KINDS else 99):
+            m = pt.kind == k
+            mean = r.per_map[m].mean(axis=0)
+            by_kind.setdefault(k, []).append((r.label, float(f3_vec(*mean)), int(m.sum())))
+    fallback = {name: float(np.mean([len(x) == 0 for x in p.interference]))
+                for name, p in (("val", pv), ("test", pt))}
     timings["total_s"] = time.perf_counter() - t_start
     for rows in list(abl.values()) + [headline]:
         for r in rows:
@@ -679,6 +705,10 @@ def run_benchmark(val: int = 150, test: int = 200, kinds: Sequence[str] = DEFAUL
                    for s, p in (("val", pv), ("test", pt))},
         "selection": sel,
         "selection_test": (sel_test, base_test),
+        "selection_deltas": sel_deltas,
+        "by_kind": by_kind,
+        "grid": SICD_GRID if grid is None else grid,
+        "uniform_fallback": fallback,
         "headline": list(zip(headline, deltas)),
         "ablation": abl,
         "verdicts": verdicts,
@@ -687,6 +717,7 @@ def run_benchmark(val: int = 150, test: int = 200, kinds: Sequence[str] = DEFAUL
         "timings": timings,
         "cache": cache_stats,
         "cache_dir": cache_dir,
+        "gold_if_wrong": gold_if_wrong,
     }
 
 
@@ -735,6 +766,7 @@ def _cfg_line(cfg: RefineConfig) -> str:
 def render_markdown(report: dict) -> str:
     """docs/benchmark.md from a :func:`run_benchmark` report."""
     sel: Selection = report["selection"]
+    g = report.get("grid", SICD_GRID)
     paper_cfg: RefineConfig = report["presets"]["paper"]
     default = RefineConfig.paper()
     L: List[str] = []
@@ -764,6 +796,8 @@ def render_markdown(report: dict) -> str:
                       for k, v in report["timings"].items() if k != "total_s") + ")"
           + "".join(f"; {s}: {c.get('explained', 0)} scenes explained in this run, "
                     f"{c.get('cached', 0)} read from the cache"
+                    + (f" (explaining them took {c['cached_seconds']:.0f} s when the cache was "
+                       "filled)" if c.get("cached") and "cached_seconds" in c else "")
                     for s, c in report.get("cache", {}).items()),
           ""]
     L += ["## Data", "",
@@ -771,9 +805,12 @@ def render_markdown(report: dict) -> str:
           "sampler; a right answer's grounded words (colour and shape words of a description, the "
           "colour of a colour question, `yes` of a presence question, the number of a count "
           "question) are explained and each map is scored against the mask of the object(s) the "
-          "word refers to (12x12 maps, 96x96 masks).  Wrong answers are not scored.",
+          "word refers to (12x12 maps, 96x96 masks).  "
+          + ("For a wrong answer the correct answer is explained instead (teacher forcing, "
+             "`--gold-if-wrong`), so every question with a grounded answer is scored."
+             if report.get("gold_if_wrong") else "Wrong answers are not scored."),
           "",
-          "| split | scenes | questions | right answers | scored maps | accuracy per kind |",
+          "| split | scenes | questions | right answers | scored maps | right answers per kind |",
           "|---|---:|---:|---:|---:|---|"]
     for s, d in report["splits"].items():
         acc = ", ".join(f"{k} {c}/{n}" for k, (c, n) in d["accuracy"].items())
@@ -791,8 +828,9 @@ def render_markdown(report: dict) -> str:
     L += ["## Choosing the paper preset's unstated SICD constants (val split)", "",
           "The paper does not give SICD's weights `w_rep`, `w_out` or its gate.  They are chosen "
           f"on the **val** split by a grid search over {len(sel.rows)} points "
-          f"(w_rep in {list(SICD_GRID['w_rep'])}, w_out in {list(SICD_GRID['w_out'])}, gate off "
-          "or (gate_std, gate_skew) in {0.15, 0.25, 0.35} x {0.5, 1, 2}), the rest of the paper "
+          f"(w_rep in {list(g['w_rep'])}, w_out in {list(g['w_out'])}, gate: "
+          + ", ".join("off" if x is None else f"(gate_std {x[0]:g}, gate_skew {x[1]:g})"
+                      for x in g["gate"]) + "), the rest of the paper "
           "preset fixed.  Criterion: " + sel.criterion + ".", "",
           f"- **chosen: {_cfg_line(sel.chosen)}** ({sel.label})",
           f"- config.py's `RefineConfig.paper()` today: {_cfg_line(default)}",
@@ -824,14 +862,46 @@ def render_markdown(report: dict) -> str:
                            f"{100 * r.sicd_applied:.0f} %" if not np.isnan(r.sicd_applied)
                            else "-"])
     st, bt = report["selection_test"]
-    L += ["", f"On the **test** split: chosen constants F3 {_pct(st.f3)} %, config.py constants "
-          f"F3 {_pct(bt.f3)} %.", ""]
+    sd = report.get("selection_deltas", {})
+    top = [g[0].f3 for g in groups[:10]]
+    L += [""]
+    if sd:
+        L += [f"- val: chosen minus config.py constants {_ci(sd['val_vs_config'])} F3 points; "
+              f"chosen minus the preset without SICD {_ci(sd['val_vs_sicd_off'])}; the ten best "
+              f"distinct results lie within {100 * (max(top) - min(top)):.3f} points.",
+              f"- test: chosen constants F3 {_pct(st.f3)} %, config.py constants F3 "
+              f"{_pct(bt.f3)} % (difference {_ci(sd['test_vs_config'])})."]
+    else:
+        L += [f"- test: chosen constants F3 {_pct(st.f3)} %, config.py constants F3 "
+              f"{_pct(bt.f3)} %."]
+    if sel.chosen.w_rep == max(g["w_rep"]):
+        L += ["- the chosen w_rep is the largest of the grid: the optimum may lie beyond it."]
+    fb = report.get("uniform_fallback")
+    if fb:
+        L += [f"- {100 * fb['val']:.0f} % of the val maps and {100 * fb['test']:.0f} % of the "
+              "test maps come from answers without a repeated function word, so SICD uses the "
+              "uniform fallback M_rep = rep_scale * r (r: share of repeated token ids, padding "
+              "included).  With w_out = 0 (or small next to w_rep * rep_scale * r) the subtracted term "
+              "is then lambda* I = min(mean(M), "
+              "lambda_max * w_rep * rep_scale * r) on every pixel: SICD subtracts (up to) the "
+              "map's mean and clips at zero, and a larger w_rep lets it subtract more.  The val "
+              "search rewards that background removal, not the debiasing the paper describes."]
+    L += [""]
 
     # --- headline
     L += ["## Headline (test split)", ""]
     L += _table([r for r, _ in report["headline"]], ["F3 - raw (95 % CI)"],
                 lambda r: [_ci(next(d for x, d in report["headline"] if x is r))])
     L += [""]
+    bk = report.get("by_kind")
+    if bk:
+        labels = [lab for lab, _, _ in next(iter(bk.values()))]
+        L += ["F3 of the means per question kind (test):", "",
+              "| kind | maps | " + " | ".join(labels) + " |",
+              "|---|---:|" + "---:|" * len(labels)]
+        for k, vals in bk.items():
+            L.append(f"| {k} | {vals[0][2]} | " + " | ".join(_pct(v) for _, v, _ in vals) + " |")
+        L += [""]
 
     # --- ablation
     L += ["## Ablation (Table 2 of the paper; test split)", "",
@@ -867,21 +937,28 @@ def render_markdown(report: dict) -> str:
           f"({_cfg_line(paper_cfg)}); everything else fixed.  The DACG columns give the share of "
           "maps in each branch (high_var: sigma > var_threshold -> 90th percentile; high_mean: "
           "mu > high_mean -> 75th; low_mean: mu < low_mean -> 80th; default -> 85th).  "
-          "The SICD gate sweeps switch the gate on.", ""]
+          "The SICD gate sweeps switch the gate on (SICD then runs on a map whose std exceeds "
+          "gate_std or whose skewness exceeds gate_skew), the other gate threshold staying at "
+          f"its preset value (gate_std {paper_cfg.gate_std:g}, gate_skew "
+          f"{paper_cfg.gate_skew:g}).", ""]
     titles = {"var_threshold": "DACG variance threshold (default 0.22)",
               "high_mean": "DACG high-mean threshold (default 0.35)",
               "low_mean": "DACG low-mean threshold (default 0.25)",
               "gate_std": "SICD gate: std threshold",
               "gate_skew": "SICD gate: skewness threshold"}
+    ref_f3 = next(r for r in report["ablation"]["paper"] if r.label == "all four").f3
     for name, rows in report["sweeps"].items():
         L += [f"### {titles.get(name, name)}", ""]
+        delta = ["F3 - preset (points)"]
         if name.startswith("gate"):
-            L += _table(rows, ["SICD changed"],
-                        lambda r: [f"{100 * r.sicd_applied:.0f} %"])
+            L += _table(rows, delta + ["SICD changed"],
+                        lambda r: [f"{100 * (r.f3 - ref_f3):+.4f}",
+                                   f"{100 * r.sicd_applied:.0f} %"])
         else:
-            L += _table(rows, list(BRANCH_NAMES),
-                        lambda r: [f"{100 * r.branches.get(b, 0):.0f} %" for b in BRANCH_NAMES])
+            L += _table(rows, delta + list(BRANCH_NAMES),
+                        lambda r: [f"{100 * (r.f3 - ref_f3):+.4f}"]
+                        + [f"{100 * r.branches.get(b, 0):.0f} %" for b in BRANCH_NAMES])
         f3s = [r.f3 for r in rows]
-        L += ["", f"F3 range over the sweep: {_pct(min(f3s))} to {_pct(max(f3s))} % "
-                  f"(spread {100 * (max(f3s) - min(f3s)):.2f} points).", ""]
+        L += ["", f"F3 range over the sweep: {100 * min(f3s):.4f} to {100 * max(f3s):.4f} % "
+                  f"(spread {100 * (max(f3s) - min(f3s)):.4f} points).", ""]
     return "\n".join(L).rstrip() + "\n"

@@ -70,14 +70,26 @@ def test_collect_split_uses_the_cache(tmp_path):
     a = tables.collect_split(factory, "val", 7, ("describe",), str(tmp_path), "fp", chunk=3,
                              collect=fake_collect)
     assert calls == [("val", 0, 3), ("val", 3, 3), ("val", 6, 1)] and len(made) == 1
+    stats = {}
     b = tables.collect_split(factory, "val", 7, ("describe",), str(tmp_path), "fp", chunk=3,
-                             collect=fake_collect)
+                             collect=fake_collect, stats=stats)
     assert len(calls) == 3 and len(made) == 1          # all from the cache, no model loaded
+    assert stats["cached"] == 7 and stats["explained"] == 0 and stats["cached_seconds"] >= 0
     assert [r.index for r in a] == [r.index for r in b] == list(range(7))
     assert all(np.array_equal(x.raw, y.raw) for x, y in zip(a, b))
     tables.collect_split(factory, "val", 7, ("describe",), str(tmp_path), "other", chunk=3,
                          collect=fake_collect)          # other weights: a miss
     assert len(calls) == 6
+
+    gold = []
+
+    def fake_gold(adapter, split, n, start, kinds, layer, gold_if_wrong=False):
+        gold.append(gold_if_wrong)
+        return fake_collect(adapter, split, n, start, kinds, layer)
+
+    tables.collect_split(factory, "val", 3, ("describe",), str(tmp_path), "fp", chunk=3,
+                         collect=fake_gold, gold_if_wrong=True)   # its own cache entry
+    assert gold == [True]
 
 
 @pytest.mark.parametrize("config", ["raw", "random", "paper", "reference"])
@@ -214,6 +226,7 @@ def test_markdown_contains_every_row():
     for r, _ in rep["headline"]:
         assert f"| {r.label} |" in md
     assert "chosen:" in md
+    assert "F3 of the means per question kind" in md and "| describe |" in md
     assert "does not help" in md or "helps" in md or "hurts" in md
 
 
@@ -236,6 +249,7 @@ def test_cli_eval_parses(monkeypatch, tmp_path):
                    str(tmp_path / "c"), "--out", str(out), "--quiet"])
     assert rc == 0 and out.is_file()
     assert seen["val"] == 4 and seen["kinds"] == ("describe", "count")
+    assert seen["gold_if_wrong"] is False
     text = out.read_text()
     assert "diffcam eval --val 4 --test 4 --kinds describe,count" in text
     assert cli.main(["eval", "--kinds", "nonsense", "--out", str(out)]) == 2
