@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .generic import GenericAdapter
 from .base import Adapter, GenerationConfig, GenerationResult, PreparedSample
 
 __all__ = ["DiffusionGemmaAdapter", "load", "CHECKPOINTS", "MIN_TRANSFORMERS"]
@@ -266,13 +267,7 @@ class DiffusionGemmaAdapter(Adapter):
 
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("the prompt is empty")
-        if isinstance(images, np.ndarray) and images.ndim == 3:
-            images = [images]
-        images = [np.asarray(im) for im in (images or [])]
-        for i, a in enumerate(images):
-            if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
-                raise ValueError(f"image {i}: expected an RGB uint8 array (H, W, 3), got dtype "
-                                 f"{a.dtype} shape {a.shape}")
+        images = GenericAdapter._check_images(images)
         n_markers = prompt.count(self.image_marker)
         if n_markers == 0 and len(images) == 1:
             prompt = self.image_marker + prompt

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ..attribution.layout import merged_layout
+from .generic import GenericAdapter
 from .base import Adapter, GenerationConfig, GenerationResult, PreparedSample
 from .mmada import probe_attention
 
@@ -248,13 +249,7 @@ class DreamVLAdapter(Adapter):
 
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("the prompt is empty")
-        if isinstance(images, np.ndarray) and images.ndim == 3:
-            images = [images]
-        images = [np.asarray(im) for im in (images or [])]
-        for i, a in enumerate(images):
-            if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
-                raise ValueError(f"image {i}: expected an RGB uint8 array (H, W, 3), got dtype "
-                                 f"{a.dtype} shape {a.shape}")
+        images = GenericAdapter._check_images(images)
         n_markers = prompt.count(self.image_marker)
         if n_markers == 0 and len(images) == 1:
             prompt = self.image_marker + prompt
