@@ -190,10 +190,14 @@ def _background(rng, size: int) -> np.ndarray:
 
 
 def render_scene(rng: np.random.Generator, size: int = IMAGE_SIZE, n_objects: Optional[int] = None,
-                 max_tries: int = 200) -> Scene:
-    """Draw one scene from ``rng`` (1-4 named objects unless ``n_objects`` is given)."""
+                 max_tries: int = 200, object_scale: float = 1.0) -> Scene:
+    """Draw one scene from ``rng`` (1-4 named objects unless ``n_objects`` is given).
+    ``object_scale`` multiplies the object radii (the training curriculum starts with large
+    objects; the splits always use 1)."""
     if size < 64:
         raise ValueError(f"size={size}: scenes need at least 64x64 pixels")
+    if not 0.5 <= object_scale <= 3.0:
+        raise ValueError(f"object_scale={object_scale}: expected 0.5..3")
     s = size / IMAGE_SIZE
     for _ in range(max_tries):
         n = int(rng.integers(1, 5)) if n_objects is None else int(n_objects)
@@ -203,7 +207,7 @@ def render_scene(rng: np.random.Generator, size: int = IMAGE_SIZE, n_objects: Op
         ok = True
         for _k in range(n):
             for _t in range(100):
-                r = rng.uniform(8, 15) * s
+                r = rng.uniform(8, 15) * s * object_scale
                 cx = rng.uniform(r + 2, size - r - 2)
                 cy = rng.uniform(r + 2, size - r - 2)
                 if all(abs(cx - o[1]) >= 11 * s and np.hypot(cx - o[1], cy - o[2]) >= 0.8 * (r + o[3])

@@ -61,6 +61,57 @@ def build_tokenizer():
                                    additional_special_tokens=["<image>"])
 
 
+def sincos_2d(g: int, dim: int) -> torch.Tensor:
+    """(g * g, dim) fixed 2-D position codes of a g x g grid in row-major order: the first half
+    of the channels encode the column, the second half the row, each as sines and cosines of
+    evenly spaced frequencies from half a turn across the grid to a quarter turn per cell."""
+    half = dim // 2
+    nf = half // 2
+    freqs = np.linspace(np.pi / g, np.pi / 2, nf) if nf else np.zeros(0)
+    pos = np.arange(g, dtype=np.float64)
+
+    def code(p):
+        a = p[:, None] * freqs[None]
+        out = np.zeros((g, half))
+        out[:, :2 * nf] = np.concatenate([np.sin(a), np.cos(a)], 1)
+        return out
+
+    cx, cy = code(pos), code(pos)
+    yy, xx = np.meshgrid(np.arange(g), np.arange(g), indexing="ij")
+    full = np.zeros((g * g, dim))
+    full[:, :half] = cx[xx.ravel()]
+    full[:, half:2 * half] = cy[yy.ravel()]
+    return torch.from_numpy(full).to(torch.float32)
+
+
+class EndAnchoredLlamaModel(LlamaModel):
+    """``LlamaModel`` plus a learned embedding of every token's distance from the end of its
+    row (the last ``end_positions`` distances get their own vector, the rest share one).  A
+    masked-diffusion model fills a fixed-length response at the end of the sequence, so this
+    tells each masked slot which answer word it is, which RoPE alone (relative positions, all
+    ``<mask>`` inputs alike) makes slow to learn.  Padding is read from a 2-D attention mask
+    (left or right padding)."""
+
+    def __init__(self, config, end_positions: int):
+        super().__init__(config)
+        self.end_positions = int(end_positions)
+        self.end_pos = nn.Embedding(self.end_positions, config.hidden_size)
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        B, L = inputs_embeds.shape[:2]
+        if attention_mask is not None and attention_mask.dim() == 2:
+            valid = attention_mask.to(torch.long)
+            rank = valid.flip(1).cumsum(1).flip(1) - 1          # valid tokens after this one
+        else:
+            rank = torch.arange(L - 1, -1, -1, device=inputs_embeds.device).expand(B, L)
+        rank = rank.clamp(0, self.end_positions - 1)
+        inputs_embeds = inputs_embeds + self.end_pos(rank).to(inputs_embeds.dtype)
+        return super().forward(attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               **kwargs)
+
+
 class DiffcamTinyConfig(PretrainedConfig):
     """Configuration of the bundled model.
 
@@ -75,7 +126,7 @@ class DiffcamTinyConfig(PretrainedConfig):
     def __init__(self, text_config=None, vision_channels=(32, 64, 96, 96), image_size=96, grid=12,
                  base_pool=3, causal=False, mask_token_id=3, bos_token_id=1, eos_token_id=2,
                  pad_token_id=0, image_placeholder_id=IMAGE_PLACEHOLDER, gen_length=GEN_LENGTH,
-                 **kwargs):
+                 vision_extra_layers=0, end_positions=0, **kwargs):
         if text_config is None:
             text_config = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=384,
                                       num_hidden_layers=4, num_attention_heads=4,
@@ -87,6 +138,8 @@ class DiffcamTinyConfig(PretrainedConfig):
         text_config.is_causal = bool(causal)
         self.text_config = text_config
         self.vision_channels = list(vision_channels)
+        self.vision_extra_layers = int(vision_extra_layers)
+        self.end_positions = int(end_positions)
         self.image_size = int(image_size)
         self.grid = int(grid)
         self.base_pool = int(base_pool)
@@ -107,22 +160,31 @@ class DiffcamTinyConfig(PretrainedConfig):
 
 
 class TinyVisionTower(nn.Module):
-    """Four convolutions, 96x96 RGB -> 12x12 feature map (strides 2, 2, 2, 1)."""
+    """Convolutions, 96x96 RGB -> 12x12 feature map: three strided ones (strides 2, 2, 2), then
+    ``1 + extra_layers`` residual 3x3 convolutions at the grid resolution, which widen the
+    receptive field (32 px with none extra, 64 px with two) so that a cell sees a whole object."""
 
-    def __init__(self, channels: Sequence[int]):
+    def __init__(self, channels: Sequence[int], extra_layers: int = 0):
         super().__init__()
         c1, c2, c3, c4 = channels
         self.conv1 = nn.Conv2d(3, c1, 4, stride=2, padding=1)
         self.conv2 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
         self.conv3 = nn.Conv2d(c2, c3, 3, stride=2, padding=1)
         self.conv4 = nn.Conv2d(c3, c4, 3, stride=1, padding=1)
+        if extra_layers and c3 != c4:
+            raise ValueError("extra vision layers need vision_channels[2] == vision_channels[3]")
+        self.extra = nn.ModuleList([nn.Conv2d(c4, c4, 3, stride=1, padding=1)
+                                    for _ in range(int(extra_layers))])
 
     def forward(self, x):
         x = F.gelu(self.conv1(x))
         x = F.gelu(self.conv2(x))
         x = F.gelu(self.conv3(x))
         y = F.gelu(self.conv4(x))
-        return x + y if x.shape[1] == y.shape[1] else y
+        x = x + y if x.shape[1] == y.shape[1] else y
+        for conv in self.extra:
+            x = x + F.gelu(conv(x))
+        return x
 
 
 def _pixels(images, size: int, device, dtype) -> torch.Tensor:
@@ -155,13 +217,15 @@ class DiffcamTinyForMaskedDiffusion(PreTrainedModel):
         super().__init__(config)
         tc = config.text_config
         d = tc.hidden_size
-        self.vision_tower = TinyVisionTower(config.vision_channels)
+        self.vision_tower = TinyVisionTower(config.vision_channels,
+                                            getattr(config, "vision_extra_layers", 0))
         cv = config.vision_channels[-1]
         self.mm_projector = nn.Sequential(nn.Linear(cv, d), nn.GELU(), nn.Linear(d, d))
         self.base_pos = nn.Parameter(torch.zeros(config.base_grid ** 2, cv))
         self.hires_pos = nn.Parameter(torch.zeros(config.grid ** 2, cv))
         self.image_newline = nn.Parameter(torch.zeros(d))
-        self.model = LlamaModel(tc)
+        n_end = int(getattr(config, "end_positions", 0))
+        self.model = EndAnchoredLlamaModel(tc, n_end) if n_end else LlamaModel(tc)
         self.lm_head = nn.Linear(d, tc.vocab_size, bias=False)
         #: tests may set ``feature_hook(image_index, features) -> features``
         self.feature_hook = None
@@ -176,8 +240,12 @@ class DiffcamTinyForMaskedDiffusion(PreTrainedModel):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, 0.0, std)
         elif isinstance(module, DiffcamTinyForMaskedDiffusion):
-            nn.init.normal_(module.base_pos, 0.0, std)
-            nn.init.normal_(module.hires_pos, 0.0, std)
+            # 2-D sine-cosine start for the learned grid positions: column (x) and row (y)
+            # codes in separate channels, so "left of" is easy to read from the first step
+            cfg = module.config
+            with torch.no_grad():
+                module.base_pos.copy_(0.5 * sincos_2d(cfg.base_grid, module.base_pos.shape[1]))
+                module.hires_pos.copy_(0.5 * sincos_2d(cfg.grid, module.hires_pos.shape[1]))
             nn.init.normal_(module.image_newline, 0.0, std)
         elif hasattr(module, "weight") and module.__class__.__name__.endswith("RMSNorm"):
             nn.init.ones_(module.weight)

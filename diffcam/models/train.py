@@ -41,16 +41,38 @@ class Batches(torch.utils.data.IterableDataset):
     ``[step * batch, (step + 1) * batch)`` of a split."""
 
     def __init__(self, tok, batch: int, steps: int, start_step: int = 0, split: str = "train",
-                 objective: str = "mdm", gen_length: int = GEN_LENGTH):
+                 objective: str = "mdm", gen_length: int = GEN_LENGTH, curriculum: int = 0):
         self.tok, self.batch, self.steps, self.start = tok, batch, steps, start_step
         self.split, self.objective, self.gen_length = split, objective, gen_length
+        self.curriculum = curriculum
 
     def __iter__(self):
         for step in range(self.start, self.steps):
-            pairs = list(shapes.samples(self.split, step * self.batch, (step + 1) * self.batch,
-                                        kinds=tuple(KIND_WEIGHTS),
-                                        weights=tuple(KIND_WEIGHTS.values())))
+            lo, hi = step * self.batch, (step + 1) * self.batch
+            if step < self.curriculum:
+                pairs = list(easy_samples(self.split, lo, hi))
+            else:
+                pairs = list(shapes.samples(self.split, lo, hi, kinds=tuple(KIND_WEIGHTS),
+                                            weights=tuple(KIND_WEIGHTS.values())))
             yield make_batch(self.tok, pairs, self.objective, self.gen_length)
+
+
+def easy_samples(split: str, start: int, stop: int, max_objects: int = 2,
+                 object_scale: float = 1.0):
+    """Curriculum pairs: scenes of ``split`` with one to ``max_objects`` named objects whose
+    radii are multiplied by ``object_scale`` (their own seed stream, salt 7, so they never repeat
+    a scene of the ordinary stream or of another split), questions drawn with
+    :data:`KIND_WEIGHTS`."""
+    kinds = tuple(KIND_WEIGHTS)
+    p = np.asarray(list(KIND_WEIGHTS.values()), float)
+    p = p / p.sum()
+    for i in range(start, stop):
+        r = shapes._rng(split, i, salt=7)
+        sc = shapes.render_scene(r, n_objects=int(r.integers(1, max_objects + 1)),
+                                 object_scale=object_scale)
+        sc.split, sc.index = split, i
+        kind = kinds[int(r.choice(len(kinds), p=p))]
+        yield sc, shapes.question(sc, kind, r)
 
 
 def patch_labels(sc, grid: int = 12, min_cover: float = 0.3):
@@ -88,10 +110,14 @@ class PatchBatches(torch.utils.data.IterableDataset):
                    torch.from_numpy(np.stack([s for _, s in labels])))
 
 
-def pretrain_vision(model, steps: int, batch: int = 64, lr: float = 2e-3, log=print) -> list:
+def pretrain_vision(model, steps: int, batch: int = 64, lr: float = 2e-3, quiet: float = 0.05,
+                    log=print) -> list:
     """Pre-train the vision tower to name the colour and the shape under every grid cell (two
     1x1-convolution heads, discarded afterwards) -- the stand-in for the pretrained vision
-    encoder (SigLIP) that LLaDA-V starts from.  Returns the history."""
+    encoder (SigLIP) that LLaDA-V starts from.  ``quiet`` weighs a penalty on the mean squared
+    feature of cells without a named object, so that the background (and the distractors) give
+    near-constant tokens and the objects stand out to a language model that starts by averaging
+    the image.  Returns the history."""
     c = model.config.vision_channels[-1]
     heads = torch.nn.ModuleList([torch.nn.Conv2d(c, 1 + len(shapes.COLOURS), 1),
                                  torch.nn.Conv2d(c, 1 + len(shapes.SHAPES), 1)])
@@ -105,6 +131,9 @@ def pretrain_vision(model, steps: int, batch: int = 64, lr: float = 2e-3, log=pr
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         f = model.vision_tower(pix)
         loss = F.cross_entropy(heads[0](f), col) + F.cross_entropy(heads[1](f), shp)
+        bg = (col == 0).unsqueeze(1).to(f.dtype)
+        energy = (f.pow(2) * bg).sum() / (bg.sum() * f.shape[1]).clamp(min=1)
+        loss = loss + quiet * energy
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -114,10 +143,10 @@ def pretrain_vision(model, steps: int, batch: int = 64, lr: float = 2e-3, log=pr
                 acc_c = float((heads[0](f).argmax(1) == col)[fg].float().mean()) if fg.any() else 0
                 acc_s = float((heads[1](f).argmax(1) == shp)[fg].float().mean()) if fg.any() else 0
             hist.append({"step": step + 1, "loss": loss.item(), "object_cell_colour_acc": acc_c,
-                         "object_cell_shape_acc": acc_s,
+                         "object_cell_shape_acc": acc_s, "background_energy": energy.item(),
                          "minutes": (time.perf_counter() - t0) / 60})
             log(f"[vision] step {step + 1}/{steps} loss {loss.item():.3f} object-cell accuracy "
-                f"colour {acc_c:.3f} shape {acc_s:.3f}")
+                f"colour {acc_c:.3f} shape {acc_s:.3f} background energy {energy.item():.3f}")
     return hist
 
 
@@ -170,7 +199,7 @@ def _response_view(model, logits, ids, objective):
     return logits[:, start:start + L], ids[:, 2:]
 
 
-def loss_mdm(model, batch, gen: torch.Generator, eps: float = 1e-3):
+def loss_mdm(model, batch, gen: torch.Generator, eps: float = 1e-3, weighting: str = "llada"):
     pixels, ids, att, starts, lens = batch
     B = ids.shape[0]
     # stratified masking ratios (one per 1/B slice of (0, 1), shuffled): the same U(eps, 1)
@@ -187,6 +216,13 @@ def loss_mdm(model, batch, gen: torch.Generator, eps: float = 1e-3):
     lg, tgt = _response_view(model, logits, ids, "mdm")
     m = masked[:, 2:]
     ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none")
+    if weighting == "mean":        # plain mean over the masked tokens of the batch
+        ce = ce.reshape(tgt.shape) * m
+        return ce.sum() / m.sum().clamp(min=1), masked.sum().item()
+    if weighting == "content":     # mean over masked tokens, <eos> padding weighted 0.1
+        w = m * torch.where(tgt == model.config.eos_token_id, 0.1, 1.0)
+        ce = ce.reshape(tgt.shape) * w
+        return ce.sum() / w.sum().clamp(min=1), masked.sum().item()
     ce = ce.reshape(tgt.shape) * m / t[:, None]
     return (ce.sum(1) / lens).mean(), masked.sum().item()
 
@@ -205,9 +241,10 @@ def loss_ar(model, batch):
 
 
 @torch.no_grad()
-def quick_eval(model, tok, batch, objective: str) -> float:
+def quick_eval(model, tok, batch, objective: str, kinds=None):
     """Answer-word accuracy of a one-shot prediction of the whole (fully masked) response (mdm)
-    or of teacher-forced next-token prediction (ar) on a fixed validation batch."""
+    or of teacher-forced next-token prediction (ar) on a fixed validation batch; with ``kinds``
+    (the question kind of every row) a dict ``{"all": acc, kind: acc, ...}``."""
     model.eval()
     pixels, ids, att, starts, lens = batch
     pos = torch.arange(ids.shape[1])[None]
@@ -222,10 +259,18 @@ def quick_eval(model, tok, batch, objective: str) -> float:
     m = resp[:, 2:] & (tgt != tok.eos_token_id)     # answer words only (not the <eos> padding)
     pred = lg.argmax(-1)
     model.train()
-    return float(((pred == tgt) & m).sum() / m.sum())
+    hit = (pred == tgt) & m
+    if kinds is None:
+        return float(hit.sum() / m.sum())
+    out = {"all": float(hit.sum() / m.sum())}
+    for k in dict.fromkeys(kinds):
+        rows = torch.tensor([kk == k for kk in kinds])
+        out[k] = float(hit[rows].sum() / m[rows].sum().clamp(min=1))
+    return out
 
 
-def build_model(tok, objective: str, hidden: int, layers: int, heads: int, seed: int):
+def build_model(tok, objective: str, hidden: int, layers: int, heads: int, seed: int,
+                vision_extra_layers: int = 0, end_positions: int = 0):
     from transformers import LlamaConfig
 
     torch.manual_seed(seed)
@@ -237,7 +282,9 @@ def build_model(tok, objective: str, hidden: int, layers: int, heads: int, seed:
     tc._attn_implementation = "sdpa"
     cfg = DiffcamTinyConfig(text_config=tc, causal=(objective == "ar"),
                             mask_token_id=tok.mask_token_id, bos_token_id=tok.bos_token_id,
-                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                            vision_extra_layers=vision_extra_layers,
+                            end_positions=end_positions if objective == "mdm" else 0)
     cfg._attn_implementation = "sdpa"
     return DiffcamTinyForMaskedDiffusion(cfg)
 
@@ -246,9 +293,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m diffcam.models.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--objective", choices=("mdm", "ar"), default="mdm")
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
@@ -258,8 +305,28 @@ def main(argv=None):
     ap.add_argument("--max-minutes", type=float, default=50.0,
                     help="stop early (and still save) when the run would exceed this")
     ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--vision-steps", type=int, default=400,
+    ap.add_argument("--vision-steps", type=int, default=600,
                     help="vision-tower pre-training steps (per-cell colour/shape labels); 0: none")
+    ap.add_argument("--weighting", choices=("llada", "mean", "content"), default="llada",
+                    help="masked-diffusion loss: LLaDA's 1/t-weighted sum over the response, "
+                         "the plain mean over masked tokens, or that mean with <eos> padding "
+                         "weighted 0.1")
+    ap.add_argument("--end-positions", type=int, default=32,
+                    help="learned embeddings of the distance from the sequence end (masked "
+                         "diffusion only; 0: RoPE alone)")
+    ap.add_argument("--vision-quiet", type=float, default=0.05,
+                    help="weight of the background-feature penalty in vision pre-training")
+    ap.add_argument("--vision-extra-layers", type=int, default=2,
+                    help="residual 3x3 convolutions after the vision tower's fourth (wider "
+                         "receptive field)")
+    ap.add_argument("--vision-lr-scale", type=float, default=0.0,
+                    help="learning-rate factor of the vision tower during fine-tuning "
+                         "(0: frozen after pre-training)")
+    ap.add_argument("--curriculum-steps", type=int, default=0,
+                    help="first fine-tuning steps on scenes with one or two objects")
+    ap.add_argument("--init-vision", default=None,
+                    help="copy the vision tower (and projector) from this saved model and skip "
+                         "vision pre-training (the autoregressive twin shares the tower)")
     ap.add_argument("--out", default=None, help="output folder (default: the packaged weights)")
     args = ap.parse_args(argv)
 
@@ -267,11 +334,11 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     out = args.out or weights_dir("diffusion" if args.objective == "mdm" else "autoregressive")
     tok = build_tokenizer()
-    model = build_model(tok, args.objective, args.hidden, args.layers, args.heads, args.seed)
+    model = build_model(tok, args.objective, args.hidden, args.layers, args.heads, args.seed,
+                        args.vision_extra_layers, args.end_positions)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[train] objective={args.objective} params={n_params / 1e6:.2f}M steps={args.steps} "
           f"batch={args.batch} threads={torch.get_num_threads()} -> {out}", flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
 
     def lr_at(s, minutes=0.0):
         """Warm-up, then cosine decay to 5 %.  Progress is the larger of the step fraction and
@@ -285,14 +352,34 @@ def main(argv=None):
 
     t_start = time.perf_counter()
     log = {"args": vars(args), "params": n_params, "history": []}
-    if args.vision_steps:
+    if args.init_vision:
+        src = DiffcamTinyForMaskedDiffusion.from_pretrained(args.init_vision)
+        for name in ("vision_tower", "mm_projector"):
+            getattr(model, name).load_state_dict(getattr(src, name).state_dict())
+        with torch.no_grad():
+            for name in ("base_pos", "hires_pos"):
+                getattr(model, name).copy_(getattr(src, name))
+        log["init_vision"] = args.init_vision
+    elif args.vision_steps:
         log["vision_history"] = pretrain_vision(model, args.vision_steps,
+                                                quiet=args.vision_quiet,
                                                 log=lambda m: print(m, flush=True))
-    val = make_batch(tok, list(shapes.samples("val", 0, 96, kinds=tuple(KIND_WEIGHTS),
-                                              weights=tuple(KIND_WEIGHTS.values()))),
-                     args.objective)
+    vision = list(model.vision_tower.parameters())
+    if args.vision_lr_scale == 0:
+        for p in vision:
+            p.requires_grad_(False)
+    ids_v = {id(p) for p in vision}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids_v], "scale": 1.0}]
+    if args.vision_lr_scale > 0:
+        groups.append({"params": vision, "scale": args.vision_lr_scale})
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    val_pairs = list(shapes.samples("val", 0, 128, kinds=tuple(KIND_WEIGHTS),
+                                    weights=tuple(KIND_WEIGHTS.values())))
+    val_kinds = [qa.kind for _, qa in val_pairs]
+    val = make_batch(tok, val_pairs, args.objective)
     data = torch.utils.data.DataLoader(Batches(tok, args.batch, args.steps,
-                                               objective=args.objective),
+                                               objective=args.objective,
+                                               curriculum=args.curriculum_steps),
                                        batch_size=None, num_workers=1, prefetch_factor=4)
     gen = torch.Generator().manual_seed(args.seed + 1)
     t0 = time.perf_counter()
@@ -302,27 +389,30 @@ def main(argv=None):
     for step, batch in enumerate(data):
         lr = lr_at(step, (time.perf_counter() - t0) / 60)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["scale"]
         if args.objective == "mdm":
-            loss, _ = loss_mdm(model, batch, gen)
+            loss, _ = loss_mdm(model, batch, gen, weighting=args.weighting)
         else:
             loss, _ = loss_ar(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                       1.0)
         opt.step()
         run_loss += loss.item()
         run_n += 1
         done = step + 1
         elapsed = time.perf_counter() - t0
         if done % args.eval_every == 0 or done == args.steps:
-            acc = quick_eval(model, tok, val, args.objective)
-            rec = {"step": done, "loss": run_loss / run_n, "val_token_acc": acc,
-                   "minutes": elapsed / 60, "lr": lr}
+            acc = quick_eval(model, tok, val, args.objective, val_kinds)
+            rec = {"step": done, "loss": run_loss / run_n, "val_token_acc": acc["all"],
+                   "val_token_acc_by_kind": acc, "minutes": elapsed / 60, "lr": lr}
             log["history"].append(rec)
             eta = elapsed / done * (args.steps - done) / 60
-            print(f"[train] step {done}/{args.steps} loss {rec['loss']:.4f} val-acc {acc:.3f} "
-                  f"{elapsed / 60:.1f} min (eta {eta:.1f} min)", flush=True)
+            kinds = " ".join(f"{k} {v:.2f}" for k, v in acc.items() if k != "all")
+            print(f"[train] step {done}/{args.steps} loss {rec['loss']:.4f} val-acc "
+                  f"{acc['all']:.3f} ({kinds}) {elapsed / 60:.1f} min (eta {eta:.1f} min)",
+                  flush=True)
             run_loss, run_n = 0.0, 0
         if elapsed / 60 * (done + 1) / done > budget:
             print(f"[train] stopping at step {done}: the next step would pass "

@@ -147,3 +147,13 @@ def test_rle_edge_cases():
         r = shapes._rle(m)
         assert sum(r["counts"]) == m.size
         assert np.array_equal(shapes.rle_decode(r), m)
+
+
+def test_object_scale_grows_the_objects_and_is_checked():
+    import numpy as np
+    from diffcam.data import shapes as S
+    small = S.render_scene(np.random.default_rng(3), n_objects=1)
+    big = S.render_scene(np.random.default_rng(3), n_objects=1, object_scale=2.0)
+    assert big.radii[0] > 1.9 * small.radii[0] and big.masks[0].sum() > 3 * small.masks[0].sum()
+    with pytest.raises(ValueError, match="object_scale"):
+        S.render_scene(np.random.default_rng(3), object_scale=5.0)

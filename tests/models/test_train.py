@@ -92,3 +92,81 @@ def test_patch_labels_follow_the_masks():
         assert (shp[own] == 1 + shapes.SHAPES.index(sc.shapes[k])).all()
     assert (col[sc.masks[:sc.n_named].reshape(-1, 12, 8, 12, 8).mean(axis=(2, 4)).max(0) < 0.3]
             == 0).all()
+
+
+def test_curriculum_scenes_have_one_or_two_objects_and_are_reproducible():
+    a = list(train.easy_samples("train", 0, 40))
+    b = list(train.easy_samples("train", 0, 40))
+    assert {sc.n_named for sc, _ in a} == {1, 2}
+    for (sa, qa), (sb, qb) in zip(a, b):
+        assert np.array_equal(sa.image, sb.image) and qa == qb
+        assert qa.kind in train.KIND_WEIGHTS or qa.kind == "count"
+    # a different seed stream from the ordinary training scenes
+    assert not np.array_equal(a[0][0].image, shapes.scene("train", 0).image)
+
+
+def test_sincos_positions_separate_columns_and_rows():
+    from diffcam.models.bundled import sincos_2d
+    P = sincos_2d(12, 96).numpy().reshape(12, 12, 96)
+    # the first half depends on the column only, the second half on the row only
+    assert np.allclose(P[:, :, :48], P[:1, :, :48]) and np.allclose(P[:, :, 48:], P[:, :1, 48:])
+    cols = P[0, :, :48]
+    assert len({tuple(np.round(c, 6)) for c in cols}) == 12     # every column distinct
+
+
+def test_init_vision_copies_the_tower_and_a_zero_scale_freezes_it(tmp_path):
+    common = ["--batch", "4", "--hidden", "32", "--layers", "1", "--heads", "2",
+              "--eval-every", "2", "--vision-extra-layers", "1"]
+    src = tmp_path / "src"
+    train.main(["--steps", "1", "--vision-steps", "2", "--out", str(src)] + common)
+    dst = tmp_path / "dst"
+    log = train.main(["--steps", "2", "--init-vision", str(src), "--vision-lr-scale", "0",
+                      "--objective", "ar", "--out", str(dst)] + common)
+    assert log["init_vision"] == str(src) and "vision_history" not in log
+    from diffcam.models.bundled import DiffcamTinyForMaskedDiffusion as M
+    a, b = M.from_pretrained(str(src)), M.from_pretrained(str(dst))
+    assert b.config.causal and b.config.vision_extra_layers == 1 and len(b.vision_tower.extra) == 1
+    for (n, p), (_, q) in zip(a.vision_tower.named_parameters(), b.vision_tower.named_parameters()):
+        assert torch.equal(p, q), n
+    # the projector was copied but then trained
+    assert not torch.equal(a.mm_projector[0].weight, b.mm_projector[0].weight)
+
+
+def test_end_anchored_positions_count_valid_tokens_from_the_row_end():
+    from transformers import LlamaConfig
+    from diffcam.models.bundled import EndAnchoredLlamaModel
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    cfg._attn_implementation = "eager"
+    m = EndAnchoredLlamaModel(cfg, end_positions=4).eval()
+    seen = []
+    m.layers[0].register_forward_pre_hook(lambda mod, a, k: seen.append(k["hidden_states"] if
+                                          "hidden_states" in k else a[0]), with_kwargs=True)
+    x = torch.randn(1, 6, 16)
+    m(inputs_embeds=x)
+    # distances from the end 5,4,3,2,1,0 -> clamped to 3,3,3,2,1,0
+    want = x + m.end_pos.weight[torch.tensor([3, 3, 3, 2, 1, 0])]
+    assert torch.allclose(seen[-1], want, atol=1e-6)
+    # right padding: the last valid token gets distance 0; left padding likewise
+    right = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    m(inputs_embeds=x, attention_mask=right)
+    assert torch.allclose(seen[-1][0, :4], x[0, :4] + m.end_pos.weight[torch.tensor([3, 2, 1, 0])],
+                          atol=1e-6)
+    left = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    m(inputs_embeds=x, attention_mask=left)
+    assert torch.allclose(seen[-1][0, 2:], x[0, 2:] + m.end_pos.weight[torch.tensor([3, 2, 1, 0])],
+                          atol=1e-6)
+
+
+def test_end_positions_survive_save_and_load(tmp_path):
+    tok = build_tokenizer()
+    m = train.build_model(tok, "mdm", 32, 1, 2, seed=0, vision_extra_layers=1, end_positions=8)
+    m.save_pretrained(tmp_path)
+    from diffcam.models.bundled import DiffcamTinyForMaskedDiffusion, EndAnchoredLlamaModel
+    r = DiffcamTinyForMaskedDiffusion.from_pretrained(str(tmp_path))
+    assert isinstance(r.model, EndAnchoredLlamaModel) and r.config.end_positions == 8
+    assert torch.equal(r.model.end_pos.weight, m.model.end_pos.weight)
+    # the causal twin never gets them
+    ar = train.build_model(tok, "ar", 32, 1, 2, seed=0, end_positions=8)
+    assert not hasattr(ar.model, "end_pos")
