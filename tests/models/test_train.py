@@ -170,3 +170,50 @@ def test_end_positions_survive_save_and_load(tmp_path):
     # the causal twin never gets them
     ar = train.build_model(tok, "ar", 32, 1, 2, seed=0, end_positions=8)
     assert not hasattr(ar.model, "end_pos")
+
+
+def test_stage1_loss_scores_answer_words_only_with_the_response_masked():
+    tok, pairs, batch = _batch("mdm")
+    model = train.build_model(tok, "mdm", 32, 1, 2, seed=0)
+    seen = {}
+    orig = model.forward
+
+    def spy(input_ids=None, **kw):
+        seen["ids"] = input_ids.clone()
+        return orig(input_ids=input_ids, **kw)
+
+    model.forward = spy
+    loss, n = train.loss_stage1(model, batch)
+    pix, ids, att, starts, lens = batch
+    words = sum(len(tok.encode(qa.answer, add_special_tokens=False)) for _, qa in pairs)
+    assert n == words and torch.isfinite(loss)
+    for i in range(ids.shape[0]):         # every response slot masked, the prompt untouched
+        s, l = int(starts[i]), int(lens[i])
+        assert (seen["ids"][i, s:s + l] == tok.mask_token_id).all()
+        assert torch.equal(seen["ids"][i, :s], ids[i, :s])
+    # <eos> targets carry no loss: scrambling the logits of those rows leaves the loss as it is,
+    # scrambling an answer word's row changes it
+    n_img = model.config.image_tokens
+    eos_rows = [(i, j + n_img - 1) for i in range(ids.shape[0]) for j in range(ids.shape[1])
+                if starts[i] <= j < starts[i] + lens[i] and ids[i, j] == tok.eos_token_id]
+    word_rows = [(i, int(starts[i]) + n_img - 1) for i in range(ids.shape[0])]
+
+    def scrambled(rows):
+        def f(input_ids=None, **kw):
+            out = orig(input_ids=input_ids, **kw).clone()
+            for i, r in rows:
+                out[i, r] = torch.randn(out.shape[-1]) * 50
+            return out
+        return f
+
+    model.forward = scrambled(eos_rows)
+    assert torch.allclose(train.loss_stage1(model, batch)[0], loss, atol=1e-6)
+    model.forward = scrambled(word_rows)
+    assert not torch.allclose(train.loss_stage1(model, batch)[0], loss, atol=1e-3)
+
+
+def test_stage1_steps_run_before_the_masked_diffusion_loss(tmp_path):
+    log = train.main(["--steps", "2", "--stage1-steps", "1", "--batch", "4", "--hidden", "32",
+                      "--layers", "1", "--heads", "2", "--eval-every", "2", "--vision-steps", "1",
+                      "--out", str(tmp_path / "w")])
+    assert log["steps_done"] == 2 and log["args"]["stage1_steps"] == 1
