@@ -199,6 +199,12 @@ def _response_view(model, logits, ids, objective):
     return logits[:, start:start + L], ids[:, 2:]
 
 
+def _response_mask(ids, starts, lens):
+    """(B, L) bool: the response positions ``starts <= j < starts + lens`` of every row."""
+    pos = torch.arange(ids.shape[1])[None]
+    return (pos >= starts[:, None]) & (pos < (starts + lens)[:, None])
+
+
 def loss_mdm(model, batch, gen: torch.Generator, eps: float = 1e-3, weighting: str = "llada"):
     pixels, ids, att, starts, lens = batch
     B = ids.shape[0]
@@ -207,8 +213,7 @@ def loss_mdm(model, batch, gen: torch.Generator, eps: float = 1e-3, weighting: s
     u = (torch.rand(1, generator=gen) + torch.arange(B)) / B
     u = u[torch.randperm(B, generator=gen)]
     t = (1 - eps) * u + eps
-    pos = torch.arange(ids.shape[1])[None]
-    resp = (pos >= starts[:, None]) & (pos < (starts + lens)[:, None])
+    resp = _response_mask(ids, starts, lens)
     masked = resp & (torch.rand(ids.shape, generator=gen) < t[:, None])
     noisy = torch.where(masked, torch.full_like(ids, model.config.mask_token_id), ids)
     att_e, _ = _expanded(model, ids, att, starts)
@@ -216,13 +221,11 @@ def loss_mdm(model, batch, gen: torch.Generator, eps: float = 1e-3, weighting: s
     lg, tgt = _response_view(model, logits, ids, "mdm")
     m = masked[:, 2:]
     ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none")
-    if weighting == "mean":        # plain mean over the masked tokens of the batch
-        ce = ce.reshape(tgt.shape) * m
-        return ce.sum() / m.sum().clamp(min=1), masked.sum().item()
-    if weighting == "content":     # mean over masked tokens, <eos> padding weighted 0.1
-        w = m * torch.where(tgt == model.config.eos_token_id, 0.1, 1.0)
-        ce = ce.reshape(tgt.shape) * w
-        return ce.sum() / w.sum().clamp(min=1), masked.sum().item()
+    if weighting in ("mean", "content"):  # mean over masked tokens ("content": <eos> x 0.1)
+        w = m.to(ce.dtype)
+        if weighting == "content":
+            w = w * torch.where(tgt == model.config.eos_token_id, 0.1, 1.0)
+        return (ce.reshape(tgt.shape) * w).sum() / w.sum().clamp(min=1), masked.sum().item()
     ce = ce.reshape(tgt.shape) * m / t[:, None]
     return (ce.sum(1) / lens).mean(), masked.sum().item()
 
@@ -233,8 +236,7 @@ def loss_stage1(model, batch):
     tokens).  In the session-3 experiments (docs/bundled_model.md) this is the first loss under
     which the colour questions rose above chance on the full question mix."""
     pixels, ids, att, starts, lens = batch
-    pos = torch.arange(ids.shape[1])[None]
-    resp = (pos >= starts[:, None]) & (pos < (starts + lens)[:, None])
+    resp = _response_mask(ids, starts, lens)
     noisy = torch.where(resp, torch.full_like(ids, model.config.mask_token_id), ids)
     att_e, _ = _expanded(model, ids, att, starts)
     logits = model(input_ids=noisy, pixel_values=pixels, attention_mask=att_e)
@@ -248,8 +250,7 @@ def loss_ar(model, batch):
     pixels, ids, att, starts, lens = batch
     att_e, _ = _expanded(model, ids, att, starts)
     logits = model(input_ids=ids, pixel_values=pixels, attention_mask=att_e)
-    pos = torch.arange(ids.shape[1])[None]
-    resp = (pos >= starts[:, None]) & (pos < (starts + lens)[:, None])
+    resp = _response_mask(ids, starts, lens)
     lg, tgt = _response_view(model, logits, ids, "ar")
     m = resp[:, 2:]
     ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none")
@@ -264,8 +265,7 @@ def quick_eval(model, tok, batch, objective: str, kinds=None):
     (the question kind of every row) a dict ``{"all": acc, kind: acc, ...}``."""
     model.eval()
     pixels, ids, att, starts, lens = batch
-    pos = torch.arange(ids.shape[1])[None]
-    resp = (pos >= starts[:, None]) & (pos < (starts + lens)[:, None])
+    resp = _response_mask(ids, starts, lens)
     att_e, _ = _expanded(model, ids, att, starts)
     if objective == "mdm":
         noisy = torch.where(resp, torch.full_like(ids, model.config.mask_token_id), ids)
