@@ -138,46 +138,131 @@ class Explanation:
         return best[0]
 
     def map(self, word_or_index=None, image: int = 0, grid: Optional[str] = None,
-            state=None, refined: bool = False, config=None) -> np.ndarray:
+            state=None, refined: bool = False, config=None,
+            interference="auto") -> np.ndarray:
         """One (rows, cols) float32 map.
 
         word_or_index  a target name, "aggregate" / None (the aggregate), or an index along the
                        targets axis (``len(targets)`` or -1 is the aggregate)
         grid           grid name; default :meth:`default_grid`
         state          "final" or a step number; default "final" if explained, else the first
-        refined        run ``diffcam.refine`` (``config``, default the paper preset) on it
+        refined        run ``diffcam.refine`` (``config``, default the paper preset) on it, with
+                       SICD's ``interference`` maps chosen as in :meth:`refined` (equal to the
+                       same map of ``refined(config, interference)``)
         """
         if not 0 <= image < len(self.maps):
             raise IndexError(f"image={image} but this explanation has {len(self.maps)} image(s)")
         g = grid or self.default_grid(image)
         if g not in self.maps[image]:
             raise KeyError(f"no grid {g!r}; image {image} has {list(self.maps[image])}")
-        m = self.maps[image][g][self._target_index(word_or_index), self._state_index(state)]
+        k, s = self._target_index(word_or_index), self._state_index(state)
+        arr = self.maps[image][g]
+        m = arr[k, s]
         if refined:
             from .. import refine as _refine
-            m = _refine(np.ascontiguousarray(m), config=config, tokens=list(self.token_ids))
+
+            cfg = self._config(config)
+            rep_idx = self._interference_index(interference, cfg)
+            inter = np.ascontiguousarray(arr[rep_idx, s], dtype=np.float32) if rep_idx else None
+            m = _refine(np.ascontiguousarray(m), config=cfg, tokens=list(self.token_ids),
+                        interference=inter)
         return np.asarray(m, dtype=np.float32)
 
-    def refined(self, config=None) -> "Explanation":
-        """A new Explanation whose maps are ``diffcam.refine(...)`` of these (every target, state
-        and grid, in one batched call per grid; SICD uses the answer's token ids for its
-        repeated-token fallback).  ``settings['refine']`` records the config."""
+    def interference_targets(self) -> list:
+        """Indices along the target axis of the per-token maps of the answer's repeated
+        function words (SICD's M_rep, method.md 2.4): targets whose tokens all belong to a
+        function word ("a", "the", "of", ",", ...) that occurs more than once in the answer.
+        Empty when no such target was explained -- ``targets="nouns"`` never has them;
+        ``targets="all"`` has one per token."""
+        from .targets import repeated_function_words
+
+        if self.aggregate_only:
+            return []
+        rep = {j for w in repeated_function_words(self.words) for j in w.tokens}
+        return [k for k, t in enumerate(self.targets)
+                if t.tokens and all(j in rep for j in t.tokens)]
+
+    def _interference_index(self, interference, cfg) -> list:
+        if interference is None:
+            return []
+        if isinstance(interference, str):
+            if interference != "auto":
+                raise ValueError(f"interference={interference!r}: expected 'auto', None or a "
+                                 f"list of target names / indices")
+            # the reference preset reproduces the released code: uniform constant, no maps
+            return [] if cfg.preset == "reference" else self.interference_targets()
+        idx = []
+        for x in interference:
+            k = self._target_index(x)
+            if k == len(self.target_names) - 1:
+                raise ValueError(f"interference: {x!r} is the aggregate map, not a per-token map")
+            idx.append(k)
+        return idx
+
+    def _refine_array(self, arr: np.ndarray, cfg, rep_idx: list) -> np.ndarray:
+        """diffcam.refine over every map of one grid array (targets + 1, states, rows, cols);
+        with ``rep_idx`` each map of state s gets the stack arr[rep_idx, s] as interference."""
         from .. import refine as _refine
+
+        tokens = list(self.token_ids)
+        if not rep_idx:
+            flat = np.ascontiguousarray(arr.reshape(-1, *arr.shape[-2:]), dtype=np.float32)
+            return np.asarray(_refine(flat, config=cfg, tokens=tokens),
+                              dtype=np.float32).reshape(arr.shape)
+        out = np.empty(arr.shape, dtype=np.float32)
+        for s in range(arr.shape[1]):
+            maps = np.ascontiguousarray(arr[:, s], dtype=np.float32)
+            stack = np.ascontiguousarray(arr[rep_idx, s], dtype=np.float32)
+            out[:, s] = _refine(maps, config=cfg, tokens=tokens,
+                                interference=[stack] * len(maps))
+        return out
+
+    @staticmethod
+    def _config(config):
         from ..refine import RefineConfig
 
-        cfg = config
-        if cfg is None or isinstance(cfg, str):
-            cfg = RefineConfig.reference() if cfg == "reference" else RefineConfig.paper()
-        new_maps = []
-        for per_image in self.maps:
-            d = {}
-            for name, arr in per_image.items():
-                flat = np.ascontiguousarray(arr.reshape(-1, *arr.shape[-2:]), dtype=np.float32)
-                out = _refine(flat, config=cfg, tokens=list(self.token_ids))
-                d[name] = np.asarray(out, dtype=np.float32).reshape(arr.shape)
-            new_maps.append(d)
+        if config is None or isinstance(config, str):
+            return RefineConfig.reference() if config == "reference" else RefineConfig.paper()
+        return config
+
+    def refined(self, config=None, interference="auto") -> "Explanation":
+        """A new Explanation whose maps are ``diffcam.refine(...)`` of these (every target, state
+        and grid; one batched call per grid and, with interference maps, per state).
+
+        config        a RefineConfig, "paper" (default) or "reference"
+        interference  SICD's per-token maps of repeated function words (method.md 2.4):
+                      "auto" (default) uses the explained targets that are such words (see
+                      :meth:`interference_targets`; explain with ``targets="all"`` to have
+                      them) except under the ``reference`` preset, which reproduces the
+                      released code's uniform constant; None never uses them; a list of target
+                      names or indices picks them by hand.  Without maps SICD falls back to the
+                      uniform constant computed from the answer's token ids.
+
+        ``settings['refine']`` records the config, ``settings['refine_interference']`` the
+        target indices used.
+
+        >>> import numpy as np
+        >>> from diffcam.attribution.layout import single_grid_layout
+        >>> from diffcam.attribution.targets import Target, Word
+        >>> ws = [Word("a", (0,)), Word("dog", (1,)), Word("and", (2,)), Word("a", (3,)),
+        ...       Word("cat", (4,))]
+        >>> ts = [Target(w.text, w.tokens) for w in ws]
+        >>> maps = np.random.default_rng(0).random((6, 1, 8, 8)).astype(np.float32)
+        >>> e = Explanation("a dog and a cat", [5, 6, 7, 5, 8], ["a", "dog", "and", "a", "cat"],
+        ...                 ws, ts, ["final"], [{"base": maps}], [single_grid_layout(1, 8, 8)])
+        >>> e.interference_targets()
+        [0, 3]
+        >>> r = e.refined()
+        >>> r.settings["refine_interference"], r.maps[0]["base"].shape
+        ([0, 3], (6, 1, 8, 8))
+        """
+        cfg = self._config(config)
+        rep_idx = self._interference_index(interference, cfg)
+        new_maps = [{name: self._refine_array(arr, cfg, rep_idx) for name, arr in d.items()}
+                    for d in self.maps]
         settings = dict(self.settings)
         settings["refine"] = cfg.to_dict()
+        settings["refine_interference"] = list(rep_idx)
         return replace(self, maps=new_maps, settings=settings)
 
     def overlay(self, word_or_index=None, image: int = 0, grid: Optional[str] = None,

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 __all__ = ["Word", "Target", "group_words", "is_content_word", "resolve_targets", "STOPWORDS",
+           "FUNCTION_WORDS", "is_function_word", "repeated_function_words",
            "AGGREGATE"]
 
 #: name of the aggregate target (the sum of all target scores), always the last map
@@ -57,6 +58,22 @@ one two three four five six seven eight nine ten
 seems seem appears appear looks look shows show showing shown see seen sees
 image picture photo photograph shot scene view
 left right top bottom front back side middle center centre background foreground
+""".split())
+
+
+#: Function words for SICD's M_rep (method.md 2.4): articles, determiners, pronouns,
+#: prepositions, conjunctions and auxiliaries -- the first five lines of :data:`STOPWORDS`
+#: without the content-like entries (numbers, "image", "left", ...).  Punctuation tokens count
+#: as function words too (:func:`is_function_word`).
+FUNCTION_WORDS = frozenset("""
+a an the this that these those there here it its it's i me my mine we us our ours you your yours
+he him his she her hers they them their theirs what which who whom whose where when why how
+and or but nor so yet if then than because as while although though unless until since
+of in on at by for with without within about above below over under into onto from to up down
+out off through across along around behind beside besides between beyond near among against
+toward towards upon during before after via per
+is am are was were be been being do does did doing done have has had having
+can could may might must shall should will would ought
 """.split())
 
 
@@ -143,6 +160,36 @@ def is_content_word(text: str) -> bool:
     w = _norm(text)
     return (len(w) >= 2 and w.replace("-", "").isalpha() and w not in STOPWORDS
             and not w.endswith("ly"))
+
+
+def is_function_word(text: str) -> bool:
+    """True for a word of :data:`FUNCTION_WORDS` (case-insensitive) or a punctuation token.
+
+    >>> is_function_word("The"), is_function_word(","), is_function_word("dog")
+    (True, True, False)
+    """
+    t = text.strip()
+    return (bool(t) and _is_punct(t)) or _norm(t) in FUNCTION_WORDS
+
+
+def repeated_function_words(words: Sequence[Word]) -> list:
+    """The answer's function words that occur more than once (every occurrence, in order):
+    the words whose per-token maps form SICD's M_rep (method.md 2.4).
+
+    >>> ws = [Word("a", (0,)), Word("dog", (1,)), Word("and", (2,)), Word("a", (3,)),
+    ...       Word("cat", (4,))]
+    >>> [(w.text, w.tokens) for w in repeated_function_words(ws)]
+    [('a', (0,)), ('a', (3,))]
+    """
+    def key(w):
+        t = w.text.strip()
+        return t if _is_punct(t) else _norm(t)
+
+    counts: dict = {}
+    for w in words:
+        if is_function_word(w.text):
+            counts[key(w)] = counts.get(key(w), 0) + 1
+    return [w for w in words if is_function_word(w.text) and counts[key(w)] > 1]
 
 
 def _group_by_text(words) -> list:

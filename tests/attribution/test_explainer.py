@@ -145,6 +145,48 @@ def test_save_load_round_trip(anyres, img, tmp_path):
     assert e.map("cat", refined=True).shape == e.map("cat").shape
 
 
+def test_refined_uses_repeated_function_word_maps(anyres, img):
+    """SICD's M_rep (method.md 2.4): with targets="all" the maps of the repeated "the" are the
+    interference; refined() equals diffcam.refine called by hand with them, map() agrees, the
+    reference preset and interference=None use the uniform constant, and nouns-only
+    explanations have no interference maps."""
+    import diffcam
+    from diffcam.refine import RefineConfig
+
+    ans = "the red cat on the box"
+    e = Explainer(anyres).explain(img, "<image> describe the image", answer=ans, targets="all")
+    words = [w.text for w in e.words]
+    assert words.count("the") == 2
+    rep = e.interference_targets()
+    assert [e.targets[k].name.strip() for k in rep] == ["the", "the"]
+    cfg = RefineConfig.paper().replace(gate=False)          # SICD on every map
+    r = e.refined(cfg)
+    assert r.settings["refine_interference"] == rep
+    raw = e.maps[0]["hires"][:, 0]
+    want = diffcam.refine(raw, config=cfg, tokens=list(e.token_ids),
+                          interference=[raw[rep]] * len(raw))
+    np.testing.assert_array_equal(r.maps[0]["hires"][:, 0], want)
+    np.testing.assert_array_equal(e.map("cat", refined=True, config=cfg),
+                                  r.map("cat"))
+    uniform = diffcam.refine(raw, config=cfg, tokens=list(e.token_ids))
+    np.testing.assert_array_equal(e.refined(cfg, interference=None).maps[0]["hires"][:, 0],
+                                  uniform)
+    assert not np.array_equal(want, uniform)                # the maps change SICD's result
+    assert e.refined("reference").settings["refine_interference"] == []
+    # by hand: one of the two "the" maps
+    one = e.refined(cfg, interference=[rep[0]])
+    np.testing.assert_array_equal(
+        one.maps[0]["hires"][:, 0],
+        diffcam.refine(raw, config=cfg, tokens=list(e.token_ids),
+                       interference=[raw[rep[:1]]] * len(raw)))
+    with pytest.raises(ValueError, match="aggregate"):
+        e.refined(cfg, interference=[None])
+    with pytest.raises(ValueError, match="interference"):
+        e.refined(cfg, interference="maybe")
+    nouns = Explainer(anyres).explain(img, "<image> describe the image", answer=ans)
+    assert nouns.interference_targets() == []
+
+
 def test_aggregate_only_equals_aggregate(anyres, img, tmp_path):
     kw = dict(answer="a red cat on the box", targets="all")
     ex = Explainer(anyres)

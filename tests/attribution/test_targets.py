@@ -28,3 +28,17 @@ def test_nouns_heuristic_and_specs():
         resolve_targets(["cat"], ws, 8)
     with pytest.raises(ValueError, match="out of range"):
         resolve_targets([8], ws, 8)
+
+
+def test_repeated_function_words():
+    from diffcam.attribution.targets import (Word, is_function_word,
+                                             repeated_function_words)
+
+    ws = [Word(t, (i,)) for i, t in enumerate(
+        "The dog , the cat , and a bird on the mat .".split())]
+    got = [(w.text, w.tokens) for w in repeated_function_words(ws)]
+    # "the" three times (case-insensitive), "," twice; "and", "a", "on", "." once each
+    assert got == [("The", (0,)), (",", (2,)), ("the", (3,)), (",", (5,)), ("the", (10,))]
+    assert all(is_function_word(w) for w in ("of", "is", "Their", ";"))
+    assert not any(is_function_word(w) for w in ("dog", "two", "left", "image", ""))
+    assert repeated_function_words([]) == []
