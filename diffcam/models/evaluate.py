@@ -125,12 +125,14 @@ class MapRecord:
     interference: Optional[np.ndarray] = field(repr=False, default=None)
 
 
-#: function words whose per-token maps form SICD's M_rep when they occur more than once
-FUNCTION_WORDS = frozenset({"a", "the", "and", "is", "there", "are", "of", ","})
-
-
 def _interference_index(words: Sequence[str]) -> List[int]:
-    return [i for i, w in enumerate(words) if w in FUNCTION_WORDS and list(words).count(w) > 1]
+    """Indices of the repeated function words of a word list (SICD's M_rep, method.md 2.4; the
+    same rule as :meth:`diffcam.Explanation.interference_targets`)."""
+    from ..attribution.targets import Word, repeated_function_words
+
+    rep = {w.tokens[0] for w in repeated_function_words([Word(t, (i,)) for i, t in
+                                                         enumerate(words)])}
+    return sorted(rep)
 
 
 def grounding_for(sc, qa) -> List[tuple]:
