@@ -1,14 +1,17 @@
 """Train the bundled model on the shapes world (seeded, CPU).
 
     python -m diffcam.models.train                       # the masked-diffusion model
-    python -m diffcam.models.train --objective ar        # the autoregressive twin
+    python -m diffcam.models.train --objective ar --max-minutes 30 \
+        --init-vision diffcam/models/weights/diffusion   # the autoregressive twin
 
-Masked diffusion (LLaDA's SFT recipe): each training answer is padded with ``<eos>`` to
-``gen_length`` tokens; a masking ratio ``t ~ U(eps, 1)`` is drawn per sample, every response token
-is masked with probability ``t``, and the loss is the cross-entropy on the masked positions
-weighted by ``1 / t`` and averaged over the response length.  The prompt (with the image) is
-never masked.  The autoregressive twin uses causal attention and next-token cross-entropy on the
-answer and one ``<eos>``.
+Masked diffusion: after ``--stage1-steps`` warm-up steps (the whole response masked, the loss
+on the answer words only: :func:`loss_stage1`), LLaDA's SFT recipe: each training answer is
+padded with ``<eos>`` to ``gen_length`` tokens; a masking ratio ``t ~ U(eps, 1)`` is drawn per
+sample, every response token is masked with probability ``t``, and the loss is the
+cross-entropy on the masked positions weighted by ``1 / t`` and averaged over the response
+length.  The prompt (with the image) is never masked.  The autoregressive twin shares the
+diffusion model's (frozen) vision tower and uses causal attention and next-token cross-entropy
+on the answer and one ``<eos>``.
 
 Scene ``i`` of the train split is used once, by step ``i // batch``; the run is reproducible from
 its seed (up to floating-point summation order across thread counts).  The weights, the tokenizer
@@ -319,7 +322,7 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    ap.add_argument("--max-minutes", type=float, default=50.0,
+    ap.add_argument("--max-minutes", type=float, default=57.0,
                     help="stop early (and still save) when the run would exceed this")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--vision-steps", type=int, default=600,
@@ -339,7 +342,7 @@ def main(argv=None):
     ap.add_argument("--vision-lr-scale", type=float, default=0.0,
                     help="learning-rate factor of the vision tower during fine-tuning "
                          "(0: frozen after pre-training)")
-    ap.add_argument("--stage1-steps", type=int, default=0,
+    ap.add_argument("--stage1-steps", type=int, default=2000,
                     help="first fine-tuning steps with the whole response masked and the loss on "
                          "the answer words only (masked diffusion only; see loss_stage1)")
     ap.add_argument("--curriculum-steps", type=int, default=0,

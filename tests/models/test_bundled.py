@@ -42,7 +42,10 @@ def test_shipped_files_and_size():
 
 def test_structure_and_packing(adapter):
     m = adapter.model
-    assert type(m.model).__name__ == "LlamaModel" and m.config.text_config.is_causal is False
+    from transformers import LlamaModel
+
+    # a LlamaModel (EndAnchoredLlamaModel adds the distance-from-end embeddings), bidirectional
+    assert isinstance(m.model, LlamaModel) and m.config.text_config.is_causal is False
     assert adapter.blocks() is m.model.layers and adapter.logit_shift == 0
     sc = shapes.scene("test", 3)
     s = adapter.prepare([sc.image], "<image> describe the image .")
