@@ -17,7 +17,7 @@ import time.
 from ._backend import BackendUnavailableError, backends
 from .refine import (RefineConfig, RefineInfo, adaptive_kernel_denoising, adaptive_kernel_size,
                      background_attenuation, causal_debiasing, confidence_gating,
-                     rank_gaussian_filter)
+                     rank_gaussian_filter, resize)
 from . import refine  # the callable refine package: diffcam.refine(maps, ...)
 from . import metrics
 
@@ -43,6 +43,6 @@ def __getattr__(name):
 __all__ = [
     "refine", "RefineConfig", "RefineInfo", "backends", "BackendUnavailableError",
     "adaptive_kernel_size", "rank_gaussian_filter", "adaptive_kernel_denoising",
-    "confidence_gating", "background_attenuation", "causal_debiasing", "metrics",
+    "confidence_gating", "background_attenuation", "causal_debiasing", "resize", "metrics",
     "Explainer", "Explanation", "GenerationConfig", "load", "__version__",
 ]

@@ -71,6 +71,8 @@ def _eval_command(args) -> str:
             parts += [flag, str(value)]
     if args.gold_if_wrong:
         parts.append("--gold-if-wrong")
+    if args.refine_at != "image":
+        parts += ["--refine-at", args.refine_at]
     return shlex.join(parts)
 
 
@@ -94,7 +96,8 @@ def _cmd_eval(args) -> int:
     report = tables.run_benchmark(val=args.val, test=args.test, kinds=args.kinds,
                                   cache_dir=args.cache, weights=args.weights, layer=args.layer,
                                   n_boot=args.boot, progress=not args.quiet,
-                                  command=_eval_command(args), gold_if_wrong=args.gold_if_wrong)
+                                  command=_eval_command(args), gold_if_wrong=args.gold_if_wrong,
+                                  refine_at=args.refine_at)
     text = tables.render_markdown(report)
     folder = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(folder, exist_ok=True)
@@ -159,6 +162,9 @@ def main(argv=None) -> int:
     p.add_argument("--gold-if-wrong", action="store_true",
                    help="also score the correct answer's maps (teacher forcing) when the model "
                         "answers wrongly")
+    p.add_argument("--refine-at", choices=("image", "grid"), default="image",
+                   help="refine the maps at the image's 96x96 resolution (upsampled first; "
+                        "default) or on the 12x12 token grid")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_eval)
 

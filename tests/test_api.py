@@ -199,6 +199,34 @@ def test_every_available_backend_agrees(maps):
         np.testing.assert_allclose(out, outs["numpy"], atol=1e-6, err_msg=name)
 
 
+def test_resize_api(maps):
+    """diffcam.resize: the metrics' bilinear resize (float64 reference), every backend, every
+    array kind, bad sizes named."""
+    up = diffcam.resize(maps, (54, 81))
+    assert up.shape == (4, 54, 81) and up.dtype == np.float32
+    np.testing.assert_allclose(up, ref.resize_bilinear(maps, 54, 81), atol=1e-6)
+    np.testing.assert_allclose(diffcam.resize(maps[1], 40),
+                               ref.resize_bilinear(maps[1:2], 40, 40)[0], atol=1e-6)
+    for name, a in diffcam.backends().items():
+        if a.available and name != "cuda":
+            np.testing.assert_allclose(diffcam.resize(maps, 33, backend=name),
+                                       ref.resize_bilinear(maps, 33, 33), atol=1e-6, err_msg=name)
+    # values stay within each map's range; the same size is the identity
+    assert np.all(up.max(axis=(1, 2)) <= maps.max(axis=(1, 2)) + 1e-6)
+    np.testing.assert_array_equal(diffcam.resize(maps, (27, 27)), maps)
+    for bad, exc, words in [((0, 5), ValueError, "height"), ((5, -1), ValueError, "width"),
+                            ((5.5, 5), TypeError, "height"), ("big", TypeError, "size"),
+                            ((1, 2, 3), TypeError, "size"), ((5, 10 ** 6), ValueError, "width")]:
+        with pytest.raises(exc, match=words):
+            diffcam.resize(maps, bad)
+    with pytest.raises(ValueError, match="NaN"):
+        diffcam.resize(np.full((3, 3), np.nan, np.float32), 6)
+    torch = pytest.importorskip("torch")
+    t = diffcam.resize(torch.from_numpy(maps), (54, 81))
+    assert isinstance(t, torch.Tensor)
+    np.testing.assert_array_equal(t.numpy(), up)
+
+
 def _run(code, **env):
     e = dict(os.environ, **env)
     # run outside the source tree so the installed package (with its extensions) is imported

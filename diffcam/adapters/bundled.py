@@ -9,8 +9,9 @@
 It is an ordinary :class:`~diffcam.adapters.generic.GenericAdapter`: LLaDA-V packing (placeholder
 -200 -> 4x4 base grid + 12x12 grid with a newline column), blocks at ``model.layers``, logit
 shift 0.  The autoregressive twin has causal attention and next-token logits (logit shift 1: row
-j - 1 scores token j); it explains given answers (``answer=...``) and answers by greedy
-left-to-right decoding in :mod:`diffcam.models.evaluate`.
+j - 1 scores token j); its ``generate`` decodes greedily left to right (one token per step, so
+its trajectory unmasks position s at step s), and it explains given answers (``answer=...``)
+like any adapter.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .base import GenerationConfig
+from .base import GenerationConfig, GenerationResult
 from .generic import GenericAdapter
 
 __all__ = ["BundledAdapter", "load"]
@@ -49,10 +50,44 @@ class BundledAdapter(GenericAdapter):
         self.default_generation = GenerationConfig(steps=cfg.gen_length, gen_length=cfg.gen_length)
 
     def generate(self, sample, config):
+        """The diffusion model: LLaDA's low-confidence remasking (``config``).  The causal twin:
+        greedy left-to-right decoding of ``config.gen_length`` tokens (``steps``, block length,
+        temperature and seed do not apply), ``<eos>``-padded like a diffusion answer; its
+        trajectory has one step per token (position j is masked before step j + 1)."""
         if self.causal:
-            raise ValueError("the autoregressive twin has no masked-diffusion sampler; explain a "
-                             "given answer (answer=...) or use diffcam.load('bundled')")
+            ids = self.greedy_decode([sample], config.gen_length)[0]
+            g = int(ids.shape[0])
+            masked = torch.arange(g)[None, :] >= torch.arange(g + 1)[:, None]
+            return GenerationResult(ids, masked, g)
         return super().generate(sample, config)
+
+    def greedy_decode(self, samples, max_new: int) -> torch.Tensor:
+        """Greedy next-token decoding (the causal twin only) of prepared samples whose prompts
+        have the same length: LongTensor (B, max_new), each row ``<eos>``-padded after its
+        first ``<eos>``.  No KV cache: each step re-runs the sequence (the model is tiny)."""
+        if not self.causal:
+            raise ValueError("greedy_decode is for the autoregressive twin; the diffusion model "
+                             "answers with generate() (masked-diffusion sampling)")
+        if max_new < 1:
+            raise ValueError(f"max_new={max_new}: at least one token")
+        lengths = {int(s.inputs_embeds.shape[0]) for s in samples}
+        if len(lengths) != 1:
+            raise ValueError(f"greedy_decode needs prompts of one length, got {sorted(lengths)}")
+        with torch.inference_mode():
+            prompts = torch.stack([s.inputs_embeds for s in samples]).to(self.device)
+            b = prompts.shape[0]
+            ids = torch.full((b, max_new), self.eos_token_id, dtype=torch.long,
+                             device=self.device)
+            done = torch.zeros(b, dtype=torch.bool, device=self.device)
+            for t in range(max_new):
+                emb = self.embed_tokens(ids[:, :t]).to(prompts.dtype)
+                logits = self.forward(torch.cat([prompts, emb], 1))
+                nxt = logits[:, -1].argmax(-1)
+                ids[:, t] = torch.where(done, torch.full_like(nxt, self.eos_token_id), nxt)
+                done |= nxt == self.eos_token_id
+                if bool(done.all()):
+                    break
+        return ids.cpu()
 
     def answer_text(self, ids) -> str:
         """The response text up to the first ``<eos>``."""

@@ -133,14 +133,20 @@ class Explanation:
         raise KeyError(f"state {state!r} was not explained; states are {self.states}")
 
     def default_grid(self, image: int = 0) -> str:
-        """The grid with the most cells (the high-resolution grid of anyres layouts)."""
-        best = max(self.maps[image].items(), key=lambda kv: kv[1].shape[-2] * kv[1].shape[-1])
-        return best[0]
+        """The grid with the most token cells (the high-resolution grid of anyres layouts; read
+        from the layout, so it is the same after :meth:`refined` brought every grid to the
+        image's size)."""
+        names = list(self.maps[image])
+        cells = {}
+        if image < len(self.layouts):
+            cells = {g.name: g.rows * g.cols for g in self.layouts[image].grids}
+        return max(names, key=lambda n: cells.get(n, self.maps[image][n].shape[-2] *
+                                                      self.maps[image][n].shape[-1]))
 
     def map(self, word_or_index=None, image: int = 0, grid: Optional[str] = None,
             state=None, refined: bool = False, config=None,
-            interference="auto") -> np.ndarray:
-        """One (rows, cols) float32 map.
+            interference="auto", size="auto") -> np.ndarray:
+        """One (rows, cols) float32 map (with ``refined=True``: at the ``size`` it was refined at).
 
         word_or_index  a target name, "aggregate" / None (the aggregate), or an index along the
                        targets axis (``len(targets)`` or -1 is the aggregate)
@@ -148,7 +154,9 @@ class Explanation:
         state          "final" or a step number; default "final" if explained, else the first
         refined        run ``diffcam.refine`` (``config``, default the paper preset) on it, with
                        SICD's ``interference`` maps chosen as in :meth:`refined` (equal to the
-                       same map of ``refined(config, interference)``)
+                       same map of ``refined(config, interference, size)``)
+        size           where a refined map is refined: see :meth:`refined` (ignored for raw
+                       maps, which stay at the grid's resolution)
         """
         if not 0 <= image < len(self.maps):
             raise IndexError(f"image={image} but this explanation has {len(self.maps)} image(s)")
@@ -163,10 +171,43 @@ class Explanation:
 
             cfg = self._config(config)
             rep_idx = self._interference_index(interference, cfg)
-            inter = np.ascontiguousarray(arr[rep_idx, s], dtype=np.float32) if rep_idx else None
+            hw = self._refine_size(image, size)
+            m = self._at_size(m[None], hw)[0]
+            inter = (self._at_size(np.ascontiguousarray(arr[rep_idx, s], dtype=np.float32), hw)
+                     if rep_idx else None)
             m = _refine(np.ascontiguousarray(m), config=cfg, tokens=list(self.token_ids),
                         interference=inter)
         return np.asarray(m, dtype=np.float32)
+
+    def _refine_size(self, image: int, size):
+        """(height, width) at which image ``image``'s maps are refined, or None for the grid."""
+        from ..refine.resize import _check_size
+
+        if isinstance(size, str):
+            if size == "grid":
+                return None
+            if size not in ("auto", "image"):
+                raise ValueError(f"size={size!r}: expected 'auto', 'image', 'grid' or a "
+                                 f"(height, width) pair")
+            img = self.images[image] if image < len(self.images) else None
+            if img is not None and np.ndim(img) >= 2:
+                return tuple(int(x) for x in np.shape(img)[:2])
+            if size == "image":
+                raise ValueError(f"size='image' but image {image}'s pixels are not part of this "
+                                 f"explanation; pass size=(height, width) or size='grid'")
+            return None
+        return _check_size(size)
+
+    @staticmethod
+    def _at_size(maps: np.ndarray, hw) -> np.ndarray:
+        """Bilinear resize of a stack (..., rows, cols) to ``hw`` (None: unchanged)."""
+        maps = np.ascontiguousarray(maps, dtype=np.float32)
+        if hw is None or tuple(maps.shape[-2:]) == tuple(hw):
+            return maps
+        from ..refine.resize import resize
+
+        flat = maps.reshape(-1, *maps.shape[-2:])
+        return np.asarray(resize(flat, hw), np.float32).reshape(*maps.shape[:-2], *hw)
 
     def interference_targets(self) -> list:
         """Indices along the target axis of the per-token maps of the answer's repeated
@@ -225,7 +266,7 @@ class Explanation:
             return RefineConfig.reference() if config == "reference" else RefineConfig.paper()
         return config
 
-    def refined(self, config=None, interference="auto") -> "Explanation":
+    def refined(self, config=None, interference="auto", size="auto") -> "Explanation":
         """A new Explanation whose maps are ``diffcam.refine(...)`` of these (every target, state
         and grid; one batched call per grid and, with interference maps, per state).
 
@@ -237,9 +278,18 @@ class Explanation:
                       released code's uniform constant; None never uses them; a list of target
                       names or indices picks them by hand.  Without maps SICD falls back to the
                       uniform constant computed from the answer's token ids.
+        size          the resolution the maps are refined at: "auto" (default) the image's
+                      (height, width) when its pixels are in :attr:`images`, else the grid's;
+                      "image" the image's (an error without it); "grid" the token grid's
+                      own; or an explicit (height, width).  Grid maps are upsampled
+                      bilinearly (:func:`diffcam.resize`) first.  The modules are defined on
+                      image-resolution maps (AKD's size factor reads the map's height); on a
+                      coarse token grid a 3 x 3 filter blurs a map over whole objects
+                      (docs/benchmark.md measures both).
 
         ``settings['refine']`` records the config, ``settings['refine_interference']`` the
-        target indices used.
+        target indices used, ``settings['refine_size']`` per image the (height, width) refined
+        at (None: the grids' own).
 
         >>> import numpy as np
         >>> from diffcam.attribution.layout import single_grid_layout
@@ -258,11 +308,13 @@ class Explanation:
         """
         cfg = self._config(config)
         rep_idx = self._interference_index(interference, cfg)
-        new_maps = [{name: self._refine_array(arr, cfg, rep_idx) for name, arr in d.items()}
-                    for d in self.maps]
+        sizes = [self._refine_size(i, size) for i in range(len(self.maps))]
+        new_maps = [{name: self._refine_array(self._at_size(arr, hw), cfg, rep_idx)
+                     for name, arr in d.items()} for d, hw in zip(self.maps, sizes)]
         settings = dict(self.settings)
         settings["refine"] = cfg.to_dict()
         settings["refine_interference"] = list(rep_idx)
+        settings["refine_size"] = [list(hw) if hw else None for hw in sizes]
         return replace(self, maps=new_maps, settings=settings)
 
     def overlay(self, word_or_index=None, image: int = 0, grid: Optional[str] = None,

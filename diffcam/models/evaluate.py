@@ -14,8 +14,11 @@ low-confidence remasking, ``adapter.default_generation``).  When the answer is r
 *grounded* answer word (the colour and shape word of every object of a description; the colour
 of a colour question; ``yes`` of a presence question; the number of a count question) is a
 target, and its map is scored against the pixel-exact mask of the object(s) it refers to
-(Obj-IoU, contrast, concentration, F3 of :func:`diffcam.metrics.localization`) on the 12x12
-grid.  Wrong answers are counted but not scored (their words have no ground truth).
+(Obj-IoU, contrast, concentration, F3 of :func:`diffcam.metrics.localization`, which resize
+every map bilinearly to the 96x96 masks).  Wrong answers are counted but not scored (their words
+have no ground truth).  Refined maps are refined at the image's resolution by default: the
+12x12 grid maps are upsampled to 96x96 first (``refine_at="image"``; ``"grid"`` refines the
+token grid itself, where AKD's 3x3 filter blurs across whole objects -- docs/benchmark.md).
 
 ``collect_maps`` keeps the raw Grad-CAM maps, so any refinement setting can be scored on the same
 records (``score_maps(records, config)``): ``"raw"`` (min-max normalised raw maps),
@@ -55,29 +58,13 @@ def _generate_texts(adapter, samples, config, batch: int) -> List[str]:
         for lo in range(0, len(idx), batch):
             part = idx[lo:lo + batch]
             if getattr(adapter, "causal", False):
-                res = _greedy_ar(adapter, [samples[i] for i in part], config.gen_length)
+                res = list(adapter.greedy_decode([samples[i] for i in part], config.gen_length))
             else:
                 res = [r.response_ids for r in
                        masked_diffusion_generate_batch(adapter, [samples[i] for i in part], config)]
             for i, r in zip(part, res):
                 out[i] = adapter.answer_text(r)
     return out  # type: ignore[return-value]
-
-
-def _greedy_ar(adapter, samples, max_new: int):
-    """Greedy left-to-right decoding for the autoregressive twin (no KV cache)."""
-    with torch.inference_mode():
-        prompts = torch.stack([s.inputs_embeds for s in samples])
-        B = prompts.shape[0]
-        ids = torch.empty(B, 0, dtype=torch.long)
-        for _ in range(max_new):
-            emb = adapter.embed_tokens(ids.reshape(-1)).reshape(B, ids.shape[1], -1)
-            logits = adapter.forward(torch.cat([prompts, emb.to(prompts.dtype)], 1))
-            nxt = logits[:, -1].argmax(-1)
-            ids = torch.cat([ids, nxt[:, None]], 1)
-            if bool((ids == adapter.eos_token_id).any(1).all()):
-                break
-    return list(ids)
 
 
 def answer_accuracy(adapter, split: str = "test", n: int = 300, start: int = 0,
@@ -202,8 +189,32 @@ def _normalise(maps: np.ndarray) -> np.ndarray:
     return ((m - lo) / np.where(hi - lo > 0, hi - lo, 1)).astype(np.float32)
 
 
-def refine_record(rec: MapRecord, config) -> np.ndarray:
-    """The record's maps under ``config`` ('raw', 'random', 'paper', 'reference', RefineConfig)."""
+#: where the refinement modules run: "image" upsamples the 12 x 12 grid maps (bilinear, the
+#: metrics' resize) to the scene's 96 x 96 pixels first, as the modules are defined on
+#: image-resolution maps (Explanation.refined's default); "grid" refines the token grid itself
+REFINE_AT = ("image", "grid")
+
+
+def refine_size(rec: MapRecord, refine_at: str = "image"):
+    """(height, width) the record's maps are refined at (None: the grid's own)."""
+    if refine_at not in REFINE_AT:
+        raise ValueError(f"refine_at={refine_at!r}: expected one of {REFINE_AT}")
+    return tuple(int(x) for x in np.shape(rec.masks)[-2:]) if refine_at == "image" else None
+
+
+def _upsample(maps: np.ndarray, hw) -> np.ndarray:
+    import diffcam
+
+    if hw is None or tuple(maps.shape[-2:]) == tuple(hw):
+        return maps
+    return np.asarray(diffcam.resize(maps, hw), np.float32)
+
+
+def refine_record(rec: MapRecord, config, refine_at: str = "image") -> np.ndarray:
+    """The record's maps under ``config`` ('raw', 'random', 'paper', 'reference', RefineConfig).
+
+    'raw' and 'random' maps stay on the token grid (the metrics resize them to the masks);
+    refined maps are refined at ``refine_at`` (:data:`REFINE_AT`)."""
     import diffcam
 
     if isinstance(config, str) and config == "raw":
@@ -211,24 +222,27 @@ def refine_record(rec: MapRecord, config) -> np.ndarray:
     if isinstance(config, str) and config == "random":
         rng = np.random.default_rng([rec.index, len(rec.words)])
         return rng.random(rec.raw.shape).astype(np.float32)
-    maps = _normalise(rec.raw)
+    hw = refine_size(rec, refine_at)
+    maps = _upsample(_normalise(rec.raw), hw)
     inter = None
     if rec.interference is not None and len(rec.interference):
-        inter = [_normalise(rec.interference)] * len(maps)
+        inter = [_upsample(_normalise(rec.interference), hw)] * len(maps)
     return np.asarray(diffcam.refine(maps, config=config, tokens=list(rec.token_ids) or None,
                                      interference=inter), np.float32)
 
 
-def score_maps(records: Sequence[MapRecord], config="paper", per_map: bool = False):
+def score_maps(records: Sequence[MapRecord], config="paper", per_map: bool = False,
+               refine_at: str = "image"):
     """Localization summary (metrics.summarize) of every scored map of ``records`` under
-    ``config``; ``n_maps`` and ``n_answers`` / ``n_correct`` are added."""
+    ``config`` (refined at ``refine_at``, see :func:`refine_record`); ``n_maps`` and
+    ``n_answers`` / ``n_correct`` are added."""
     from .. import metrics
 
     maps, masks = [], []
     for r in records:
         if r.raw is None:
             continue
-        out = refine_record(r, config)
+        out = refine_record(r, config, refine_at)
         maps.extend(out)
         masks.extend(m[None] for m in r.masks)
     if not maps:
@@ -276,7 +290,7 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def randomisation_check(adapter, records: Sequence[MapRecord], config="paper",
-                        seed: int = 0) -> dict:
+                        seed: int = 0, refine_at: str = "image") -> dict:
     """Mean Spearman correlation between the maps of the trained model and those of a randomised
     copy, explaining the *same* answers (teacher forcing) for the same target words."""
     from ..attribution import Explainer
@@ -299,7 +313,7 @@ def randomisation_check(adapter, records: Sequence[MapRecord], config="paper",
             fake = MapRecord(r.split, r.index, r.kind, r.prompt, r.answer, True, raw_r,
                              r.token_ids, r.masks, r.words,
                              np.ascontiguousarray(exp.maps[0]["hires"][rep, 0]))
-            a = refine_record(r, config)
-            b = refine_record(fake, config)
+            a = refine_record(r, config, refine_at)
+            b = refine_record(fake, config, refine_at)
             corr.extend(rank_correlation(x, y) for x, y in zip(a, b))
     return {"mean_rank_correlation": float(np.mean(corr)), "n_maps": len(corr)}

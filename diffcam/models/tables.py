@@ -220,13 +220,15 @@ class Prepared:
 
     split: str
     records: List[MapRecord]          # every record (wrong answers included)
-    maps: np.ndarray                  # (N, H, W) float32: min-max normalised raw maps
+    maps: np.ndarray                  # (N, H, W) float32: the raw maps refinement starts from
     masks: np.ndarray                 # (N, 1, Hm, Wm) bool
     tokens: List[List[int]]           # answer token ids, per map
     interference: List[np.ndarray]    # normalised per-token maps of repeated words, per map
     slices: List[Tuple[int, int, int]]  # (record position, lo, hi) of the scored records
     cluster: np.ndarray               # (N,) scene id of every map (bootstrap unit)
     kind: np.ndarray                  # (N,) question kind of every map
+    grid: Optional[np.ndarray] = None  # (N, h, w) min-max normalised raw maps on the token grid
+    refine_at: str = "grid"           # "image": ``maps`` are ``grid`` upsampled to the masks
     _boot: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -248,18 +250,26 @@ class Prepared:
         return self._boot[key]
 
 
-def prepare(records: Sequence[MapRecord], split: str = "") -> Prepared:
-    """Flatten the scored maps of ``records`` (answers with maps) for :func:`score`."""
-    maps, masks, tokens, inter, slices, cluster, kind = [], [], [], [], [], [], []
+def prepare(records: Sequence[MapRecord], split: str = "", refine_at: str = "image") -> Prepared:
+    """Flatten the scored maps of ``records`` (answers with maps) for :func:`score`; the maps
+    that get refined are upsampled to the masks first when ``refine_at="image"``
+    (:func:`~diffcam.models.evaluate.refine_record`)."""
+    from .evaluate import _upsample, refine_size
+
+    maps, grid, masks, tokens, inter, slices, cluster, kind = [], [], [], [], [], [], [], []
     n = 0
     for pos, r in enumerate(records):
         if r.raw is None:
             continue
-        m = _normalise(r.raw)
+        g = _normalise(r.raw)
+        hw = refine_size(r, refine_at)
+        m = _upsample(g, hw)
         t = m.shape[0]
+        grid.append(g)
         maps.append(m)
         masks.append(np.asarray(r.masks, bool)[:, None])
-        stack = (_normalise(r.interference) if r.interference is not None and len(r.interference)
+        stack = (_upsample(_normalise(r.interference), hw)
+                 if r.interference is not None and len(r.interference)
                  else np.zeros((0,) + m.shape[1:], np.float32))
         for _ in range(t):
             tokens.append(list(r.token_ids))
@@ -272,7 +282,7 @@ def prepare(records: Sequence[MapRecord], split: str = "") -> Prepared:
         raise ValueError("no scored maps: every answer was wrong or ungrounded")
     return Prepared(split or records[0].split, list(records), np.concatenate(maps),
                     np.concatenate(masks), tokens, inter, slices, np.asarray(cluster),
-                    np.asarray(kind))
+                    np.asarray(kind), np.concatenate(grid), refine_at)
 
 
 ConfigLike = Union[str, RefineConfig]
@@ -301,7 +311,7 @@ def refine_prepared(prep: Prepared, config: ConfigLike):
     cfg = _resolve(config)
     if isinstance(cfg, str):
         if cfg == "raw":
-            return prep.maps.copy(), None
+            return (prep.grid if prep.grid is not None else prep.maps).copy(), None
         out = np.concatenate([refine_record(prep.records[p], "random") for p, _, _ in prep.slices])
         return out, None
     if cfg.noise > 0:   # the noise is drawn per call: refine record by record, as score_maps does
@@ -605,13 +615,16 @@ def run_benchmark(val: int = 150, test: int = 200, kinds: Sequence[str] = DEFAUL
                   cache_dir: Optional[str] = None, weights: Optional[str] = None,
                   layer: Optional[int] = None, n_boot: int = 1000, progress: bool = False,
                   command: str = "", adapter=None, records: Optional[dict] = None,
-                  grid: Optional[dict] = None, gold_if_wrong: bool = False) -> dict:
+                  grid: Optional[dict] = None, gold_if_wrong: bool = False,
+                  refine_at: str = "image") -> dict:
     """Collect (or load) the val and test records, select the SICD constants on val, and compute
     every table on test.  Returns the report :func:`render_markdown` writes.
 
     ``records`` (``{"val": [...], "test": [...]}``) skips the collection (tests, notebooks);
     ``adapter`` replaces ``diffcam.load("bundled", weights)``; ``gold_if_wrong`` scores the
-    correct answer's maps for wrongly answered questions too (teacher forcing).
+    correct answer's maps for wrongly answered questions too (teacher forcing); ``refine_at``
+    where every refined map is refined (``"image"``: upsampled to the 96x96 masks first, or
+    ``"grid"``); with ``"image"`` the headline also shows both presets refined on the grid.
     """
     t_start = time.perf_counter()
     fp = ""
@@ -639,7 +652,7 @@ def run_benchmark(val: int = 150, test: int = 200, kinds: Sequence[str] = DEFAUL
             cache_stats[split] = st
     else:
         timings = {}
-    pv, pt = prepare(records["val"], "val"), prepare(records["test"], "test")
+    pv, pt = prepare(records["val"], "val", refine_at), prepare(records["test"], "test", refine_at)
 
     t0 = time.perf_counter()
     if progress:
@@ -662,6 +675,10 @@ def run_benchmark(val: int = 150, test: int = 200, kinds: Sequence[str] = DEFAUL
                 next(r for r in abl["reference"] if r.label == "all four")]
     headline[3] = _relabel(headline[3], "paper preset, val-selected SICD constants")
     headline[4] = _relabel(headline[4], "reference preset")
+    if refine_at == "image":       # the same presets refined on the token grid, for contrast
+        pt_grid = prepare(records["test"], "test", "grid")
+        headline += [score(pt_grid, paper_cfg, "paper preset (val-selected) on the 12x12 grid"),
+                     score(pt_grid, RefineConfig.reference(), "reference preset on the 12x12 grid")]
     deltas = [paired_delta(pt, r, raw, n_boot) for r in headline]
     timings["ablation_s"] = time.perf_counter() - t0
 
@@ -718,6 +735,7 @@ def run_benchmark(val: int = 150, test: int = 200, kinds: Sequence[str] = DEFAUL
         "cache": cache_stats,
         "cache_dir": cache_dir,
         "gold_if_wrong": gold_if_wrong,
+        "refine_at": refine_at,
     }
 
 
@@ -806,6 +824,12 @@ def render_markdown(report: dict) -> str:
           "colour of a colour question, `yes` of a presence question, the number of a count "
           "question) are explained and each map is scored against the mask of the object(s) the "
           "word refers to (12x12 maps, 96x96 masks).  "
+          + ("Refined maps are refined at the image's resolution: the 12x12 maps are upsampled "
+             "bilinearly to 96x96 (the metrics' resize) before the modules run, as the modules "
+             "are defined on image-resolution maps; the headline also shows the presets run on "
+             "the 12x12 grid itself.  "
+             if report.get("refine_at", "grid") == "image" else
+             "Refined maps are refined on the 12x12 token grid itself.  ")
           + ("For a wrong answer the correct answer is explained instead (teacher forcing, "
              "`--gold-if-wrong`), so every question with a grounded answer is scored."
              if report.get("gold_if_wrong") else "Wrong answers are not scored."),

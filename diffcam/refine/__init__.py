@@ -19,11 +19,12 @@ from .config import BRANCH_NAMES, PARAM_FIELDS, RefineConfig
 from .debias import causal_debiasing, repeated_token_ratio
 from .gating import confidence_gating
 from .pipeline import RefineInfo, refine
+from .resize import resize
 
 __all__ = [
     "refine", "RefineConfig", "RefineInfo", "adaptive_kernel_size", "rank_gaussian_filter",
     "adaptive_kernel_denoising", "confidence_gating", "background_attenuation",
-    "causal_debiasing", "repeated_token_ratio", "BRANCH_NAMES", "PARAM_FIELDS",
+    "causal_debiasing", "repeated_token_ratio", "resize", "BRANCH_NAMES", "PARAM_FIELDS",
 ]
 
 

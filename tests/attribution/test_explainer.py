@@ -140,9 +140,23 @@ def test_save_load_round_trip(anyres, img, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp dirs left
     im = f.overlay("cat")
     assert im.size == (img.shape[1], img.shape[0]) and im.mode == "RGB"
+    # refined at the image's resolution by default (grid maps upsampled first), or on the grid
+    h, w = img.shape[:2]
     r = e.refined()
-    assert r.maps[0]["hires"].shape == e.maps[0]["hires"].shape and "refine" in r.settings
-    assert e.map("cat", refined=True).shape == e.map("cat").shape
+    assert r.maps[0]["hires"].shape == e.maps[0]["hires"].shape[:2] + (h, w)
+    assert r.settings["refine_size"] == [[h, w]] and "refine" in r.settings
+    assert e.map("cat", refined=True).shape == (h, w)
+    g = e.refined(size="grid")
+    assert g.maps[0]["hires"].shape == e.maps[0]["hires"].shape
+    assert g.settings["refine_size"] == [None]
+    np.testing.assert_array_equal(e.map("cat", refined=True, size="grid"), g.map("cat"))
+    assert e.refined(size=(20, 30)).map("cat").shape == (20, 30)
+    with pytest.raises(ValueError, match="size"):
+        e.refined(size="pixels")
+    bare = e.__class__(**{**e.__dict__, "images": []})
+    assert bare.refined().settings["refine_size"] == [None]      # "auto": no pixels, the grid
+    with pytest.raises(ValueError, match="size='image'"):
+        bare.refined(size="image")
 
 
 def test_refined_uses_repeated_function_word_maps(anyres, img):
@@ -160,21 +174,28 @@ def test_refined_uses_repeated_function_word_maps(anyres, img):
     rep = e.interference_targets()
     assert [e.targets[k].name.strip() for k in rep] == ["the", "the"]
     cfg = RefineConfig.paper().replace(gate=False)          # SICD on every map
-    r = e.refined(cfg)
+    r = e.refined(cfg, size="grid")
     assert r.settings["refine_interference"] == rep
     raw = e.maps[0]["hires"][:, 0]
     want = diffcam.refine(raw, config=cfg, tokens=list(e.token_ids),
                           interference=[raw[rep]] * len(raw))
     np.testing.assert_array_equal(r.maps[0]["hires"][:, 0], want)
-    np.testing.assert_array_equal(e.map("cat", refined=True, config=cfg),
+    np.testing.assert_array_equal(e.map("cat", refined=True, config=cfg, size="grid"),
                                   r.map("cat"))
     uniform = diffcam.refine(raw, config=cfg, tokens=list(e.token_ids))
-    np.testing.assert_array_equal(e.refined(cfg, interference=None).maps[0]["hires"][:, 0],
-                                  uniform)
+    np.testing.assert_array_equal(
+        e.refined(cfg, interference=None, size="grid").maps[0]["hires"][:, 0], uniform)
+    # at the image's resolution: maps and interference maps upsampled, then refined
+    up = diffcam.resize(raw, img.shape[:2])
+    want_up = diffcam.refine(up, config=cfg, tokens=list(e.token_ids),
+                             interference=[up[rep]] * len(up))
+    np.testing.assert_array_equal(e.refined(cfg).maps[0]["hires"][:, 0], want_up)
+    np.testing.assert_array_equal(e.map("cat", refined=True, config=cfg),
+                                  e.refined(cfg).map("cat"))
     assert not np.array_equal(want, uniform)                # the maps change SICD's result
     assert e.refined("reference").settings["refine_interference"] == []
     # by hand: one of the two "the" maps
-    one = e.refined(cfg, interference=[rep[0]])
+    one = e.refined(cfg, interference=[rep[0]], size="grid")
     np.testing.assert_array_equal(
         one.maps[0]["hires"][:, 0],
         diffcam.refine(raw, config=cfg, tokens=list(e.token_ids),
