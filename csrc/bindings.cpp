@@ -93,6 +93,10 @@ int batch_threads(int threads, long N, long n, long cost_per_px = 1) {
   return t;
 }
 
+// maps per block of parallel_for_dynamic: about 16 blocks per thread (small enough to balance a
+// loaded core, large enough that the shared counter costs nothing).
+long map_grain(long N, int t) { return std::max<long>(1, N / (16L * t)); }
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -137,9 +141,9 @@ PYBIND11_MODULE(_core, m) {
           int t = batch_threads(threads, mp.N, n, 32);
           auto par = [](long nn, int tt, auto&& fn) { parallel_for(nn, tt, fn); };
           if (mp.N >= t) {
-            parallel_for(mp.N, t, [&](long b, long e, int) {
-              std::vector<float> pad;
-              for (long i = b; i < e; ++i) rank_filter_map(mp.ptr + i * n, o + i * n, mp.H, mp.W, ks[i], pad, 1, par);
+            std::vector<std::vector<float>> pads(t);
+            parallel_for_dynamic(mp.N, t, map_grain(mp.N, t), [&](long b, long e, int w) {
+              for (long i = b; i < e; ++i) rank_filter_map(mp.ptr + i * n, o + i * n, mp.H, mp.W, ks[i], pads[w], 1, par);
             });
           } else {
             std::vector<float> pad;
@@ -283,9 +287,9 @@ PYBIND11_MODULE(_core, m) {
           if (t <= 1) {
             for (long i = 0; i < N; ++i) one(i, ws_caller, 1);
           } else if (N >= t) {
-            parallel_for(N, t, [&](long b, long e, int chunk) {
-              Workspace ws_local;
-              Workspace& ws = chunk == 0 ? ws_caller : ws_local;
+            std::vector<Workspace> ws_local(t);
+            parallel_for_dynamic(N, t, map_grain(N, t), [&](long b, long e, int w) {
+              Workspace& ws = w == 0 ? ws_caller : ws_local[w];
               for (long i = b; i < e; ++i) one(i, ws, 1);
             });
           } else {

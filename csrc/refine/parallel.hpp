@@ -8,6 +8,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <exception>
 #include <thread>
@@ -56,6 +57,29 @@ void parallel_for(long n, int t, F&& fn) {
   for (auto& th : pool) th.join();
   for (auto& e : errs)
     if (e) std::rethrow_exception(e);
+}
+
+// Dynamic variant: t workers (the calling thread is worker 0) take blocks of `grain` items
+// [b, e) in increasing order from a shared counter until none is left, so a core slowed by other
+// work does less; fn(b, e, worker) may be called several times per worker.  As with
+// parallel_for, each item is computed by exactly one thread, so results never depend on t.
+template <class F>
+void parallel_for_dynamic(long n, int t, long grain, F&& fn) {
+  if (n <= 0) return;
+  grain = std::max<long>(1, grain);
+  t = static_cast<int>(std::max<long>(1, std::min<long>(t, (n + grain - 1) / grain)));
+  if (t == 1) {
+    fn(0L, n, 0);
+    return;
+  }
+  std::atomic<long> next{0};
+  parallel_for(static_cast<long>(t), t, [&](long w, long, int) {
+    for (;;) {
+      const long b = next.fetch_add(grain, std::memory_order_relaxed);
+      if (b >= n) break;
+      fn(b, std::min(n, b + grain), static_cast<int>(w));
+    }
+  });
 }
 
 }  // namespace diffcam

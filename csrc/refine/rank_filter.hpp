@@ -13,11 +13,14 @@
 // once and merges each window's own row into it (k = 7: 278 instead of 394 compare-exchanges per
 // pixel; k = 11: 1004 instead of 1388), and two blocks of L pixels (four windows) are finished
 // together so their latency chains overlap.  Cost:
-// O(H W k^2 log^2(k^2) / L); rows are independent, so a single map is split by rows over
-// threads and results never depend on the split.
+// O(H W k^2 log^2(k^2) / L); rows are independent, so a single map is split over threads in
+// dynamic blocks of 16 rows (always starting at an even row, so the row pairs are the same for
+// any thread count) and results never depend on the split.  finish() is the compile-time-N
+// finish_k of the policy for k = 3..11.
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -96,7 +99,7 @@ void rank_rows_fixed(const float* pad, int stride, float* out, int W, int y0, in
         vs[u] = v;
       }
       V res[U];
-      O::template finish_u<U>(vs, N, res);
+      for (int u = 0; u < U; u += 2) O::template finish_k<N, 2>(vs + u, res + u);
       float* o = out + static_cast<size_t>(y) * W + x;
       for (int u = 0; u < U - 1; ++u) O::store(o + u * L, res[u]);
       if (x + U * L <= W) {
@@ -113,7 +116,9 @@ void rank_rows_fixed(const float* pad, int stride, float* out, int W, int y0, in
       for (int dy = 0; dy < K; ++dy)
         for (int dx = 0; dx < K; ++dx) va[dy * K + dx] = O::load(base + dy * stride + dx);
       SortNet<N>::template run<O>(va);
-      V res = O::finish(va, N);
+      const V* vs1[1] = {va};
+      V res;
+      O::template finish_k<N, 1>(vs1, &res);
       float* o = out + static_cast<size_t>(y) * W + x;
       if (x + L <= W) {
         O::store(o, res);
@@ -152,7 +157,8 @@ void rank_rows_pair(const float* pad, int stride, float* out, int W, int y0, int
       const V* vs[2 * B];
       for (int i = 0; i < 2 * B; ++i) vs[i] = w[i];
       V res[2 * B];
-      O::template finish_u<2 * B>(vs, N, res);
+      O::template finish_k<N, 2>(vs, res);
+      O::template finish_k<N, 2>(vs + 2, res + 2);
       for (int j = 0; j < nb; ++j)
         for (int u = 0; u < 2; ++u) {
           float* o = out + static_cast<size_t>(y + u) * W + x + j * L;
@@ -248,8 +254,17 @@ void rank_filter_map(const float* in, float* out, int H, int W, int k, std::vect
   if (threads <= 1 || static_cast<long>(H) * W * k * k < (1L << 18)) {
     d.fn(pad, stride, out, W, k, 0, H);
   } else {
-    par(static_cast<long>(H), threads, [&](long b, long e, int) {
-      d.fn(pad, stride, out, W, k, static_cast<int>(b), static_cast<int>(e));
+    // Dynamic row blocks: each thread takes the next block of kRows rows until none is left,
+    // so a core slowed by other work does less of the map.  Blocks start at even rows, so the
+    // row pairs of rank_rows_pair (and every output value) are the same for any thread count.
+    constexpr int kRows = 16;
+    std::atomic<int> next{0};
+    par(static_cast<long>(threads), threads, [&](long, long, int) {
+      for (;;) {
+        const int y0 = kRows * next.fetch_add(1, std::memory_order_relaxed);
+        if (y0 >= H) break;
+        d.fn(pad, stride, out, W, k, y0, std::min(H, y0 + kRows));
+      }
     });
   }
 }

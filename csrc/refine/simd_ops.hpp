@@ -66,6 +66,10 @@ struct OpsScalar {
   static inline void finish_u(const V* const* vs, int n, V* out) {
     for (int u = 0; u < U; ++u) out[u] = finish(vs[u], n);
   }
+  template <int N, int U>
+  static inline void finish_k(const V* const* vs, V* out) {
+    finish_u<U>(vs, N, out);
+  }
 };
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -115,6 +119,119 @@ struct OpsAVX2 {
     __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(ni, _mm256_set1_epi64x(1023)), 52);
     __m256d res = _mm256_mul_pd(p, _mm256_castsi256_pd(bits));
     return _mm256_blendv_pd(res, _mm256_setzero_pd(), under);
+  }
+
+  // finish_u with the window size N known at compile time (k = 3..11): the same arithmetic
+  // (float32 two-pass mean / var with 4 partial sums, a and q = exp(-a) in float64, the float64
+  // weight recurrence, the symmetric sum into 2 float32 accumulators), fully unrolled, the d loop
+  // in steps of 4 with the early exit between steps.  Nothing is kept across blocks and U = 1..2,
+  // so the live values fit the 16 ymm registers (the runtime-n version spills heavily).
+  template <int N, int U>
+  static inline void finish_k(const V* const* vs, V* out) {
+    constexpr int C = (N - 1) / 2;
+    const __m256 fn = _mm256_set1_ps(static_cast<float>(N));
+    __m256 mu[U], var[U];
+    for (int u = 0; u < U; ++u) {
+      const V* v = vs[u];
+      __m256 s[4] = {v[0], v[1], v[2], v[3]};
+      for (int i = 4; i + 4 <= N; i += 4)
+        for (int j = 0; j < 4; ++j) s[j] = _mm256_add_ps(s[j], v[i + j]);
+      for (int i = N & ~3; i < N; ++i) s[0] = _mm256_add_ps(s[0], v[i]);
+      mu[u] = _mm256_div_ps(_mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3])), fn);
+    }
+    for (int u = 0; u < U; ++u) {
+      const V* v = vs[u];
+      __m256 s[4];
+      for (int j = 0; j < 4; ++j) {
+        __m256 d0 = _mm256_sub_ps(v[j], mu[u]);
+        s[j] = _mm256_mul_ps(d0, d0);
+      }
+      for (int i = 4; i + 4 <= N; i += 4)
+        for (int j = 0; j < 4; ++j) {
+          __m256 d0 = _mm256_sub_ps(v[i + j], mu[u]);
+          s[j] = _mm256_fmadd_ps(d0, d0, s[j]);
+        }
+      for (int i = N & ~3; i < N; ++i) {
+        __m256 d0 = _mm256_sub_ps(v[i], mu[u]);
+        s[0] = _mm256_fmadd_ps(d0, d0, s[0]);
+      }
+      var[u] = _mm256_div_ps(_mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3])), fn);
+    }
+    const __m256d zero = _mm256_setzero_pd();
+    const __m256d dinf = _mm256_set1_pd(INFINITY), amax = _mm256_set1_pd(44.0);
+    __m256d qlo[U], qhi[U];
+    for (int u = 0; u < U; ++u) {
+      const __m256d mlo = _mm256_cvtps_pd(_mm256_castps256_ps128(mu[u]));
+      const __m256d mhi = _mm256_cvtps_pd(_mm256_extractf128_ps(mu[u], 1));
+      const __m256d vlo = _mm256_cvtps_pd(_mm256_castps256_ps128(var[u]));
+      const __m256d vhi = _mm256_cvtps_pd(_mm256_extractf128_ps(var[u], 1));
+      __m256d alo = _mm256_div_pd(_mm256_mul_pd(mlo, mlo), _mm256_add_pd(vlo, vlo));
+      __m256d ahi = _mm256_div_pd(_mm256_mul_pd(mhi, mhi), _mm256_add_pd(vhi, vhi));
+      alo = _mm256_blendv_pd(dinf, alo, _mm256_cmp_pd(alo, alo, _CMP_ORD_Q));
+      ahi = _mm256_blendv_pd(dinf, ahi, _mm256_cmp_pd(ahi, ahi, _CMP_ORD_Q));
+      // a > 44: every weight but the centre's is below 1e-19 (dropped, like the early exit
+      // below); q = 0 keeps the recurrence out of the denormal range (g_4 = q^16 would be
+      // denormal for a > 44.25: each such multiply is a slow microcode assist).
+      qlo[u] = _mm256_andnot_pd(_mm256_cmp_pd(alo, amax, _CMP_GT_OQ), exp_neg_pd(_mm256_sub_pd(zero, alo)));
+      qhi[u] = _mm256_andnot_pd(_mm256_cmp_pd(ahi, amax, _CMP_GT_OQ), exp_neg_pd(_mm256_sub_pd(zero, ahi)));
+    }
+    __m256d q2lo[U], q2hi[U], glo[U], ghi[U], rlo[U], rhi[U], wlo[U], whi[U];
+    __m256 acc0[U], acc1[U];
+    for (int u = 0; u < U; ++u) {
+      q2lo[u] = _mm256_mul_pd(qlo[u], qlo[u]);
+      q2hi[u] = _mm256_mul_pd(qhi[u], qhi[u]);
+      glo[u] = ghi[u] = _mm256_set1_pd(1.0);
+      rlo[u] = qlo[u];
+      rhi[u] = qhi[u];
+      wlo[u] = whi[u] = zero;
+      acc0[u] = vs[u][C];
+      acc1[u] = _mm256_setzero_ps();
+    }
+    const __m256d tiny = _mm256_set1_pd(1e-20);
+    auto step = [&](int d) {
+      for (int u = 0; u < U; ++u) {
+        glo[u] = _mm256_mul_pd(glo[u], rlo[u]);
+        ghi[u] = _mm256_mul_pd(ghi[u], rhi[u]);
+        rlo[u] = _mm256_mul_pd(rlo[u], q2lo[u]);
+        rhi[u] = _mm256_mul_pd(rhi[u], q2hi[u]);
+        wlo[u] = _mm256_add_pd(wlo[u], glo[u]);
+        whi[u] = _mm256_add_pd(whi[u], ghi[u]);
+        __m256 gf = _mm256_set_m128(_mm256_cvtpd_ps(ghi[u]), _mm256_cvtpd_ps(glo[u]));
+        __m256 pair = _mm256_add_ps(vs[u][C - d], vs[u][C + d]);
+        if (d & 1)
+          acc1[u] = _mm256_fmadd_ps(gf, pair, acc1[u]);
+        else
+          acc0[u] = _mm256_fmadd_ps(gf, pair, acc0[u]);
+      }
+    };
+    int d = 1;
+    for (; d + 3 <= C; d += 4) {
+      step(d), step(d + 1), step(d + 2), step(d + 3);
+      // Lanes whose weight fell below 1e-20 are done: their g and r become 0 (the rest of
+      // their weights is dropped), so no lane ever multiplies into the denormal range (a live
+      // lane has a d^2 <= 46 here, so its next 4 weights stay above 1e-200).
+      __m256d m = _mm256_set1_pd(-1.0);
+      for (int u = 0; u < U; ++u) {
+        const __m256d mlo = _mm256_cmp_pd(glo[u], tiny, _CMP_LT_OQ);
+        const __m256d mhi = _mm256_cmp_pd(ghi[u], tiny, _CMP_LT_OQ);
+        glo[u] = _mm256_andnot_pd(mlo, glo[u]), rlo[u] = _mm256_andnot_pd(mlo, rlo[u]);
+        ghi[u] = _mm256_andnot_pd(mhi, ghi[u]), rhi[u] = _mm256_andnot_pd(mhi, rhi[u]);
+        m = _mm256_and_pd(m, _mm256_and_pd(mlo, mhi));
+      }
+      if (_mm256_movemask_pd(m) == 0xF) {
+        d = C + 1;
+        break;
+      }
+    }
+    for (; d <= C; ++d) step(d);
+    const __m256d one = _mm256_set1_pd(1.0), two = _mm256_set1_pd(2.0);
+    for (int u = 0; u < U; ++u) {
+      __m256d dlo = _mm256_fmadd_pd(two, wlo[u], one), dhi = _mm256_fmadd_pd(two, whi[u], one);
+      __m256 den = _mm256_set_m128(_mm256_cvtpd_ps(dhi), _mm256_cvtpd_ps(dlo));
+      __m256 o = _mm256_div_ps(_mm256_add_ps(acc0[u], acc1[u]), den);
+      __m256 nonpos = _mm256_cmp_ps(mu[u], _mm256_setzero_ps(), _CMP_LE_OQ);
+      out[u] = _mm256_blendv_ps(o, _mm256_setzero_ps(), nonpos);
+    }
   }
 
   static inline V finish(const V* v, int n) {

@@ -92,18 +92,47 @@ def test_collect_split_uses_the_cache(tmp_path):
     assert gold == [True]
 
 
+@pytest.mark.parametrize("refine_at", ["image", "grid"])
 @pytest.mark.parametrize("config", ["raw", "random", "paper", "reference"])
-def test_scores_match_score_maps(config):
+def test_scores_match_score_maps(config, refine_at):
     recs = _records()
-    prep = tables.prepare(recs)
+    prep = tables.prepare(recs, refine_at=refine_at)
     row = tables.score(prep, config)
-    ref = evaluate.score_maps(recs, config)
+    ref = evaluate.score_maps(recs, config, refine_at=refine_at)
     assert row.n_maps == ref["n_maps"] == prep.n_maps
     # batched refinement equals record-by-record refinement up to float32 rounding (the native
     # kernels' vector lanes depend on a map's position in the batch)
     assert row.f3 == pytest.approx(ref["f3_of_means"], abs=1e-7)
     assert row.obj_iou == pytest.approx(ref["obj_iou"], abs=1e-7)
     assert row.contrast == pytest.approx(ref["contrast"], rel=1e-7)
+
+
+def test_refine_at_image_upsamples_before_refining():
+    """refine_at="image": the 12x12 maps (and SICD's interference maps) are resized to the
+    96x96 masks with diffcam.resize and then refined; "grid" refines the 12x12 maps; raw and
+    random maps stay on the grid either way (the metrics resize them)."""
+    import diffcam
+
+    rec = _record("test", 0, np.random.default_rng(1), n_inter=2)
+    assert rec.interference is not None and len(rec.interference)
+    norm = evaluate._normalise
+    up = diffcam.resize(norm(rec.raw), (96, 96))
+    inter = diffcam.resize(norm(rec.interference), (96, 96))
+    want = diffcam.refine(up, tokens=rec.token_ids, interference=[inter] * len(up))
+    got = evaluate.refine_record(rec, "paper")
+    assert got.shape == (2, 96, 96)
+    np.testing.assert_array_equal(got, want)
+    grid = evaluate.refine_record(rec, "paper", refine_at="grid")
+    assert grid.shape == (2, 12, 12)
+    np.testing.assert_array_equal(grid, diffcam.refine(norm(rec.raw), tokens=rec.token_ids,
+                                                       interference=[norm(rec.interference)] * 2))
+    for cfg in ("raw", "random"):
+        assert evaluate.refine_record(rec, cfg).shape == (2, 12, 12)
+    with pytest.raises(ValueError, match="refine_at"):
+        evaluate.refine_record(rec, "paper", refine_at="pixels")
+    prep = tables.prepare(_records(n=3))
+    assert prep.refine_at == "image" and prep.maps.shape[1:] == (96, 96)
+    assert prep.grid.shape[1:] == (12, 12)
 
 
 def test_ablation_rows_switch_modules():
@@ -225,6 +254,13 @@ def test_markdown_contains_every_row():
             assert f"| {r.label} |" in md
     for r, _ in rep["headline"]:
         assert f"| {r.label} |" in md
+    labels = [r.label for r, _ in rep["headline"]]
+    assert "paper preset (val-selected) on the 12x12 grid" in labels and rep["refine_at"] == "image"
+    assert "upsampled bilinearly to 96x96" in md
+    grid_rep = tables.run_benchmark(records={"val": _records("val", 8), "test": _records("test", 10)},
+                                    n_boot=20, grid=grid, refine_at="grid")
+    assert len(grid_rep["headline"]) == len(rep["headline"]) - 2
+    assert "on the 12x12 token grid itself" in tables.render_markdown(grid_rep)
     assert "chosen:" in md
     assert "F3 of the means per question kind" in md and "| describe |" in md
     assert "does not help" in md or "helps" in md or "hurts" in md
@@ -249,7 +285,11 @@ def test_cli_eval_parses(monkeypatch, tmp_path):
                    str(tmp_path / "c"), "--out", str(out), "--quiet"])
     assert rc == 0 and out.is_file()
     assert seen["val"] == 4 and seen["kinds"] == ("describe", "count")
-    assert seen["gold_if_wrong"] is False
+    assert seen["gold_if_wrong"] is False and seen["refine_at"] == "image"
     text = out.read_text()
     assert "diffcam eval --val 4 --test 4 --kinds describe,count" in text
+    assert "--refine-at" not in text
+    rc = cli.main(["eval", "--val", "4", "--test", "4", "--cache", str(tmp_path / "c"), "--out",
+                   str(out), "--quiet", "--refine-at", "grid"])
+    assert rc == 0 and seen["refine_at"] == "grid" and "--refine-at grid" in out.read_text()
     assert cli.main(["eval", "--kinds", "nonsense", "--out", str(out)]) == 2

@@ -217,7 +217,7 @@ def test_reference_sicd_uniform_constant_and_range_guard():
     narrow = 0.8 + 0.2 * m
     out, lam, applied = ref.causal_debiasing_2d(narrow, np.ones((8, 8)), 0.0,
                                                 params(gate=False, range_guard=0.1, w_out=0.0,
-                                                       lambda_max=0.9))
+                                                       w_rep=1.0, lambda_max=0.9))
     clean = np.maximum(narrow - lam, 0)
     shrank = np.ptp(clean) < 0.9 * np.ptp(narrow)
     assert applied == (0 if shrank else 1)
