@@ -121,14 +121,20 @@ struct OpsAVX2 {
     return _mm256_blendv_pd(res, _mm256_setzero_pd(), under);
   }
 
-  // finish_u with the window size N known at compile time (k = 3..11): the same arithmetic
-  // (float32 two-pass mean / var with 4 partial sums, a and q = exp(-a) in float64, the float64
-  // weight recurrence, the symmetric sum into 2 float32 accumulators), fully unrolled, the d loop
-  // in steps of 4 with the early exit between steps.  Nothing is kept across blocks and U = 1..2,
-  // so the live values fit the 16 ymm registers (the runtime-n version spills heavily).
+  // The weights of U blocks of L pixels (one window per lane, values sorted): the float32
+  // two-pass mean / var with 4 partial sums, a and q = exp(-a) in float64, the float64 weight
+  // recurrence, the symmetric sum into 2 float32 accumulators, the d loop in steps of 4 with
+  // the early exit between steps.  With the window size NC known at compile time (k = 3..11:
+  // finish_k) everything unrolls and, for U = 1..2, the live values fit the 16 ymm registers.
   template <int N, int U>
   static inline void finish_k(const V* const* vs, V* out) {
-    constexpr int C = (N - 1) / 2;
+    finish_n<U, N>(vs, N, out);
+  }
+
+  template <int U, int NC>
+  static inline void finish_n(const V* const* vs, int n_rt, V* out) {
+    const int N = NC > 0 ? NC : n_rt;  // NC > 0: the size is a compile-time constant
+    const int C = (N - 1) / 2;
     const __m256 fn = _mm256_set1_ps(static_cast<float>(N));
     __m256 mu[U], var[U];
     for (int u = 0; u < U; ++u) {
@@ -243,104 +249,10 @@ struct OpsAVX2 {
 
   // finish() of U independent pixel blocks at once: their dependency chains (mean -> var ->
   // exp -> recurrence -> divide, ~200 cycles of latency) interleave, so the core overlaps them.
+  // The window size n is known only at run time (k = 13..31).
   template <int U>
   static inline void finish_u(const V* const* vs, int n, V* out) {
-    const int c = (n - 1) / 2;
-    const __m256 fn = _mm256_set1_ps(static_cast<float>(n));
-    __m256 mu[U], var[U];
-    for (int u = 0; u < U; ++u) {
-      const V* v = vs[u];
-      __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-      int i = 0;
-      for (; i + 4 <= n; i += 4) {
-        s0 = _mm256_add_ps(s0, v[i]);
-        s1 = _mm256_add_ps(s1, v[i + 1]);
-        s2 = _mm256_add_ps(s2, v[i + 2]);
-        s3 = _mm256_add_ps(s3, v[i + 3]);
-      }
-      for (; i < n; ++i) s0 = _mm256_add_ps(s0, v[i]);
-      mu[u] = _mm256_div_ps(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)), fn);
-    }
-    for (int u = 0; u < U; ++u) {
-      const V* v = vs[u];
-      __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-      int i = 0;
-      for (; i + 4 <= n; i += 4) {
-        __m256 d0 = _mm256_sub_ps(v[i], mu[u]), d1 = _mm256_sub_ps(v[i + 1], mu[u]);
-        __m256 d2 = _mm256_sub_ps(v[i + 2], mu[u]), d3 = _mm256_sub_ps(v[i + 3], mu[u]);
-        s0 = _mm256_fmadd_ps(d0, d0, s0);
-        s1 = _mm256_fmadd_ps(d1, d1, s1);
-        s2 = _mm256_fmadd_ps(d2, d2, s2);
-        s3 = _mm256_fmadd_ps(d3, d3, s3);
-      }
-      for (; i < n; ++i) {
-        __m256 d0 = _mm256_sub_ps(v[i], mu[u]);
-        s0 = _mm256_fmadd_ps(d0, d0, s0);
-      }
-      var[u] = _mm256_div_ps(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)), fn);
-    }
-    const __m256d zero = _mm256_setzero_pd();
-    const __m256d dinf = _mm256_set1_pd(INFINITY);
-    __m256d qlo[U], qhi[U];
-    for (int u = 0; u < U; ++u) {
-      // a = mu^2 / (2 var): +inf when var == 0; NaN (0/0, only with mu <= 0, whose lanes are
-      // replaced by 0 at the end) -> +inf so the early exit below is not blocked.
-      const __m256d mlo = _mm256_cvtps_pd(_mm256_castps256_ps128(mu[u]));
-      const __m256d mhi = _mm256_cvtps_pd(_mm256_extractf128_ps(mu[u], 1));
-      const __m256d vlo = _mm256_cvtps_pd(_mm256_castps256_ps128(var[u]));
-      const __m256d vhi = _mm256_cvtps_pd(_mm256_extractf128_ps(var[u], 1));
-      __m256d alo = _mm256_div_pd(_mm256_mul_pd(mlo, mlo), _mm256_add_pd(vlo, vlo));
-      __m256d ahi = _mm256_div_pd(_mm256_mul_pd(mhi, mhi), _mm256_add_pd(vhi, vhi));
-      alo = _mm256_blendv_pd(dinf, alo, _mm256_cmp_pd(alo, alo, _CMP_ORD_Q));
-      ahi = _mm256_blendv_pd(dinf, ahi, _mm256_cmp_pd(ahi, ahi, _CMP_ORD_Q));
-      qlo[u] = exp_neg_pd(_mm256_sub_pd(zero, alo));
-      qhi[u] = exp_neg_pd(_mm256_sub_pd(zero, ahi));
-    }
-    __m256d q2lo[U], q2hi[U], glo[U], ghi[U], rlo[U], rhi[U], wlo[U], whi[U];
-    __m256 acc0[U], acc1[U];
-    for (int u = 0; u < U; ++u) {
-      q2lo[u] = _mm256_mul_pd(qlo[u], qlo[u]);
-      q2hi[u] = _mm256_mul_pd(qhi[u], qhi[u]);
-      glo[u] = ghi[u] = _mm256_set1_pd(1.0);
-      rlo[u] = qlo[u];
-      rhi[u] = qhi[u];
-      wlo[u] = whi[u] = zero;
-      acc0[u] = vs[u][c];
-      acc1[u] = _mm256_setzero_ps();
-    }
-    const __m256d tiny = _mm256_set1_pd(1e-20);
-    for (int d = 1; d <= c; ++d) {
-      for (int u = 0; u < U; ++u) {
-        glo[u] = _mm256_mul_pd(glo[u], rlo[u]);
-        ghi[u] = _mm256_mul_pd(ghi[u], rhi[u]);
-        rlo[u] = _mm256_mul_pd(rlo[u], q2lo[u]);
-        rhi[u] = _mm256_mul_pd(rhi[u], q2hi[u]);
-        wlo[u] = _mm256_add_pd(wlo[u], glo[u]);
-        whi[u] = _mm256_add_pd(whi[u], ghi[u]);
-        __m256 gf = _mm256_set_m128(_mm256_cvtpd_ps(ghi[u]), _mm256_cvtpd_ps(glo[u]));
-        __m256 pair = _mm256_add_ps(vs[u][c - d], vs[u][c + d]);
-        if (d & 1)
-          acc1[u] = _mm256_fmadd_ps(gf, pair, acc1[u]);
-        else
-          acc0[u] = _mm256_fmadd_ps(gf, pair, acc0[u]);
-      }
-      if ((d & 3) == 0) {
-        __m256d m = _mm256_and_pd(_mm256_cmp_pd(glo[0], tiny, _CMP_LT_OQ),
-                                  _mm256_cmp_pd(ghi[0], tiny, _CMP_LT_OQ));
-        for (int u = 1; u < U; ++u)
-          m = _mm256_and_pd(m, _mm256_and_pd(_mm256_cmp_pd(glo[u], tiny, _CMP_LT_OQ),
-                                             _mm256_cmp_pd(ghi[u], tiny, _CMP_LT_OQ)));
-        if (_mm256_movemask_pd(m) == 0xF) break;
-      }
-    }
-    const __m256d one = _mm256_set1_pd(1.0), two = _mm256_set1_pd(2.0);
-    for (int u = 0; u < U; ++u) {
-      __m256d dlo = _mm256_fmadd_pd(two, wlo[u], one), dhi = _mm256_fmadd_pd(two, whi[u], one);
-      __m256 den = _mm256_set_m128(_mm256_cvtpd_ps(dhi), _mm256_cvtpd_ps(dlo));
-      __m256 o = _mm256_div_ps(_mm256_add_ps(acc0[u], acc1[u]), den);
-      __m256 nonpos = _mm256_cmp_ps(mu[u], _mm256_setzero_ps(), _CMP_LE_OQ);
-      out[u] = _mm256_blendv_ps(o, _mm256_setzero_ps(), nonpos);
-    }
+    finish_n<U, 0>(vs, n, out);
   }
 };
 #endif
