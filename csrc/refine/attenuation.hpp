@@ -3,9 +3,10 @@
 // tau_bg = w_median * S1 + w_pct * S2 + w_mean * S3 + w_max * S4 with S1 the median of the
 // positive pixels, S2 the bg_percentile of all pixels, S3 the float64 mean of the positive
 // pixels, S4 the max (tau_bg_floor when no pixel is positive or the sum is not > 0); then
-// M < tau_bg -> M * max(gamma, M / tau_bg), in float64.  O(H W): one branch-free pass (count,
-// sum and max of the positives), then ONE select_ranks_f of the 4 ranks of S1 and S2 (the
-// positive pixels are the top np ranks of the map, so their median is at shifted ranks).
+// M < tau_bg -> M * max(gamma, M / tau_bg), in float64.  O(H W): one branch-free SSE2 pass
+// (count, sum and max of the positives; the sums in the scalar loop's order), then ONE
+// select_ranks_f of the 4 ranks of S1 and S2 (the positive pixels are the top np ranks of the
+// map, so their median is at shifted ranks).
 #pragma once
 
 #include <algorithm>
@@ -15,6 +16,10 @@
 
 #include "params.hpp"
 #include "stats.hpp"
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace diffcam {
 
@@ -28,6 +33,33 @@ inline double background_threshold(const float* m, size_t n, const double* p, st
   double ps0 = 0.0, ps1 = 0.0;
   float mx = m[0];
   size_t i = 0;
+#if defined(__SSE2__)
+  // the same sums in the same order: lane 0 of ps holds ps0 (even i), lane 1 ps1 (odd i)
+  if (n >= 4) {
+    const __m128 z = _mm_setzero_ps();
+    __m128d ps = _mm_setzero_pd();
+    __m128i cnt = _mm_setzero_si128();
+    __m128 vmx = _mm_loadu_ps(m);
+    for (; i + 4 <= n; i += 4) {
+      const __m128 x = _mm_loadu_ps(m + i);
+      const __m128 pos = _mm_cmpgt_ps(x, z);
+      const __m128 xp = _mm_and_ps(pos, x);  // x if positive else +0.0
+      ps = _mm_add_pd(ps, _mm_cvtps_pd(xp));
+      ps = _mm_add_pd(ps, _mm_cvtps_pd(_mm_movehl_ps(xp, xp)));
+      cnt = _mm_sub_epi32(cnt, _mm_castps_si128(pos));
+      vmx = _mm_max_ps(vmx, x);
+    }
+    alignas(16) double pd[2];
+    alignas(16) uint32_t pc[4];
+    alignas(16) float pm[4];
+    _mm_store_pd(pd, ps);
+    _mm_store_si128(reinterpret_cast<__m128i*>(pc), cnt);
+    _mm_store_ps(pm, vmx);
+    ps0 = pd[0], ps1 = pd[1];
+    np = static_cast<size_t>(pc[0]) + pc[1] + pc[2] + pc[3];
+    mx = std::max(std::max(pm[0], pm[1]), std::max(pm[2], pm[3]));
+  }
+#endif
   for (; i + 2 <= n; i += 2) {  // branch-free
     const float a = m[i], b = m[i + 1];
     np += (a > 0.0f) + (b > 0.0f);

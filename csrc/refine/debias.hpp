@@ -4,7 +4,9 @@
 // when sigma > gate_std or skewness > gate_skew.  I = w_rep M_rep + w_out 1[M > mu + k sigma]
 // (M_rep = rep map or the constant rep_const); lam = <M, I> / <I, I> (0 when <I, I> = 0) clipped
 // to [lambda_min, lambda_max]; M' = max(M - lam I, 0) in float64; the range guard and the
-// optional final min-max act on the float64 M'.  O(H W), a few passes.
+// optional final min-max act on the float64 M'.  O(H W), a few passes; in the pipeline the sum
+// and the extremes of M come from clip_normalize_map's pass (MapStats4), and the constant-M_rep
+// path runs its class and output passes in SSE2 with the scalar code's exact operations.
 #pragma once
 
 #include <algorithm>
@@ -15,7 +17,17 @@
 #include "params.hpp"
 #include "stats.hpp"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace diffcam {
+
+// sum4 sums (stats.hpp) and the float min / max of a map, handed from one pass to the next.
+struct MapStats4 {
+  double s[4];
+  float mn, mx;
+};
 
 struct DebiasInfo {
   double lam;
@@ -23,13 +35,19 @@ struct DebiasInfo {
 };
 
 // out may alias m.  dbuf is float64 scratch.
+// st (optional): sum4 of m and its float min / max, already known (clip_normalize_map).
 inline DebiasInfo causal_debiasing_map(const float* m, const float* rep, double rep_const, float* out,
-                                       size_t n, const double* p, std::vector<double>& dbuf) {
+                                       size_t n, const double* p, std::vector<double>& dbuf,
+                                       const MapStats4* st = nullptr) {
   // 4 independent float64 accumulators per sum (element i goes to i mod 4): fixed order.
-  double s[4], a2[4], a3[4];
-  sum4(m, n, s);
+  double s[4], a2[4], a3[4] = {0.0, 0.0, 0.0, 0.0};
+  if (st) {
+    for (int l = 0; l < 4; ++l) s[l] = st->s[l];
+  } else {
+    sum4(m, n, s);
+  }
   const double mu = ((s[0] + s[1]) + (s[2] + s[3])) / static_cast<double>(n);
-  moments4(m, n, mu, a2, a3);
+  moments4(m, n, mu, a2, p[P::gate] != 0.0 ? a3 : nullptr);  // the skewness only for the gate
   const double q2 = (a2[0] + a2[1]) + (a2[2] + a2[3]), q3 = (a3[0] + a3[1]) + (a3[2] + a3[3]);
   size_t i = 0;
   const size_t n4 = n & ~static_cast<size_t>(3);
@@ -46,7 +64,11 @@ inline DebiasInfo causal_debiasing_map(const float* m, const float* rep, double 
   const double w_rep = p[P::w_rep], w_out = p[P::w_out];
   const double thr = mu + p[P::outlier_sigmas] * sd;
   float fmin, fmax;
-  minmax_f(m, n, fmin, fmax);
+  if (st) {
+    fmin = st->mn, fmax = st->mx;
+  } else {
+    minmax_f(m, n, fmin, fmax);
+  }
   const double mmin = fmin, mmax = fmax;
   if (rep == nullptr) {
     // Constant M_rep: I takes two values, i0 (M <= thr) and i1 (M > thr), so <I, I> and <M, I>
@@ -57,7 +79,40 @@ inline DebiasInfo causal_debiasing_map(const float* m, const float* rep, double 
     size_t c1[2] = {0, 0};
     double s1[2] = {0.0, 0.0};
     float max0[2] = {-INFINITY, -INFINITY}, min1[2] = {INFINITY, INFINITY};
-    for (i = 0; i + 2 <= n; i += 2)
+    i = 0;
+#if defined(__SSE2__)
+    // the same sums in the same order (lane 0 of vs: even i, lane 1: odd i); the float compare
+    // M > float_floor(thr) equals the float64 M > thr
+    if (n >= 4) {
+      const __m128 vthr = _mm_set1_ps(float_floor(thr));
+      const __m128 ninf = _mm_set1_ps(-INFINITY), pinf = _mm_set1_ps(INFINITY);
+      __m128d vs = _mm_setzero_pd();
+      __m128i vc = _mm_setzero_si128();
+      __m128 vmax0 = ninf, vmin1 = pinf;
+      for (; i + 4 <= n; i += 4) {
+        const __m128 x = _mm_loadu_ps(m + i);
+        const __m128 o = _mm_cmpgt_ps(x, vthr);
+        const __m128 xo = _mm_and_ps(o, x);
+        vs = _mm_add_pd(vs, _mm_cvtps_pd(xo));
+        vs = _mm_add_pd(vs, _mm_cvtps_pd(_mm_movehl_ps(xo, xo)));
+        vc = _mm_sub_epi32(vc, _mm_castps_si128(o));
+        vmax0 = _mm_max_ps(vmax0, _mm_or_ps(_mm_and_ps(o, ninf), _mm_andnot_ps(o, x)));
+        vmin1 = _mm_min_ps(vmin1, _mm_or_ps(_mm_and_ps(o, x), _mm_andnot_ps(o, pinf)));
+      }
+      alignas(16) double ts[2];
+      alignas(16) uint32_t tc[4];
+      alignas(16) float tmx[4], tmn[4];
+      _mm_store_pd(ts, vs);
+      _mm_store_si128(reinterpret_cast<__m128i*>(tc), vc);
+      _mm_store_ps(tmx, vmax0);
+      _mm_store_ps(tmn, vmin1);
+      s1[0] = ts[0], s1[1] = ts[1];
+      c1[0] = static_cast<size_t>(tc[0]) + tc[1] + tc[2] + tc[3];
+      max0[0] = std::max(std::max(tmx[0], tmx[1]), std::max(tmx[2], tmx[3]));
+      min1[0] = std::min(std::min(tmn[0], tmn[1]), std::min(tmn[2], tmn[3]));
+    }
+#endif
+    for (; i + 2 <= n; i += 2)
       for (int l = 0; l < 2; ++l) {
         const float mv = m[i + l];
         const bool o = static_cast<double>(mv) > thr;
@@ -95,7 +150,24 @@ inline DebiasInfo causal_debiasing_map(const float* m, const float* rep, double 
     if (guard > 0 && (cmax - cmin) < (1.0 - guard) * (mmax - mmin)) return unchanged(lam);
     const bool norm = p[P::final_normalize] != 0.0;
     const double den = cmax - cmin + p[P::norm_eps];
-    for (i = 0; i < n; ++i) {
+    i = 0;
+#if defined(__SSE2__)
+    {  // the same float64 operations, 4 pixels per step (std::max(u, 0) == _mm_max_pd(0, u))
+      const __m128d vthr = _mm_set1_pd(thr), vi0 = _mm_set1_pd(i0), vi1 = _mm_set1_pd(i1);
+      const __m128d vlam = _mm_set1_pd(lam), z = _mm_setzero_pd(), vcmin = _mm_set1_pd(cmin), vden = _mm_set1_pd(den);
+      auto one = [&](__m128d mv) {
+        const __m128d o = _mm_cmpgt_pd(mv, vthr);
+        const __m128d iv = _mm_or_pd(_mm_and_pd(o, vi1), _mm_andnot_pd(o, vi0));
+        const __m128d c = _mm_max_pd(z, _mm_sub_pd(mv, _mm_mul_pd(vlam, iv)));
+        return _mm_cvtpd_ps(norm ? _mm_div_pd(_mm_sub_pd(c, vcmin), vden) : c);
+      };
+      for (; i + 4 <= n; i += 4) {
+        const __m128 x = _mm_loadu_ps(m + i);
+        _mm_storeu_ps(out + i, _mm_movelh_ps(one(_mm_cvtps_pd(x)), one(_mm_cvtps_pd(_mm_movehl_ps(x, x)))));
+      }
+    }
+#endif
+    for (; i < n; ++i) {
       const double mv = m[i];
       const double c = std::max(mv - lam * (mv > thr ? i1 : i0), 0.0);
       out[i] = static_cast<float>(norm ? (c - cmin) / den : c);
@@ -157,17 +229,51 @@ inline DebiasInfo causal_debiasing_map(const float* m, const float* rep, double 
 }
 
 // clip to [0, max(clip_max, 0)] then (M - min) / (max - min + eps), float64.  Clipping is
-// monotone, so the clipped min/max are the clipped float min/max (exact).
-inline void clip_normalize_map(float* m, size_t n, double clip_max, double eps) {
+// monotone, so the clipped min/max are the clipped float min/max (exact).  With st, also the
+// sum4 sums of the result (same order as sum4) and its float min / max: the map is monotone
+// nondecreasing, so they are the images of the input min / max.  SSE2: the same float64
+// operations (std::max(v, 0) == _mm_max_pd(0, v), std::min(u, h) == _mm_min_pd(h, u)).
+inline void clip_normalize_map(float* m, size_t n, double clip_max, double eps, MapStats4* st = nullptr) {
   const double hi_clip = std::max(clip_max, 0.0);
   float fmin, fmax;
   minmax_f(m, n, fmin, fmax);
   const double lo = std::min(std::max(static_cast<double>(fmin), 0.0), hi_clip);
   const double hi = std::min(std::max(static_cast<double>(fmax), 0.0), hi_clip);
   const double den = hi - lo + eps;
-  for (size_t i = 0; i < n; ++i) {
-    const double v = std::min(std::max(static_cast<double>(m[i]), 0.0), hi_clip);
-    m[i] = static_cast<float>((v - lo) / den);
+  auto f = [&](float x) {
+    const double v = std::min(std::max(static_cast<double>(x), 0.0), hi_clip);
+    return static_cast<float>((v - lo) / den);
+  };
+  double s[4] = {0.0, 0.0, 0.0, 0.0};
+  size_t i = 0;
+#if defined(__SSE2__)
+  {
+    const __m128d z = _mm_setzero_pd(), vh = _mm_set1_pd(hi_clip), vlo = _mm_set1_pd(lo), vden = _mm_set1_pd(den);
+    __m128d sa = _mm_setzero_pd(), sb = _mm_setzero_pd();
+    auto one = [&](__m128d x) { return _mm_cvtpd_ps(_mm_div_pd(_mm_sub_pd(_mm_min_pd(vh, _mm_max_pd(z, x)), vlo), vden)); };
+    for (; i + 4 <= n; i += 4) {
+      const __m128 x = _mm_loadu_ps(m + i);
+      const __m128 y = _mm_movelh_ps(one(_mm_cvtps_pd(x)), one(_mm_cvtps_pd(_mm_movehl_ps(x, x))));
+      _mm_storeu_ps(m + i, y);
+      sa = _mm_add_pd(sa, _mm_cvtps_pd(y));
+      sb = _mm_add_pd(sb, _mm_cvtps_pd(_mm_movehl_ps(y, y)));
+    }
+    _mm_storeu_pd(s, sa);
+    _mm_storeu_pd(s + 2, sb);
+  }
+#endif
+  for (; i + 4 <= n; i += 4)
+    for (int l = 0; l < 4; ++l) {
+      m[i + l] = f(m[i + l]);
+      s[l] += m[i + l];
+    }
+  for (; i < n; ++i) {
+    m[i] = f(m[i]);
+    s[0] += m[i];
+  }
+  if (st) {
+    for (int l = 0; l < 4; ++l) st->s[l] = s[l];
+    st->mn = f(fmin), st->mx = f(fmax);
   }
 }
 

@@ -2,6 +2,7 @@
 // akd); DACG; CBA (if cba); clip to [0, max(raw_max, 0)] and min-max; SICD (if sicd).
 // Intermediate maps are float32 in a per-thread Workspace (no allocation after warm-up);
 // statistics are float64.  Cost is dominated by the rank filter: O(H W k^2 log^2 k^2 / L).
+// clip + min-max hands the sums and extremes of its result to SICD (one pass fewer).
 #pragma once
 
 #include <algorithm>
@@ -48,9 +49,10 @@ inline RefineInfo refine_map(const float* in, const float* rep, double rep_const
   info.branch = gi.branch;
   info.tau = gi.tau;
   if (p[P::cba] != 0.0) info.tau_bg = background_attenuation_map(out, out, n, p, ws.scratch);
-  clip_normalize_map(out, n, static_cast<double>(raw_max), p[P::norm_eps]);
+  MapStats4 st;
+  clip_normalize_map(out, n, static_cast<double>(raw_max), p[P::norm_eps], &st);
   if (p[P::sicd] != 0.0) {
-    DebiasInfo di = causal_debiasing_map(out, rep, rep_const, out, n, p, ws.dbuf);
+    DebiasInfo di = causal_debiasing_map(out, rep, rep_const, out, n, p, ws.dbuf, &st);
     info.lam = di.lam;
     info.applied = di.applied;
   }
