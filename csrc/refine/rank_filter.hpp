@@ -1,7 +1,9 @@
 // Rank-weighted Gaussian filter (AKD's L-filter), k x k window, reflect-101 border.
 //
-// Algorithm: the map is copied once into a reflect-101 padded buffer (r = k/2 halo on every
-// side plus L-1 spare zero columns, so the last vector of a row needs no masking).  Each output
+// Algorithm: the map is copied into a reflect-101 padded buffer (r = k/2 halo on every side
+// plus L-1 spare zero columns, so the last vector of a row needs no masking): small maps as a
+// whole, big maps band by band (16 output rows + 2r halo rows, padded by the worker that filters
+// the band, so the copy runs in parallel and stays in L2).  Each output
 // row is processed in vectors of L consecutive pixels (L = 8 with AVX2, 1 scalar): the k^2
 // window values of the L pixels are L-wide unaligned loads at offsets (dy, dx), sorted
 // per lane by a sorting network, then reduced by the policy's finish() (mean, std, per-pixel
@@ -12,10 +14,11 @@
 // rows go in pairs: SortNet2 sorts the (k-1) x k core shared by the windows of rows y and y+1
 // once and merges each window's own row into it (k = 7: 278 instead of 394 compare-exchanges per
 // pixel; k = 11: 1004 instead of 1388), and two blocks of L pixels (four windows) are finished
-// together so their latency chains overlap.  Cost:
-// O(H W k^2 log^2(k^2) / L); rows are independent, so a single map is split over threads in
-// dynamic blocks of 16 rows (always starting at an even row, so the row pairs are the same for
-// any thread count) and results never depend on the split.  finish() is the compile-time-N
+// together so their latency chains overlap; a block whose two windows are all +0.0 (the zero
+// area of a ReLU'd map) skips the sort and outputs 0, as finish() would.  Cost:
+// O(H W k^2 log^2(k^2) / L); rows are independent, so a big map is split over threads in
+// dynamic bands of 16 rows (always starting at an even row, so the row pairs are the same for
+// any thread count; the banding is the same for 1 thread) and results never depend on the split.  finish() is the compile-time-N
 // finish_k of the policy for k = 3..11.
 #pragma once
 
@@ -66,17 +69,22 @@ inline const std::vector<std::pair<short, short>>& batcher_pairs(int k) {
 
 // Reflect-101 padded copy: (H + 2r) rows of `stride` floats; columns [W + 2r, stride) are 0.
 inline int padded_stride(int W, int r, int L) { return W + 2 * r + L - 1; }
-inline void pad_reflect101(const float* in, int H, int W, int r, int L, std::vector<float>& buf) {
-  const int stride = padded_stride(W, r, L), Hp = H + 2 * r;
-  if (buf.size() < static_cast<size_t>(Hp) * stride) buf.resize(static_cast<size_t>(Hp) * stride);
-  for (int y = 0; y < Hp; ++y) {
+// Padded rows [ya, yb) (padded coordinates: padded row y is map row y - r, folded) into dst.
+inline void pad_rows_reflect101(const float* in, int H, int W, int r, int L, int ya, int yb, float* dst0) {
+  const int stride = padded_stride(W, r, L);
+  for (int y = ya; y < yb; ++y) {
     const float* src = in + static_cast<size_t>(fold_reflect101(y - r, H)) * W;
-    float* dst = buf.data() + static_cast<size_t>(y) * stride;
+    float* dst = dst0 + static_cast<size_t>(y - ya) * stride;
     for (int x = 0; x < r; ++x) dst[x] = src[fold_reflect101(x - r, W)];
     std::memcpy(dst + r, src, sizeof(float) * W);
     for (int x = r + W; x < W + 2 * r; ++x) dst[x] = src[fold_reflect101(x - r, W)];
     for (int x = W + 2 * r; x < stride; ++x) dst[x] = 0.0f;  // spare columns (discarded lanes)
   }
+}
+inline void pad_reflect101(const float* in, int H, int W, int r, int L, std::vector<float>& buf) {
+  const int stride = padded_stride(W, r, L), Hp = H + 2 * r;
+  if (buf.size() < static_cast<size_t>(Hp) * stride) buf.resize(static_cast<size_t>(Hp) * stride);
+  pad_rows_reflect101(in, H, W, r, L, 0, Hp, buf.data());
 }
 
 // U blocks of L pixels per step (their finish() chains interleave; U = 4 for k = 3, where the
@@ -142,23 +150,45 @@ void rank_rows_pair(const float* pad, int stride, float* out, int W, int y0, int
   constexpr int N = K * K, L = O::L, B = 2;  // B blocks of L pixels per step: 2B windows
   alignas(64) V v[(K + 1) * K];
   alignas(64) V w[2 * B][N];
+  for (int j = 0; j < 2 * B; ++j)
+    for (int i = 0; i < N; ++i) w[j][i] = O::zero();
   int y = y0;
   for (; y + 1 < y1; y += 2) {
     for (int x = 0; x < W; x += B * L) {
       const int nb = std::min(B, (W - x + L - 1) / L);
+      bool zero[B];
+      int nz = 0;
       for (int j = 0; j < nb; ++j) {
         const float* base = pad + static_cast<size_t>(y) * stride + x + j * L;
+        // Both windows all +0.0 (the zero area of a ReLU'd map; bit test, so NaN never
+        // matches): mean 0, the output is 0 as in finish(); skip the sort.  Tested on the
+        // padded rows directly (first a cheap probe of 3 vectors), so the loads and the
+        // network below stay as they were.
+        // (k >= 7 only: at k = 5 the short network left no gain and the test cost ~8 % on maps
+        // without zero areas.)
+        if constexpr (K >= 7) zero[j] = O::all_pos_zero_rows(base, stride, K + 1, K);
+        else zero[j] = false;
+        if (zero[j]) {
+          ++nz;
+          continue;
+        }
         for (int dy = 0; dy <= K; ++dy)
           for (int dx = 0; dx < K; ++dx) v[dy * K + dx] = O::load(base + dy * stride + dx);
         SortNet2<K>::template run<O>(v, w[2 * j], w[2 * j + 1]);
       }
-      for (int j = nb; j < B; ++j)
-        for (int i = 0; i < N; ++i) w[2 * j][i] = w[2 * j + 1][i] = w[0][i];  // unused lanes
-      const V* vs[2 * B];
-      for (int i = 0; i < 2 * B; ++i) vs[i] = w[i];
+      for (int j = nb; j < B; ++j) {
+        zero[j] = true;
+        ++nz;
+      }
       V res[2 * B];
-      O::template finish_k<N, 2>(vs, res);
-      O::template finish_k<N, 2>(vs + 2, res + 2);
+      if (nz < B) {
+        const V* vs[2 * B];
+        for (int i = 0; i < 2 * B; ++i) vs[i] = w[i];
+        O::template finish_k<N, 2>(vs, res);
+        O::template finish_k<N, 2>(vs + 2, res + 2);
+      }
+      for (int j = 0; j < B; ++j)
+        if (zero[j]) res[2 * j] = res[2 * j + 1] = O::zero();
       for (int j = 0; j < nb; ++j)
         for (int u = 0; u < 2; ++u) {
           float* o = out + static_cast<size_t>(y + u) * W + x + j * L;
@@ -248,24 +278,34 @@ void rank_filter_map(const float* in, float* out, int H, int W, int k, std::vect
                      int threads, ParFor&& par) {
   const RankDispatch& d = rank_dispatch();
   const int r = k / 2;
-  pad_reflect101(in, H, W, r, d.lanes, padbuf);
   const int stride = padded_stride(W, r, d.lanes);
-  const float* pad = padbuf.data();
-  if (threads <= 1 || static_cast<long>(H) * W * k * k < (1L << 18)) {
-    d.fn(pad, stride, out, W, k, 0, H);
+  const bool big = static_cast<long>(H) * W * k * k >= (1L << 18);
+  if (!big || H < 64) {
+    pad_reflect101(in, H, W, r, d.lanes, padbuf);
+    d.fn(padbuf.data(), stride, out, W, k, 0, H);
+    return;
+  }
+  // Big maps: rows in bands of kRows output rows; each worker pads the kRows + 2r input rows of
+  // its band into its own small (L2-resident) buffer, so the padding runs in parallel and no
+  // map-sized buffer is touched.  Workers take the next band from a shared counter (a core
+  // slowed by other work does less).  Bands start at even rows, so the row pairs of
+  // rank_rows_pair (and every output value) are the same for any thread count.
+  constexpr int kRows = 16;
+  std::atomic<int> next{0};
+  auto work = [&] {
+    std::vector<float> band(static_cast<size_t>(kRows + 2 * r) * stride);
+    for (;;) {
+      const int y0 = kRows * next.fetch_add(1, std::memory_order_relaxed);
+      if (y0 >= H) break;
+      const int y1 = std::min(H, y0 + kRows);
+      pad_rows_reflect101(in, H, W, r, d.lanes, y0, y1 + 2 * r, band.data());
+      d.fn(band.data(), stride, out + static_cast<size_t>(y0) * W, W, k, 0, y1 - y0);
+    }
+  };
+  if (threads <= 1) {
+    work();
   } else {
-    // Dynamic row blocks: each thread takes the next block of kRows rows until none is left,
-    // so a core slowed by other work does less of the map.  Blocks start at even rows, so the
-    // row pairs of rank_rows_pair (and every output value) are the same for any thread count.
-    constexpr int kRows = 16;
-    std::atomic<int> next{0};
-    par(static_cast<long>(threads), threads, [&](long, long, int) {
-      for (;;) {
-        const int y0 = kRows * next.fetch_add(1, std::memory_order_relaxed);
-        if (y0 >= H) break;
-        d.fn(pad, stride, out, W, k, y0, std::min(H, y0 + kRows));
-      }
-    });
+    par(static_cast<long>(threads), threads, [&](long, long, int) { work(); });
   }
 }
 

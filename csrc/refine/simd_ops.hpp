@@ -11,13 +11,15 @@
 // (v_c + sum_d g_d (v_{c-d} + v_{c+d})) / (1 + 2 sum_d g_d).  The loop over d stops once every
 // lane's weight is below 1e-20 (the weights decrease monotonically; what is dropped is below
 // 1e-17 of the result).  s = 0 or a tiny sigma_r gives a = +inf, q = 0: one-hot weights, the
-// output is v_c, never NaN; mu <= 0 gives 0.  finish_u<U> does U blocks at once (interleaved
+// output is v_c, never NaN; mu <= 0 gives 0 (when every lane of the U blocks has mu <= 0, the
+// variance, exponential and weights are skipped).  finish_u<U> does U blocks at once (interleaved
 // latency chains; the fixed-k rows use U = 2).  Cost per pixel: the network (k^2 log^2 k^2
 // compare-exchanges / L) plus O(k^2) adds and O(effective weight support) multiplies.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -30,6 +32,20 @@ struct OpsScalar {
   using V = float;
   static inline V load(const float* p) { return *p; }
   static inline void store(float* p, V v) { *p = v; }
+  static inline V zero() { return 0.0f; }
+  // Every value at p + dy * stride + dx (dy < rows, dx < cols) is +0.0 (bit pattern 0; NaN
+  // and -0.0 never match).
+  static inline bool all_pos_zero_rows(const float* p, int stride, int rows, int cols) {
+    uint32_t acc = 0;
+    for (int dy = 0; dy < rows; ++dy)
+      for (int dx = 0; dx < cols; ++dx) {
+        uint32_t b;
+        std::memcpy(&b, p + dy * stride + dx, 4);
+        acc |= b;
+        if (acc) return false;
+      }
+    return true;
+  }
   static inline void ce(V& a, V& b) {
     V lo = a < b ? a : b;
     V hi = a < b ? b : a;
@@ -78,6 +94,26 @@ struct OpsAVX2 {
   using V = __m256;
   static inline V load(const float* p) { return _mm256_loadu_ps(p); }
   static inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static inline V zero() { return _mm256_setzero_ps(); }
+  // The L-pixel windows at p + dy * stride + dx (dy < rows, dx < cols) are all +0.0 (bit
+  // pattern 0; NaN and -0.0 never match).  A probe of 3 vectors first: the common answer
+  // outside zero areas is a quick "no".
+  static inline bool all_pos_zero_rows(const float* p, int stride, int rows, int cols) {
+    {
+      const __m256i t = _mm256_castps_si256(_mm256_or_ps(
+          _mm256_or_ps(load(p), load(p + (rows / 2) * stride + cols / 2)), load(p + (rows - 1) * stride + cols - 1)));
+      if (!_mm256_testz_si256(t, t)) return false;
+    }
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (int dy = 0; dy < rows; ++dy) {
+      const float* q = p + dy * stride;
+      int dx = 0;
+      for (; dx + 1 < cols; dx += 2) a0 = _mm256_or_ps(a0, load(q + dx)), a1 = _mm256_or_ps(a1, load(q + dx + 1));
+      if (dx < cols) a0 = _mm256_or_ps(a0, load(q + dx));
+    }
+    const __m256i a = _mm256_castps_si256(_mm256_or_ps(a0, a1));
+    return _mm256_testz_si256(a, a) != 0;
+  }
   static inline void ce(V& a, V& b) {
     V lo = _mm256_min_ps(a, b);
     b = _mm256_max_ps(a, b);
@@ -144,6 +180,16 @@ struct OpsAVX2 {
         for (int j = 0; j < 4; ++j) s[j] = _mm256_add_ps(s[j], v[i + j]);
       for (int i = N & ~3; i < N; ++i) s[0] = _mm256_add_ps(s[0], v[i]);
       mu[u] = _mm256_div_ps(_mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3])), fn);
+    }
+    {
+      // Every lane's mean <= 0 (e.g. inside the zero area of a ReLU'd map): the output is 0,
+      // as below; skip the variance, the exponential and the weights.  NaN means go on.
+      __m256 allnp = _mm256_cmp_ps(mu[0], _mm256_setzero_ps(), _CMP_LE_OQ);
+      for (int u = 1; u < U; ++u) allnp = _mm256_and_ps(allnp, _mm256_cmp_ps(mu[u], _mm256_setzero_ps(), _CMP_LE_OQ));
+      if (_mm256_movemask_ps(allnp) == 0xFF) {
+        for (int u = 0; u < U; ++u) out[u] = _mm256_setzero_ps();
+        return;
+      }
     }
     for (int u = 0; u < U; ++u) {
       const V* v = vs[u];

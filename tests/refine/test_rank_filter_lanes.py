@@ -56,3 +56,28 @@ def test_row_blocks_do_not_change_results(fast_backend, threads, rng):
     ks = np.array([3, 5, 7, 9, 11] * 10, np.int32)
     np.testing.assert_array_equal(fast_backend.rank_gaussian_filter(batch, ks, threads=1),
                                   fast_backend.rank_gaussian_filter(batch, ks, threads=threads))
+
+
+def _relu_regions(rng, h, w):
+    # A ReLU'd map: zero areas whose edges cut through the 8-pixel blocks and the row pairs
+    # (all-zero windows skip the sort, all-nonpositive means skip the weights), a negative area
+    # (mean <= 0 but not +0.0), -0.0 entries, and busy parts.
+    m = make_map(rng, h, w, "sparse").astype(np.float64)
+    m[h // 4: h // 2 + 3, :] = 0.0
+    m[:, 13: 13 + w // 3] = 0.0
+    m[h // 2 + 5: h // 2 + 15, w // 2: w // 2 + 21] = -0.25 * rng.random((10, 21))
+    m = m.astype(np.float32)
+    m[h // 3, 3: 40: 3] = -0.0
+    return m
+
+
+@pytest.mark.parametrize("k", [5, 7, 9, 11])
+def test_big_map_bands_and_zero_areas(fast_backend, k, rng):
+    # 70 x 123 x k^2 >= 2^18 and H >= 64: the banded path (each worker pads its own 16-row
+    # band); odd height, so the last band ends with a single row.
+    m = _relu_regions(rng, 71, 123)[None]
+    ks = np.array([k], np.int32)
+    got = fast_backend.rank_gaussian_filter(m, ks, threads=1)
+    assert_maps(got, ref.rank_gaussian_filter(m, ks), m)
+    for t in (2, 3):
+        np.testing.assert_array_equal(got, fast_backend.rank_gaussian_filter(m, ks, threads=t))
