@@ -171,10 +171,11 @@ class Explanation:
 
             cfg = self._config(config)
             rep_idx = self._interference_index(interference, cfg)
+            from ..refine.resize import resize_stack
+
             hw = self._refine_size(image, size)
-            m = self._at_size(m[None], hw)[0]
-            inter = (self._at_size(np.ascontiguousarray(arr[rep_idx, s], dtype=np.float32), hw)
-                     if rep_idx else None)
+            m = resize_stack(m, hw)
+            inter = resize_stack(arr[rep_idx, s], hw) if rep_idx else None
             m = _refine(np.ascontiguousarray(m), config=cfg, tokens=list(self.token_ids),
                         interference=inter)
         return np.asarray(m, dtype=np.float32)
@@ -197,17 +198,6 @@ class Explanation:
                                  f"explanation; pass size=(height, width) or size='grid'")
             return None
         return _check_size(size)
-
-    @staticmethod
-    def _at_size(maps: np.ndarray, hw) -> np.ndarray:
-        """Bilinear resize of a stack (..., rows, cols) to ``hw`` (None: unchanged)."""
-        maps = np.ascontiguousarray(maps, dtype=np.float32)
-        if hw is None or tuple(maps.shape[-2:]) == tuple(hw):
-            return maps
-        from ..refine.resize import resize
-
-        flat = maps.reshape(-1, *maps.shape[-2:])
-        return np.asarray(resize(flat, hw), np.float32).reshape(*maps.shape[:-2], *hw)
 
     def interference_targets(self) -> list:
         """Indices along the target axis of the per-token maps of the answer's repeated
@@ -306,10 +296,12 @@ class Explanation:
         >>> r.settings["refine_interference"], r.maps[0]["base"].shape
         ([0, 3], (6, 1, 8, 8))
         """
+        from ..refine.resize import resize_stack
+
         cfg = self._config(config)
         rep_idx = self._interference_index(interference, cfg)
         sizes = [self._refine_size(i, size) for i in range(len(self.maps))]
-        new_maps = [{name: self._refine_array(self._at_size(arr, hw), cfg, rep_idx)
+        new_maps = [{name: self._refine_array(resize_stack(arr, hw), cfg, rep_idx)
                      for name, arr in d.items()} for d, hw in zip(self.maps, sizes)]
         settings = dict(self.settings)
         settings["refine"] = cfg.to_dict()

@@ -202,14 +202,6 @@ def refine_size(rec: MapRecord, refine_at: str = "image"):
     return tuple(int(x) for x in np.shape(rec.masks)[-2:]) if refine_at == "image" else None
 
 
-def _upsample(maps: np.ndarray, hw) -> np.ndarray:
-    import diffcam
-
-    if hw is None or tuple(maps.shape[-2:]) == tuple(hw):
-        return maps
-    return np.asarray(diffcam.resize(maps, hw), np.float32)
-
-
 def refine_record(rec: MapRecord, config, refine_at: str = "image") -> np.ndarray:
     """The record's maps under ``config`` ('raw', 'random', 'paper', 'reference', RefineConfig).
 
@@ -222,11 +214,13 @@ def refine_record(rec: MapRecord, config, refine_at: str = "image") -> np.ndarra
     if isinstance(config, str) and config == "random":
         rng = np.random.default_rng([rec.index, len(rec.words)])
         return rng.random(rec.raw.shape).astype(np.float32)
+    from ..refine.resize import resize_stack
+
     hw = refine_size(rec, refine_at)
-    maps = _upsample(_normalise(rec.raw), hw)
+    maps = resize_stack(_normalise(rec.raw), hw)
     inter = None
     if rec.interference is not None and len(rec.interference):
-        inter = [_upsample(_normalise(rec.interference), hw)] * len(maps)
+        inter = [resize_stack(_normalise(rec.interference), hw)] * len(maps)
     return np.asarray(diffcam.refine(maps, config=config, tokens=list(rec.token_ids) or None,
                                      interference=inter), np.float32)
 

@@ -254,7 +254,8 @@ def prepare(records: Sequence[MapRecord], split: str = "", refine_at: str = "ima
     """Flatten the scored maps of ``records`` (answers with maps) for :func:`score`; the maps
     that get refined are upsampled to the masks first when ``refine_at="image"``
     (:func:`~diffcam.models.evaluate.refine_record`)."""
-    from .evaluate import _upsample, refine_size
+    from ..refine.resize import resize_stack
+    from .evaluate import refine_size
 
     maps, grid, masks, tokens, inter, slices, cluster, kind = [], [], [], [], [], [], [], []
     n = 0
@@ -263,12 +264,12 @@ def prepare(records: Sequence[MapRecord], split: str = "", refine_at: str = "ima
             continue
         g = _normalise(r.raw)
         hw = refine_size(r, refine_at)
-        m = _upsample(g, hw)
+        m = resize_stack(g, hw)
         t = m.shape[0]
         grid.append(g)
         maps.append(m)
         masks.append(np.asarray(r.masks, bool)[:, None])
-        stack = (_upsample(_normalise(r.interference), hw)
+        stack = (resize_stack(_normalise(r.interference), hw)
                  if r.interference is not None and len(r.interference)
                  else np.zeros((0,) + m.shape[1:], np.float32))
         for _ in range(t):
@@ -280,9 +281,11 @@ def prepare(records: Sequence[MapRecord], split: str = "", refine_at: str = "ima
         n += t
     if not maps:
         raise ValueError("no scored maps: every answer was wrong or ungrounded")
-    return Prepared(split or records[0].split, list(records), np.concatenate(maps),
+    maps_arr = np.concatenate(maps)
+    grid_arr = maps_arr if refine_at == "grid" else np.concatenate(grid)
+    return Prepared(split or records[0].split, list(records), maps_arr,
                     np.concatenate(masks), tokens, inter, slices, np.asarray(cluster),
-                    np.asarray(kind), np.concatenate(grid), refine_at)
+                    np.asarray(kind), grid_arr, refine_at)
 
 
 ConfigLike = Union[str, RefineConfig]

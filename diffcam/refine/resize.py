@@ -15,7 +15,7 @@ import numpy as np
 from . import _common
 from ._arrays import as_batch
 
-__all__ = ["resize"]
+__all__ = ["resize", "resize_stack"]
 
 #: the largest output side accepted (a guard against a swapped or mistyped size)
 MAX_SIDE = 16384
@@ -60,3 +60,19 @@ def resize(maps, size, backend=None, threads=None):
     out = _common.call(mod, "resize_bilinear", batch.data, h, w,
                        threads=_common.check_threads(threads))
     return batch.wrap(out)
+
+
+def resize_stack(maps, hw):
+    """float32 NumPy resize of a stack of any leading shape (..., rows, cols) to ``hw`` =
+    (height, width); ``hw`` None or equal to the current size returns the maps unchanged.  The
+    helper behind ``Explanation.refined(size=...)`` and the evaluation's ``refine_at="image"``.
+
+    >>> import numpy as np
+    >>> resize_stack(np.zeros((2, 3, 4, 4), np.float32), (8, 6)).shape
+    (2, 3, 8, 6)
+    """
+    maps = np.ascontiguousarray(maps, dtype=np.float32)
+    if hw is None or tuple(maps.shape[-2:]) == tuple(hw):
+        return maps
+    flat = maps.reshape(-1, *maps.shape[-2:])
+    return np.asarray(resize(flat, hw), np.float32).reshape(*maps.shape[:-2], *hw)
