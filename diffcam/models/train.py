@@ -309,6 +309,23 @@ def build_model(tok, objective: str, hidden: int, layers: int, heads: int, seed:
     return DiffcamTinyForMaskedDiffusion(cfg)
 
 
+def reinit_language_model(model, linear_std: float, embed_std: float, seed: int = 0) -> None:
+    """Re-draw the language model's weights (seeded): every linear layer of ``model.model`` and
+    the LM head with std ``linear_std``, the token (and end-position) embeddings with
+    ``embed_std``; norms, projector and vision tower unchanged."""
+    if not (linear_std > 0 and embed_std > 0):
+        raise ValueError(f"init stds must be > 0, got {linear_std} and {embed_std}")
+    g = torch.Generator().manual_seed(seed + 17)
+    with torch.no_grad():
+        mods = [m for m in model.model.modules() if isinstance(m, torch.nn.Linear)]
+        for m in mods + [model.lm_head]:
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) * linear_std)
+        tables = [model.model.embed_tokens] + ([model.model.end_pos]
+                                               if hasattr(model.model, "end_pos") else [])
+        for e in tables:
+            e.weight.copy_(torch.randn(e.weight.shape, generator=g) * embed_std)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m diffcam.models.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -347,6 +364,12 @@ def main(argv=None):
                          "the answer words only (masked diffusion only; see loss_stage1)")
     ap.add_argument("--curriculum-steps", type=int, default=0,
                     help="first fine-tuning steps on scenes with one or two objects")
+    ap.add_argument("--init-std", type=float, default=0.02,
+                    help="std of the language model's linear layers at initialisation (0.02: the "
+                         "class default; docs/bundled_model.md, session 6: 0.08 with "
+                         "--embed-std 1.0 let a text proxy learn the lookup questions)")
+    ap.add_argument("--embed-std", type=float, default=0.02,
+                    help="std of the token and end-position embedding tables at initialisation")
     ap.add_argument("--init-vision", default=None,
                     help="copy the vision tower (and projector) from this saved model and skip "
                          "vision pre-training (the autoregressive twin shares the tower)")
@@ -359,6 +382,8 @@ def main(argv=None):
     tok = build_tokenizer()
     model = build_model(tok, args.objective, args.hidden, args.layers, args.heads, args.seed,
                         args.vision_extra_layers, args.end_positions)
+    if args.init_std != 0.02 or args.embed_std != 0.02:
+        reinit_language_model(model, args.init_std, args.embed_std, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[train] objective={args.objective} params={n_params / 1e6:.2f}M steps={args.steps} "
           f"batch={args.batch} threads={torch.get_num_threads()} -> {out}", flush=True)

@@ -217,3 +217,23 @@ def test_stage1_steps_run_before_the_masked_diffusion_loss(tmp_path):
                       "--layers", "1", "--heads", "2", "--eval-every", "2", "--vision-steps", "1",
                       "--out", str(tmp_path / "w")])
     assert log["steps_done"] == 2 and log["args"]["stage1_steps"] == 1
+
+
+def test_reinit_language_model_sets_the_stds_and_leaves_the_rest():
+    tok = build_tokenizer()
+    m = train.build_model(tok, "mdm", 64, 2, 2, seed=0, end_positions=8)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    train.reinit_language_model(m, 0.08, 1.0, seed=3)
+    lin = [mod.weight for mod in m.model.modules() if isinstance(mod, torch.nn.Linear)]
+    w = torch.cat([x.flatten() for x in lin + [m.lm_head.weight]])
+    assert abs(float(w.std()) - 0.08) < 0.004
+    assert abs(float(m.model.embed_tokens.weight.std()) - 1.0) < 0.1
+    assert abs(float(m.model.end_pos.weight.std()) - 1.0) < 0.2
+    for n, p in m.named_parameters():      # tower, projector, grid positions, norms untouched
+        if n.startswith(("vision_tower", "mm_projector", "base_pos", "hires_pos")) or "norm" in n:
+            assert torch.equal(p, before[n]), n
+    m2 = train.build_model(tok, "mdm", 64, 2, 2, seed=0, end_positions=8)
+    train.reinit_language_model(m2, 0.08, 1.0, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
+    with pytest.raises(ValueError, match="init stds"):
+        train.reinit_language_model(m2, 0.0, 1.0)
