@@ -68,13 +68,24 @@ class Explainer:
     head_rows_only    True: apply the LM head with gradients only to the scored rows (the head
                       module is found on the adapter and verified against the full logits on
                       every call, with a fallback); False: keep the full logits in the graph
+    backward_chunk    at most this many backward vectors (targets, the aggregate included) per
+                      backward pass; the maps of one chunk are made before the next chunk's
+                      gradients exist, so the gradient memory is bounded by chunk x image tokens
+                      x hidden size (and a batched backward's transients by chunk x sequence);
+                      None (default): every target in one pass (fastest).  Same maps either way.
+
+    >>> from diffcam.testing import tiny_llava_anyres
+    >>> ex = Explainer(tiny_llava_anyres(seed=0), backward_chunk=4)
+    >>> ex.backward_chunk
+    4
 
     Hooks exist only inside an explain call (the context manager form guarantees cleanup of
     anything left by an interrupted call); no autograd graph survives a call.
     """
 
     def __init__(self, adapter: Adapter, layer: Optional[int] = None,
-                 batched_backward: bool = True, head_rows_only: bool = True):
+                 batched_backward: bool = True, head_rows_only: bool = True,
+                 backward_chunk: Optional[int] = None):
         if not isinstance(adapter, Adapter) and not all(
                 hasattr(adapter, a) for a in ("blocks", "prepare", "forward", "embed_tokens")):
             raise TypeError(f"adapter must implement diffcam.adapters.Adapter, got "
@@ -82,6 +93,15 @@ class Explainer:
         self.adapter = adapter
         self.batched_backward = bool(batched_backward)
         self.head_rows_only = bool(head_rows_only)
+        if backward_chunk is not None:
+            if isinstance(backward_chunk, bool) or not isinstance(backward_chunk,
+                                                                   (int, np.integer)):
+                raise TypeError(f"backward_chunk must be an int or None, got "
+                                f"{type(backward_chunk).__name__}")
+            if backward_chunk < 1:
+                raise ValueError(f"backward_chunk must be >= 1, got {backward_chunk}")
+            backward_chunk = int(backward_chunk)
+        self.backward_chunk = backward_chunk
         self._hooks: list = []
         self.last_backward = None      # "batched" or "loop": how the last call got its grads
         self.layer = self._check_layer(layer)
@@ -330,6 +350,7 @@ class Explainer:
                     "generation": None if answers is not None else dict(vars(generation)),
                     "logit_shift": shift, "backward": self.last_backward,
                     "aggregate_only": self._aggregate_only,
+                    "backward_chunk": self.backward_chunk,
                     "head_rows_only": self.head_rows_only and getattr(self, "_head_ok", True)}
         try:
             adapter_info = ad.info()
@@ -493,29 +514,42 @@ class Explainer:
                                            d_id, shift, None)
                 logits = gather = None
                 del logit_rows
-                grads = self._backward(S, leaves, K)    # list per leaf (K, b, n, D)
+                # backward vectors in chunks of at most backward_chunk; each chunk's gradients
+                # become maps before the next chunk's exist
+                C = K if self.backward_chunk is None else min(K, self.backward_chunk)
+                maps_acc = [[{g.name: [] for g in lay.grids} for lay in prepared[i].layouts]
+                            for i, _, _ in rows]
+                for k0 in range(0, K, C):
+                    k1 = min(K, k0 + C)
+                    grads = self._backward(S[:, k0:k1], leaves, k1 - k0,
+                                           retain_graph=k1 < K)   # per leaf (k1-k0, b, n, D)
+                    if hidden is not None:
+                        G_rows = [grads[0][:, b] for b in range(B)]
+                    else:
+                        G_rows = [g[:, 0] for g in grads]
+                    del grads
+                    for b, (i, s, r) in enumerate(rows):
+                        n_valid = min(k1, T[b] + 1) - k0      # columns after T_b are padding
+                        if n_valid <= 0:
+                            continue
+                        A = hidden_rows[b].detach()
+                        Gb = G_rows[b][:n_valid]
+                        for li, lay in enumerate(prepared[i].layouts):
+                            for g in lay.grids:
+                                p_abs = g.positions(lay.span_start)
+                                p_leaf = np.searchsorted(lookups[b], p_abs)
+                                a = A[torch.as_tensor(p_abs, device=A.device)]      # (h, w, D)
+                                gg = Gb[:, torch.as_tensor(p_leaf, device=A.device)]
+                                m = grad_cam(a, gg, variant=gradcam)           # (n, h, w)
+                                maps_acc[b][li][g.name].append(
+                                    m.cpu().numpy().astype(np.float32))
+                    del G_rows
                 del S
-                if hidden is not None:
-                    G_rows = [grads[0][:, b] for b in range(B)]
-                else:
-                    G_rows = [g[:, 0] for g in grads]
-                del grads
                 for b, (i, s, r) in enumerate(rows):
-                    A = hidden_rows[b].detach()
-                    Gb = G_rows[b]
-                    per_image = []
-                    for lay in prepared[i].layouts:
-                        d = {}
-                        for g in lay.grids:
-                            p_abs = g.positions(lay.span_start)
-                            p_leaf = np.searchsorted(lookups[b], p_abs)
-                            a = A[torch.as_tensor(p_abs, device=A.device)]       # (h, w, D)
-                            gg = Gb[:, torch.as_tensor(p_leaf, device=A.device)]  # (K, h, w, D)
-                            m = grad_cam(a, gg[:T[b] + 1], variant=gradcam)
-                            d[g.name] = m.cpu().numpy().astype(np.float32)
-                        per_image.append(d)
-                    result[(i, self._state_pos(rows, b))] = per_image
-                del G_rows, hidden_rows, leaves, hidden
+                    result[(i, self._state_pos(rows, b))] = [
+                        {name: np.concatenate(ms, axis=0) for name, ms in d.items()}
+                        for d in maps_acc[b]]
+                del maps_acc, hidden_rows, leaves, hidden
             finally:
                 hook.remove()
                 hook.clear()
@@ -638,12 +672,14 @@ class Explainer:
 
         return logits, gather
 
-    def _backward(self, S, leaves, K):
+    def _backward(self, S, leaves, K, retain_graph: bool = False):
         outputs = S.sum(0)                                   # (K,): rows are independent
         err = None
         if self.batched_backward and K > 1:
             try:
                 eye = torch.eye(K, dtype=outputs.dtype, device=outputs.device)
+                # retain_graph=True even for the last chunk: a failed vmap falls back to the
+                # loop below, which needs the graph
                 g = torch.autograd.grad(outputs, leaves, grad_outputs=eye, retain_graph=True,
                                         is_grads_batched=True, allow_unused=True)
                 self.last_backward = "batched"
@@ -652,7 +688,8 @@ class Explainer:
                 err = e
         per_k = []
         for k in range(K):
-            g = torch.autograd.grad(outputs[k], leaves, retain_graph=k < K - 1, allow_unused=True)
+            g = torch.autograd.grad(outputs[k], leaves, retain_graph=retain_graph or k < K - 1,
+                                    allow_unused=True)
             per_k.append([self._check_grad(x, leaves[n]) for n, x in enumerate(g)])
         self.last_backward = "loop" if err is None else f"loop ({type(err).__name__})"
         return [torch.stack([p[n] for p in per_k]) for n in range(len(leaves))]

@@ -77,6 +77,33 @@ def test_batched_backward_equals_loop(request, img, model):
 
 
 @pytest.mark.parametrize("model", ["anyres", "qwen"])
+@pytest.mark.parametrize("chunk,batched", [(1, True), (2, True), (3, False), (100, True)])
+def test_backward_chunks_give_the_same_maps(request, img, img2, model, chunk, batched):
+    # two images, answers of different lengths (rows with padding columns), every trajectory
+    # state: the maps must not depend on how the backward vectors are split into passes
+    ad = request.getfixturevalue(model)
+    kw = dict(answer=["a red cat on the box", "the dog"], targets="all")
+    full = Explainer(ad).explain([img, img2], "<image> describe the image", **kw)
+    ex = Explainer(ad, backward_chunk=chunk, batched_backward=batched)
+    part = ex.explain([img, img2], "<image> describe the image", **kw)
+    assert part[0].settings["backward_chunk"] == chunk
+    for ef, ep in zip(full, part):
+        assert ef.maps[0].keys() == ep.maps[0].keys()
+        for g in ef.maps[0]:
+            assert ef.maps[0][g].shape == ep.maps[0][g].shape
+            np.testing.assert_allclose(ep.maps[0][g], ef.maps[0][g], atol=1e-5)
+
+
+def test_backward_chunk_is_checked(anyres):
+    with pytest.raises(ValueError, match="backward_chunk must be >= 1"):
+        Explainer(anyres, backward_chunk=0)
+    with pytest.raises(TypeError, match="backward_chunk must be an int"):
+        Explainer(anyres, backward_chunk=2.5)
+    with pytest.raises(TypeError, match="backward_chunk must be an int"):
+        Explainer(anyres, backward_chunk=True)
+
+
+@pytest.mark.parametrize("model", ["anyres", "qwen"])
 def test_batch_equals_one_by_one(request, img, img2, model):
     ad = request.getfixturevalue(model)
     ex = Explainer(ad)
