@@ -519,10 +519,14 @@ class Explainer:
                 C = K if self.backward_chunk is None else min(K, self.backward_chunk)
                 maps_acc = [[{g.name: [] for g in lay.grids} for lay in prepared[i].layouts]
                             for i, _, _ in rows]
+                how = []
                 for k0 in range(0, K, C):
                     k1 = min(K, k0 + C)
                     grads = self._backward(S[:, k0:k1], leaves, k1 - k0,
                                            retain_graph=k1 < K)   # per leaf (k1-k0, b, n, D)
+                    how.append(self.last_backward)
+                    # "batched", "loop", or e.g. "batched+loop" when the passes differed
+                    self.last_backward = "+".join(dict.fromkeys(how))
                     if hidden is not None:
                         G_rows = [grads[0][:, b] for b in range(B)]
                     else:
