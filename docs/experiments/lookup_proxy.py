@@ -11,6 +11,9 @@ accuracy on validation questions every 100 steps.
     PYTHONPATH=. python docs/experiments/lookup_proxy.py --grid 4 --maxn 2            # std 0.02
     PYTHONPATH=. python docs/experiments/lookup_proxy.py --grid 4 --maxn 2 --init 0.08 --emb 1.0
     PYTHONPATH=. python docs/experiments/lookup_proxy.py --grid 12 --maxn 2 --init 0.08 --emb 1.0
+    # grid curriculum: 4x4 for 500 steps, 8x8 for 500, then 12x12 (evaluated on 12x12 too)
+    PYTHONPATH=. python docs/experiments/lookup_proxy.py --grid 12 --maxn 2 --init 0.08 \
+        --emb 1.0 --grow 4:500,8:500,12:100000 --minutes 12
 """
 import argparse, time, math
 import numpy as np, torch, torch.nn.functional as F
@@ -19,6 +22,8 @@ from diffcam.models import train as T
 from diffcam.models.bundled import build_tokenizer, sincos_2d
 ap = argparse.ArgumentParser()
 ap.add_argument("--grid", type=int, default=4)
+ap.add_argument("--grow", default="", help="grid curriculum 'G1:steps,G2:steps,...' (the last grid "
+                "is kept until --minutes; evaluation on the current grid and on --grid)")
 ap.add_argument("--minutes", type=float, default=6)
 ap.add_argument("--kinds", default="colour,presence")
 ap.add_argument("--lr", type=float, default=2e-3)
@@ -40,12 +45,23 @@ with torch.no_grad():
             torch.nn.init.normal_(m.weight, 0, args.init)
     torch.nn.init.normal_(emb.weight, 0, args.emb)
 G = args.grid
-pos = args.posscale * sincos_2d(G, 128)
+POS = {}
+def pos_for(g):
+    if g not in POS:
+        POS[g] = args.posscale * sincos_2d(g, 128)
+    return POS[g]
+SCHED = [(int(a), int(b)) for a, b in (x.split(":") for x in args.grow.split(",") if x)]
+def grid_at(step):
+    for g, n in SCHED:
+        if step < n:
+            return g
+        step -= n
+    return SCHED[-1][0] if SCHED else args.grid
 opt = torch.optim.AdamW([p for n, p in model.named_parameters() if not n.startswith("vision")], lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
 cid = {c: tok.convert_tokens_to_ids(c) for c in shapes.COLOURS}
 sid = {s: tok.convert_tokens_to_ids(s) for s in shapes.SHAPES}
 
-def batch(pairs):
+def batch(pairs, G):
     rows, starts, lens, cells = [], [], [], []
     for sc, qa in pairs:
         p = tok.encode(qa.prompt[len("<image>"):].strip(), add_special_tokens=False)
@@ -62,11 +78,11 @@ def batch(pairs):
     ids = torch.full((len(rows), L), tok.pad_token_id); att = torch.zeros((len(rows), 1 + G * G + L), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r); att[i, :1 + G * G + len(r)] = 1
-    return ids, att, torch.tensor(starts), torch.tensor(lens), cells
+    return ids, att, torch.tensor(starts), torch.tensor(lens), cells, G
 
-def forward(ids, att, starts, lens, cells, masked):
+def forward(ids, att, starts, lens, cells, G, masked):
     B = ids.shape[0]
-    img = pos.expand(B, G * G, 128).clone()
+    img = pos_for(G).expand(B, G * G, 128).clone()
     for i, cl in enumerate(cells):
         for c, a, b in cl:
             img[i, c] = img[i, c] + emb.weight[a] + emb.weight[b]
@@ -86,12 +102,12 @@ def pairs_at(split, lo, hi):
         out.append((sc, shapes.question(sc, kinds[int(r.integers(0, len(kinds)))], r)))
     return out
 vp = [p for p in pairs_at("val", 10000, 10400) if p[0].n_named >= min(2, args.maxn or 2)][:256]
-vb = batch(vp); vk = [qa.kind for _, qa in vp]
-def evaluate():
-    ids, att, st, ln, cells = vb
+vk = [qa.kind for _, qa in vp]
+def evaluate(G):
+    ids, att, st, ln, cells, G = batch(vp, G)
     resp = T._response_mask(ids, st, ln)
     with torch.no_grad():
-        lg = forward(ids, att, st, ln, cells, resp)
+        lg = forward(ids, att, st, ln, cells, G, resp)
     m = resp & (ids != tok.eos_token_id)
     hit = (lg.argmax(-1) == ids) & m
     out = {}
@@ -102,11 +118,15 @@ def evaluate():
 t0 = time.perf_counter(); step = 0
 while (time.perf_counter() - t0) / 60 < args.minutes:
     for g in opt.param_groups: g["lr"] = args.lr * min(1, (step + 1) / 50)
-    ids, att, st, ln, cells = batch(pairs_at("train", 4_000_000 + step * args.batch, 4_000_000 + (step + 1) * args.batch))
+    g_now = grid_at(step)
+    ids, att, st, ln, cells, _ = batch(pairs_at("train", 4_000_000 + step * args.batch, 4_000_000 + (step + 1) * args.batch), g_now)
     resp = T._response_mask(ids, st, ln)
-    lg = forward(ids, att, st, ln, cells, resp)
+    lg = forward(ids, att, st, ln, cells, g_now, resp)
     w = (resp & (ids != tok.eos_token_id)).float()
     loss = (F.cross_entropy(lg.reshape(-1, lg.shape[-1]), ids.reshape(-1), reduction="none").reshape(ids.shape) * w).sum() / w.sum()
     opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); step += 1
     if step % 100 == 0:
-        print(f"step {step} {(time.perf_counter()-t0)/60:.1f}min loss {loss.item():.3f}", evaluate(), flush=True)
+        ev = {f"grid{g_now}": evaluate(g_now)}
+        if args.grow and g_now != args.grid:
+            ev[f"grid{args.grid}"] = evaluate(args.grid)
+        print(f"step {step} {(time.perf_counter()-t0)/60:.1f}min loss {loss.item():.3f}", ev, flush=True)
