@@ -517,43 +517,51 @@ class Explainer:
                 # backward vectors in chunks of at most backward_chunk; each chunk's gradients
                 # become maps before the next chunk's exist
                 C = K if self.backward_chunk is None else min(K, self.backward_chunk)
-                maps_acc = [[{g.name: [] for g in lay.grids} for lay in prepared[i].layouts]
-                            for i, _, _ in rows]
+                # per row, image and grid (once, whatever the number of passes): the grid's
+                # activations (h, w, D), its gradient-leaf indices and the maps made so far
+                cells = []
+                for b, (i, s, r) in enumerate(rows):
+                    A = hidden_rows[b].detach()
+                    per_image = []
+                    for lay in prepared[i].layouts:
+                        d = {}
+                        for g in lay.grids:
+                            p_abs = g.positions(lay.span_start)
+                            p_leaf = np.searchsorted(lookups[b], p_abs)
+                            d[g.name] = (A[torch.as_tensor(p_abs, device=A.device)],
+                                         torch.as_tensor(p_leaf, device=A.device), [])
+                        per_image.append(d)
+                    cells.append(per_image)
+                del hidden_rows
                 how = []
                 for k0 in range(0, K, C):
                     k1 = min(K, k0 + C)
                     grads = self._backward(S[:, k0:k1], leaves, k1 - k0,
                                            retain_graph=k1 < K)   # per leaf (k1-k0, b, n, D)
                     how.append(self.last_backward)
-                    # "batched", "loop", or e.g. "batched+loop" when the passes differed
-                    self.last_backward = "+".join(dict.fromkeys(how))
                     if hidden is not None:
                         G_rows = [grads[0][:, b] for b in range(B)]
                     else:
                         G_rows = [g[:, 0] for g in grads]
                     del grads
-                    for b, (i, s, r) in enumerate(rows):
+                    for b in range(B):
                         n_valid = min(k1, T[b] + 1) - k0      # columns after T_b are padding
                         if n_valid <= 0:
                             continue
-                        A = hidden_rows[b].detach()
                         Gb = G_rows[b][:n_valid]
-                        for li, lay in enumerate(prepared[i].layouts):
-                            for g in lay.grids:
-                                p_abs = g.positions(lay.span_start)
-                                p_leaf = np.searchsorted(lookups[b], p_abs)
-                                a = A[torch.as_tensor(p_abs, device=A.device)]      # (h, w, D)
-                                gg = Gb[:, torch.as_tensor(p_leaf, device=A.device)]
-                                m = grad_cam(a, gg, variant=gradcam)           # (n, h, w)
-                                maps_acc[b][li][g.name].append(
-                                    m.cpu().numpy().astype(np.float32))
+                        for d in cells[b]:
+                            for a, p_leaf, maps in d.values():
+                                m = grad_cam(a, Gb[:, p_leaf], variant=gradcam)   # (n, h, w)
+                                maps.append(m.cpu().numpy().astype(np.float32))
                     del G_rows
+                # "batched", "loop", or e.g. "batched+loop" when the passes differed
+                self.last_backward = "+".join(dict.fromkeys(how))
                 del S
                 for b, (i, s, r) in enumerate(rows):
                     result[(i, self._state_pos(rows, b))] = [
-                        {name: np.concatenate(ms, axis=0) for name, ms in d.items()}
-                        for d in maps_acc[b]]
-                del maps_acc, hidden_rows, leaves, hidden
+                        {name: np.concatenate(maps, axis=0) for name, (_, _, maps) in d.items()}
+                        for d in cells[b]]
+                del cells, leaves, hidden
             finally:
                 hook.remove()
                 hook.clear()
