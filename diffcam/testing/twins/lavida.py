@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from .llada_v import (LLADA_SPECIAL_IDS, LLADA_VOCAB, LlavaMetaForCausalLMTwin, LlavaMetaModelTwin,
                       Twin, TwinImageProcessor, TwinTokenizer, _finalize, _focus_head,
-                      _llama_config, llada_chat, process_images)
+                      _llama_config, _size_overrides, llada_chat, process_images)
 from .llada_v import attention_bias as _mask_bias
 
 __all__ = ["DREAM_SPECIAL_IDS", "DREAM_VOCAB", "LLaDAOutput", "LlavaLladaModel",
@@ -321,7 +321,9 @@ def _qwen2_config(vocab, hidden, layers, heads, **extra):
 def build_lavida_twin(backbone: str = "llada", variant: str = "lavida", seed: int = 0,
                       hidden: int = 32, layers: int = 4, heads: int = 4,
                       attention_mode: str = "bidirectional", bias_mode: str = "honoured",
-                      dtype=torch.float32) -> Twin:
+                      dtype=torch.float32, *, intermediate_size: Optional[int] = None,
+                      kv_heads: Optional[int] = None, vocab: Optional[int] = None,
+                      attn_implementation: Optional[str] = None) -> Twin:
     """Build a LaViDa twin.
 
     backbone        "llada" (LlavaLladaForMaskedDiffusion) or "dream" (LlavaDreamForMaskedDiffusion)
@@ -329,6 +331,10 @@ def build_lavida_twin(backbone: str = "llada", variant: str = "lavida", seed: in
     attention_mode  how a padding ``attention_mask`` acts (see
                     :func:`diffcam.testing.twins.llada_v.attention_bias`)
     bias_mode       "honoured" or "ignored": whether the LLaDA backbone applies ``attention_bias``
+    intermediate_size, kv_heads, vocab, attn_implementation
+                    optional sizes (None keeps the twin's defaults: ``2 * hidden``,
+                    ``heads // 2``, the backbone's vocabulary, ``"eager"``); the modules are
+                    created on the current default device and dtype, then cast to ``dtype``
     """
     if backbone not in ("llada", "dream"):
         raise ValueError(f"backbone={backbone!r}: expected 'llada' or 'dream'")
@@ -340,10 +346,12 @@ def build_lavida_twin(backbone: str = "llada", variant: str = "lavida", seed: in
                   mm_hidden_size=16, mm_projector_type="mlp2x_gelu", mm_spatial_pool_stride=2,
                   mm_spatial_pool_mode="bilinear", twin_crop_px=crop, twin_patch_px=4)
     pool = variant == "lavida"
+    vision.update(_size_overrides(intermediate_size, kv_heads, attn_implementation))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if backbone == "llada":
-            cfg = _llama_config(LLADA_VOCAB, hidden, layers, heads, model_type="llava_llada",
+            cfg = _llama_config(LLADA_VOCAB if vocab is None else int(vocab), hidden, layers,
+                                heads, model_type="llava_llada",
                                 mask_token_id=LLADA_SPECIAL_IDS["<|mdm_mask|>"], **vision)
             model = LlavaLladaForMaskedDiffusion(cfg, attention_mode=attention_mode,
                                                  bias_mode=bias_mode, pool_2d=pool)
@@ -352,7 +360,8 @@ def build_lavida_twin(backbone: str = "llada", variant: str = "lavida", seed: in
                                 eos="<|endoftext|>")
             template = llada_chat
         else:
-            cfg = _qwen2_config(DREAM_VOCAB, hidden, layers, heads, model_type="llava_dream",
+            cfg = _qwen2_config(DREAM_VOCAB if vocab is None else int(vocab), hidden, layers,
+                                heads, model_type="llava_dream",
                                 mask_token_id=DREAM_SPECIAL_IDS["<|mask|>"], **vision)
             model = LlavaDreamForMaskedDiffusion(cfg, attention_mode=attention_mode, pool_2d=pool)
             head = model.lm_head.weight

@@ -586,16 +586,38 @@ def _finalize(model, dtype):
     return model
 
 
+def _size_overrides(intermediate_size, kv_heads, attn_implementation) -> dict:
+    """Config keys the builders' optional size arguments set (none when left at None)."""
+    out = {}
+    if intermediate_size is not None:
+        out["intermediate_size"] = int(intermediate_size)
+    if kv_heads is not None:
+        out["num_key_value_heads"] = int(kv_heads)
+    if attn_implementation is not None:
+        out["_attn_implementation"] = str(attn_implementation)
+    return out
+
+
 def build_llada_v_twin(seed: int = 0, hidden: int = 32, layers: int = 4, heads: int = 4,
                        attention_mode: str = "bidirectional", max_crops: int = 2,
-                       dtype=torch.float32) -> Twin:
+                       dtype=torch.float32, *, intermediate_size: Optional[int] = None,
+                       kv_heads: Optional[int] = None, vocab: Optional[int] = None,
+                       attn_implementation: Optional[str] = None) -> Twin:
     """Build the LLaDA-V twin (random weights, seeded; global RNG untouched).
 
     ``attention_mode`` (see :func:`attention_bias`) lets tests reproduce attention pitfalls;
     ``max_crops`` is the N of ``anyres_max_N`` (4 in LLaDA-V; 2 here so small images already
-    exercise the bilinear shrink of the high-resolution grid)."""
+    exercise the bilinear shrink of the high-resolution grid).
+
+    Optional sizes (None keeps the twin's defaults: ``2 * hidden``, ``heads // 2``, LLaDA's
+    126464, ``"eager"``): ``intermediate_size`` (12288 in LLaDA-8B), ``kv_heads`` (32),
+    ``vocab`` and ``attn_implementation`` (e.g. ``"sdpa"``).  The modules are created on the
+    current default device in the current default dtype, then cast to ``dtype``: under
+    ``with torch.device("cuda")`` and a bfloat16 default dtype a full-size twin is built on the
+    GPU without a float32 or CPU copy."""
     crop = 28
-    cfg = _llama_config(LLADA_VOCAB, hidden, layers, heads,
+    cfg = _llama_config(LLADA_VOCAB if vocab is None else int(vocab), hidden, layers, heads,
+                        **_size_overrides(intermediate_size, kv_heads, attn_implementation),
                         image_aspect_ratio=f"anyres_max_{max_crops}",
                         image_grid_pinpoints=[(crop * i, crop * j) for i in range(1, 4)
                                               for j in range(1, 4)],
