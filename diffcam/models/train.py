@@ -44,10 +44,11 @@ class Batches(torch.utils.data.IterableDataset):
     ``[step * batch, (step + 1) * batch)`` of a split."""
 
     def __init__(self, tok, batch: int, steps: int, start_step: int = 0, split: str = "train",
-                 objective: str = "mdm", gen_length: int = GEN_LENGTH, curriculum: int = 0):
+                 objective: str = "mdm", gen_length: int = GEN_LENGTH, curriculum: int = 0,
+                 label_grid: int = 0):
         self.tok, self.batch, self.steps, self.start = tok, batch, steps, start_step
         self.split, self.objective, self.gen_length = split, objective, gen_length
-        self.curriculum = curriculum
+        self.curriculum, self.label_grid = curriculum, label_grid
 
     def __iter__(self):
         for step in range(self.start, self.steps):
@@ -57,7 +58,8 @@ class Batches(torch.utils.data.IterableDataset):
             else:
                 pairs = list(shapes.samples(self.split, lo, hi, kinds=tuple(KIND_WEIGHTS),
                                             weights=tuple(KIND_WEIGHTS.values())))
-            yield make_batch(self.tok, pairs, self.objective, self.gen_length)
+            yield make_batch(self.tok, pairs, self.objective, self.gen_length,
+                             label_grid=self.label_grid)
 
 
 def easy_samples(split: str, start: int, stop: int, max_objects: int = 2,
@@ -153,6 +155,180 @@ def pretrain_vision(model, steps: int, batch: int = 64, lr: float = 2e-3, quiet:
     return hist
 
 
+def proxy_labels(sc, grid: int):
+    """(colour, shape) class of every cell of a ``grid`` x ``grid`` split of the scene, as
+    :func:`patch_labels`, plus the cell under the centre of any named object that covers no cell
+    by at least 30 % (small objects on a coarse grid), so every named object is somewhere."""
+    col, shp = patch_labels(sc, grid)
+    S = sc.image.shape[0]
+    colours = list(shapes.COLOURS)
+    for k in sc.named:
+        if (shp == 1 + shapes.SHAPES.index(sc.shapes[k])).any() and \
+                (col == 1 + colours.index(sc.colours[k])).any():
+            continue
+        ys, xs = np.nonzero(sc.masks[k])
+        cy, cx = int(ys.mean() * grid / S), int(xs.mean() * grid / S)
+        if col[cy, cx] == 0:
+            col[cy, cx] = 1 + colours.index(sc.colours[k])
+            shp[cy, cx] = 1 + shapes.SHAPES.index(sc.shapes[k])
+    return col, shp
+
+
+def _label_tables(model, tok):
+    """(colour table, shape table): row 0 zeros, row i the embedding of the i-th colour / shape
+    word (the language model's own input embeddings, so they train with it)."""
+    emb = model.model.embed_tokens.weight
+    zero = emb.new_zeros(1, emb.shape[1])
+    cid = [tok.convert_tokens_to_ids(c) for c in shapes.COLOURS]
+    sid = [tok.convert_tokens_to_ids(s) for s in shapes.SHAPES]
+    return torch.cat([zero, emb[cid]]), torch.cat([zero, emb[sid]])
+
+
+def proxy_image_tokens(model, tok, col, shp, real_layout: bool):
+    """Text-only stand-in for the image tokens: every cell of a (B, g, g) label grid becomes a
+    fixed 2-D position code (:func:`~diffcam.models.bundled.sincos_2d`, times 0.5) plus the
+    embeddings of its colour and shape words.  With ``real_layout`` (g must be the model's grid)
+    the tokens are packed like the real image -- base grid (3x3 averages), then rows each followed
+    by the newline embedding; otherwise the g * g tokens alone."""
+    from .bundled import sincos_2d
+
+    B, g, _ = col.shape
+    d = model.config.text_config.hidden_size
+    ct, st = _label_tables(model, tok)
+    cells = ct[col] + st[shp]                                         # (B, g, g, d)
+    hires = 0.5 * sincos_2d(g, d).reshape(1, g, g, d) + cells
+    if not real_layout:
+        return hires.reshape(B, g * g, d)
+    cfg = model.config
+    if g != cfg.grid:
+        raise ValueError(f"the real layout needs the model's grid ({cfg.grid}), got {g}")
+    b = cfg.base_grid
+    base = F.avg_pool2d(cells.permute(0, 3, 1, 2), cfg.base_pool).permute(0, 2, 3, 1)
+    base = 0.5 * sincos_2d(b, d).reshape(1, b, b, d) + base
+    nl = model.image_newline.expand(B, g, 1, d)
+    return torch.cat([base.reshape(B, b * b, d),
+                      torch.cat([hires, nl], dim=2).reshape(B, g * (g + 1), d)], dim=1)
+
+
+def alignment_targets(model, tok, col, shp):
+    """What the real image tokens are pulled towards (:func:`alignment_loss`): the proxy tokens
+    of the model's grid in the real layout, without gradient."""
+    with torch.no_grad():
+        return proxy_image_tokens(model, tok, col, shp, real_layout=True)
+
+
+def alignment_loss(model, tok, pixels, col, shp):
+    """Mean squared distance between the projector's image tokens (base grid and grid cells; the
+    newline tokens are the same on both sides and left out) and :func:`alignment_targets`."""
+    feats = model.image_features(pixels)
+    tgt = alignment_targets(model, tok, col, shp)
+    g, b = model.config.grid, model.config.base_grid
+    keep = torch.ones(feats.shape[1], dtype=torch.bool)
+    keep[b * b + g::g + 1] = False                                    # newline column
+    return F.mse_loss(feats[:, keep], tgt[:, keep])
+
+
+def loss_stage1_embeds(model, embeds, n_img, batch):
+    """:func:`loss_stage1` with the image tokens given (``embeds``: (B, n_img, D)) instead of
+    pixels: the proxy warm-up's loss."""
+    _, ids, att, starts, lens = batch[:5]
+    resp = _response_mask(ids, starts, lens)
+    noisy = torch.where(resp, torch.full_like(ids, model.config.mask_token_id), ids)
+    emb = model.model.embed_tokens
+    x = torch.cat([emb(noisy[:, :1]), embeds, emb(noisy[:, 2:])], dim=1)
+    att_e = torch.cat([att[:, :1], att.new_ones(att.shape[0], n_img), att[:, 2:]], dim=1)
+    h = model.model(inputs_embeds=x, attention_mask=att_e, use_cache=False).last_hidden_state
+    lg, tgt = model.lm_head(h[:, n_img + 1:]), ids[:, 2:]
+    w = (resp[:, 2:] & (tgt != model.config.eos_token_id)).to(lg.dtype)
+    ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none")
+    acc = ((lg.argmax(-1) == tgt).to(lg.dtype) * w).sum() / w.sum().clamp(min=1)
+    return (ce.reshape(tgt.shape) * w).sum() / w.sum().clamp(min=1), float(acc)
+
+
+def parse_schedule(text: str) -> list:
+    """``"4:500,8:300,12:300"`` -> ``[(4, 500), (8, 300), (12, 300)]`` (grid: steps)."""
+    out = []
+    for part in (p for p in text.split(",") if p.strip()):
+        try:
+            g, n = (int(x) for x in part.split(":"))
+        except ValueError:
+            raise ValueError(f"grid schedule parts are GRID:STEPS, got {part!r}") from None
+        if g < 1 or n < 0:
+            raise ValueError(f"grid schedule needs GRID >= 1 and STEPS >= 0, got {part!r}")
+        out.append((g, n))
+    return out
+
+
+def pretrain_proxy(model, tok, schedule, batch: int = 32, lr: float = 2e-3,
+                   offset: int = 4_000_000, log=print) -> list:
+    """Proxy warm-up of the language model (docs/bundled_model.md, "Why the lookup does not
+    emerge"): stage-1 training on shapes-world questions whose image is replaced by
+    :func:`proxy_image_tokens`, the grid growing as ``schedule`` says ([(grid, steps), ...]; a
+    stage on the model's own grid uses the real layout).  On the full-size grid from the start
+    the lookup questions stay at chance; learned on 4x4 first they carry over to larger grids.
+    Trains everything the proxy touches (language model, embeddings, newline).  Returns the
+    history."""
+    params = [p for n, p in model.named_parameters()
+              if not n.startswith(("vision_tower", "mm_projector", "base_pos", "hires_pos"))]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    kinds, w = tuple(KIND_WEIGHTS), tuple(KIND_WEIGHTS.values())
+    total = sum(n for _, n in schedule)
+    hist, t0, step = [], time.perf_counter(), 0
+    for g, n in schedule:
+        real = g == model.config.grid
+        for _ in range(n):
+            for grp in opt.param_groups:
+                grp["lr"] = lr * min(1.0, (step + 1) / 50)
+            lo = offset + step * batch
+            pairs = list(shapes.samples("train", lo, lo + batch, kinds=kinds, weights=w))
+            labels = [proxy_labels(sc, g) for sc, _ in pairs]
+            col = torch.from_numpy(np.stack([c for c, _ in labels]))
+            shp = torch.from_numpy(np.stack([s for _, s in labels]))
+            b = make_batch(tok, pairs, "mdm", with_pixels=False)
+            img = proxy_image_tokens(model, tok, col, shp, real)
+            loss, acc = loss_stage1_embeds(model, img, img.shape[1], b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            if step % 100 == 0 or step == total:
+                hist.append({"step": step, "grid": g, "loss": loss.item(), "train_acc": acc,
+                             "minutes": (time.perf_counter() - t0) / 60})
+                log(f"[proxy] step {step}/{total} grid {g} loss {loss.item():.3f} "
+                    f"train-acc {acc:.3f} {(time.perf_counter() - t0) / 60:.1f} min")
+    return hist
+
+
+def align_projector(model, tok, steps: int, batch: int = 32, lr: float = 3e-3,
+                    offset: int = 6_000_000, log=print) -> list:
+    """Train the projector and the grid position tables (everything else frozen) so that the
+    real image tokens approach :func:`alignment_targets` -- the tokens the proxy-trained
+    language model already reads (cosine learning-rate decay).  Returns the history."""
+    params = list(model.mm_projector.parameters()) + [model.base_pos, model.hires_pos]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    hist, t0 = [], time.perf_counter()
+    for step in range(steps):
+        for grp in opt.param_groups:
+            grp["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        scs = [shapes.scene("train", offset + step * batch + j) for j in range(batch)]
+        labels = [patch_labels(sc, model.config.grid) for sc in scs]
+        col = torch.from_numpy(np.stack([c for c, _ in labels]))
+        shp = torch.from_numpy(np.stack([s for _, s in labels]))
+        loss = alignment_loss(model, tok, encode_images([sc.image for sc in scs]), col, shp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            with torch.no_grad():
+                power = alignment_targets(model, tok, col, shp).pow(2).mean().item()
+            hist.append({"step": step + 1, "mse": loss.item(), "target_power": power,
+                         "minutes": (time.perf_counter() - t0) / 60})
+            log(f"[align] step {step + 1}/{steps} mse {loss.item():.4f} (target power "
+                f"{power:.4f}) {(time.perf_counter() - t0) / 60:.1f} min")
+    return hist
+
+
 def prompt_ids(tok, prompt: str) -> list:
     """``<bos> <image-placeholder> question...`` (the prompt must start with ``<image>``)."""
     if not prompt.startswith("<image>"):
@@ -161,7 +337,11 @@ def prompt_ids(tok, prompt: str) -> list:
                                                                add_special_tokens=False)
 
 
-def make_batch(tok, pairs, objective: str = "mdm", gen_length: int = GEN_LENGTH):
+def make_batch(tok, pairs, objective: str = "mdm", gen_length: int = GEN_LENGTH,
+               with_pixels: bool = True, label_grid: int = 0):
+    """(pixels, ids, attention mask, response starts, response lengths) of (scene, QA) pairs;
+    ``pixels`` is None without ``with_pixels``; with ``label_grid`` two more items, the
+    :func:`patch_labels` colour and shape grids (B, g, g) of the scenes."""
     pad, eos = tok.pad_token_id, tok.eos_token_id
     rows, starts, lens = [], [], []
     for sc, qa in pairs:
@@ -182,8 +362,13 @@ def make_batch(tok, pairs, objective: str = "mdm", gen_length: int = GEN_LENGTH)
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r)
         att[i, :len(r)] = 1
-    pixels = encode_images([sc.image for sc, _ in pairs])
-    return pixels, ids, att, torch.tensor(starts), torch.tensor(lens)
+    pixels = encode_images([sc.image for sc, _ in pairs]) if with_pixels else None
+    out = (pixels, ids, att, torch.tensor(starts), torch.tensor(lens))
+    if label_grid:
+        labels = [patch_labels(sc, label_grid) for sc, _ in pairs]
+        out = out + (torch.from_numpy(np.stack([c for c, _ in labels])),
+                     torch.from_numpy(np.stack([s for _, s in labels])))
+    return out
 
 
 def _expanded(model, ids, att, starts):
@@ -209,7 +394,7 @@ def _response_mask(ids, starts, lens):
 
 
 def loss_mdm(model, batch, gen: torch.Generator, eps: float = 1e-3, weighting: str = "llada"):
-    pixels, ids, att, starts, lens = batch
+    pixels, ids, att, starts, lens = batch[:5]
     B = ids.shape[0]
     # stratified masking ratios (one per 1/B slice of (0, 1), shuffled): the same U(eps, 1)
     # marginal as LLaDA, with a lower-variance batch estimate of the loss
@@ -238,7 +423,7 @@ def loss_stage1(model, batch):
     answer words only (the ``<eos>`` padding left out).  Returns (loss, number of scored
     tokens).  In the session-3 experiments (docs/bundled_model.md) this is the first loss under
     which the colour questions rose above chance on the full question mix."""
-    pixels, ids, att, starts, lens = batch
+    pixels, ids, att, starts, lens = batch[:5]
     resp = _response_mask(ids, starts, lens)
     noisy = torch.where(resp, torch.full_like(ids, model.config.mask_token_id), ids)
     att_e, _ = _expanded(model, ids, att, starts)
@@ -250,7 +435,7 @@ def loss_stage1(model, batch):
 
 
 def loss_ar(model, batch):
-    pixels, ids, att, starts, lens = batch
+    pixels, ids, att, starts, lens = batch[:5]
     att_e, _ = _expanded(model, ids, att, starts)
     logits = model(input_ids=ids, pixel_values=pixels, attention_mask=att_e)
     resp = _response_mask(ids, starts, lens)
@@ -267,7 +452,7 @@ def quick_eval(model, tok, batch, objective: str, kinds=None):
     or of teacher-forced next-token prediction (ar) on a fixed validation batch; with ``kinds``
     (the question kind of every row) a dict ``{"all": acc, kind: acc, ...}``."""
     model.eval()
-    pixels, ids, att, starts, lens = batch
+    pixels, ids, att, starts, lens = batch[:5]
     resp = _response_mask(ids, starts, lens)
     att_e, _ = _expanded(model, ids, att, starts)
     if objective == "mdm":
@@ -373,6 +558,15 @@ def main(argv=None):
     ap.add_argument("--init-vision", default=None,
                     help="copy the vision tower (and projector) from this saved model and skip "
                          "vision pre-training (the autoregressive twin shares the tower)")
+    ap.add_argument("--proxy", default="",
+                    help="proxy warm-up of the language model before real images, a grid "
+                         "schedule 'GRID:STEPS,...' (e.g. 4:500,8:300,12:300; see "
+                         "pretrain_proxy); empty: none")
+    ap.add_argument("--align-steps", type=int, default=0,
+                    help="after the proxy warm-up: steps that fit the projector to the proxy "
+                         "tokens (align_projector)")
+    ap.add_argument("--align-weight", type=float, default=0.0,
+                    help="weight of alignment_loss kept as an auxiliary loss during fine-tuning")
     ap.add_argument("--out", default=None, help="output folder (default: the packaged weights)")
     args = ap.parse_args(argv)
 
@@ -412,6 +606,15 @@ def main(argv=None):
         log["vision_history"] = pretrain_vision(model, args.vision_steps,
                                                 quiet=args.vision_quiet,
                                                 log=lambda m: print(m, flush=True))
+    if args.proxy:
+        if args.objective != "mdm":
+            raise SystemExit("--proxy is for the masked-diffusion objective")
+        log["proxy_history"] = pretrain_proxy(model, tok, parse_schedule(args.proxy),
+                                              batch=args.batch, lr=args.lr,
+                                              log=lambda m: print(m, flush=True))
+    if args.align_steps:
+        log["align_history"] = align_projector(model, tok, args.align_steps, batch=args.batch,
+                                               log=lambda m: print(m, flush=True))
     vision = list(model.vision_tower.parameters())
     if args.vision_lr_scale == 0:
         for p in vision:
@@ -421,13 +624,15 @@ def main(argv=None):
     if args.vision_lr_scale > 0:
         groups.append({"params": vision, "scale": args.vision_lr_scale})
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    val_pairs = list(shapes.samples("val", 0, 128, kinds=tuple(KIND_WEIGHTS),
+    val_pairs = list(shapes.samples("val", 0, 256, kinds=tuple(KIND_WEIGHTS),
                                     weights=tuple(KIND_WEIGHTS.values())))
     val_kinds = [qa.kind for _, qa in val_pairs]
     val = make_batch(tok, val_pairs, args.objective)
     data = torch.utils.data.DataLoader(Batches(tok, args.batch, args.steps,
                                                objective=args.objective,
-                                               curriculum=args.curriculum_steps),
+                                               curriculum=args.curriculum_steps,
+                                               label_grid=model.config.grid
+                                               if args.align_weight else 0),
                                        batch_size=None, num_workers=1, prefetch_factor=4)
     gen = torch.Generator().manual_seed(args.seed + 1)
     t0 = time.perf_counter()
@@ -444,6 +649,9 @@ def main(argv=None):
             loss, _ = loss_mdm(model, batch, gen, weighting=args.weighting)
         else:
             loss, _ = loss_ar(model, batch)
+        if args.align_weight:
+            loss = loss + args.align_weight * alignment_loss(model, tok, batch[0], batch[5],
+                                                             batch[6])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
