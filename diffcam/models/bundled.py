@@ -126,7 +126,8 @@ class DiffcamTinyConfig(PretrainedConfig):
     def __init__(self, text_config=None, vision_channels=(32, 64, 96, 96), image_size=96, grid=12,
                  base_pool=3, causal=False, mask_token_id=3, bos_token_id=1, eos_token_id=2,
                  pad_token_id=0, image_placeholder_id=IMAGE_PLACEHOLDER, gen_length=GEN_LENGTH,
-                 vision_extra_layers=0, end_positions=0, **kwargs):
+                 vision_extra_layers=0, end_positions=0, projector_type="mlp2x_gelu",
+                 projector_hidden=128, projector_groups=(7, 7), **kwargs):
         if text_config is None:
             text_config = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=384,
                                       num_hidden_layers=4, num_attention_heads=4,
@@ -140,6 +141,12 @@ class DiffcamTinyConfig(PretrainedConfig):
         self.vision_channels = list(vision_channels)
         self.vision_extra_layers = int(vision_extra_layers)
         self.end_positions = int(end_positions)
+        if projector_type not in PROJECTOR_TYPES:
+            raise ValueError(f"projector_type={projector_type!r}: expected one of "
+                             f"{', '.join(PROJECTOR_TYPES)}")
+        self.projector_type = str(projector_type)
+        self.projector_hidden = int(projector_hidden)
+        self.projector_groups = [int(x) for x in projector_groups]
         self.image_size = int(image_size)
         self.grid = int(grid)
         self.base_pool = int(base_pool)
@@ -157,6 +164,49 @@ class DiffcamTinyConfig(PretrainedConfig):
     @property
     def image_tokens(self) -> int:
         return self.base_grid ** 2 + self.grid * (self.grid + 1)
+
+
+#: ``mlp2x_gelu``: LLaVA's two-layer MLP on every feature-map cell (grid positions added to the
+#: features first); ``label_bottleneck``: :class:`LabelBottleneckProjector`
+PROJECTOR_TYPES = ("mlp2x_gelu", "label_bottleneck")
+
+
+class LabelBottleneckProjector(nn.Module):
+    """A projector with a narrow, interpretable middle: a small convolutional classifier turns
+    the (B, C, g, g) feature map into ``sum(groups)`` logits per cell, each group goes through
+    its own softmax (in the shipped configuration: 7 colour classes and 7 shape classes, class
+    0 = nothing named there), and a bias-free linear map (``table``) sends the probabilities to
+    the language model's width.  With the table's columns set to the embeddings of the colour
+    and shape words, every cell becomes "embedding(colour) + embedding(shape)" -- the format of
+    the proxy image tokens the language model is warmed up on (``diffcam.models.train``).
+    Everything stays differentiable, so gradients reach the features as through any projector.
+
+    >>> proj = LabelBottleneckProjector(96, 64, (7, 7), 128)
+    >>> proj(torch.zeros(2, 96, 12, 12)).shape
+    torch.Size([2, 12, 12, 128])
+    """
+
+    def __init__(self, in_channels: int, hidden: int, groups: Sequence[int], dim: int):
+        super().__init__()
+        self.groups = [int(g) for g in groups]
+        self.conv1 = nn.Conv2d(in_channels, hidden, 3, padding=1)
+        self.conv2 = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.head = nn.Conv2d(hidden, sum(self.groups), 1)
+        self.table = nn.Linear(sum(self.groups), dim, bias=False)
+
+    def logits(self, f: torch.Tensor) -> torch.Tensor:
+        """(B, C, g, g) features -> (B, g, g, sum(groups)) class logits."""
+        x = F.gelu(self.conv1(f))
+        x = x + F.gelu(self.conv2(x))
+        return self.head(x).permute(0, 2, 3, 1)
+
+    def probabilities(self, f: torch.Tensor) -> torch.Tensor:
+        """Per-group softmax of :meth:`logits`, concatenated."""
+        return torch.cat([z.softmax(-1) for z in self.logits(f).split(self.groups, -1)], -1)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        """(B, C, g, g) -> (B, g, g, dim)."""
+        return self.table(self.probabilities(f))
 
 
 class TinyVisionTower(nn.Module):
@@ -220,9 +270,15 @@ class DiffcamTinyForMaskedDiffusion(PreTrainedModel):
         self.vision_tower = TinyVisionTower(config.vision_channels,
                                             getattr(config, "vision_extra_layers", 0))
         cv = config.vision_channels[-1]
-        self.mm_projector = nn.Sequential(nn.Linear(cv, d), nn.GELU(), nn.Linear(d, d))
-        self.base_pos = nn.Parameter(torch.zeros(config.base_grid ** 2, cv))
-        self.hires_pos = nn.Parameter(torch.zeros(config.grid ** 2, cv))
+        if getattr(config, "projector_type", "mlp2x_gelu") == "label_bottleneck":
+            self.mm_projector = LabelBottleneckProjector(cv, config.projector_hidden,
+                                                         config.projector_groups, d)
+            pos_dim = d                    # positions added to the projected tokens
+        else:
+            self.mm_projector = nn.Sequential(nn.Linear(cv, d), nn.GELU(), nn.Linear(d, d))
+            pos_dim = cv                   # positions added to the features
+        self.base_pos = nn.Parameter(torch.zeros(config.base_grid ** 2, pos_dim))
+        self.hires_pos = nn.Parameter(torch.zeros(config.grid ** 2, pos_dim))
         self.image_newline = nn.Parameter(torch.zeros(d))
         n_end = int(getattr(config, "end_positions", 0))
         self.model = EndAnchoredLlamaModel(tc, n_end) if n_end else LlamaModel(tc)
@@ -260,6 +316,15 @@ class DiffcamTinyForMaskedDiffusion(PreTrainedModel):
         cfg = self.config
         f = self.vision_tower(pixels)                                 # (B, C, g, g)
         B, C, g, _ = f.shape
+        if isinstance(self.mm_projector, LabelBottleneckProjector):
+            # tokens first, positions after: the base grid averages the cells' tokens
+            cells = self.mm_projector(f)                              # (B, g, g, D)
+            base = F.avg_pool2d(cells.permute(0, 3, 1, 2), cfg.base_pool)
+            base = base.flatten(2).transpose(1, 2) + self.base_pos
+            hires = (cells.reshape(B, g * g, -1) + self.hires_pos).reshape(B, g, g, -1)
+            nl = self.image_newline.to(hires.dtype).expand(B, g, 1, hires.shape[-1])
+            hires = torch.cat([hires, nl], dim=2).reshape(B, g * (g + 1), -1)
+            return torch.cat([base, hires], dim=1)
         base = F.avg_pool2d(f, cfg.base_pool).flatten(2).transpose(1, 2) + self.base_pos
         hires = f.flatten(2).transpose(1, 2) + self.hires_pos
         base = self.mm_projector(base)                                # (B, b*b, D)

@@ -157,20 +157,30 @@ def pretrain_vision(model, steps: int, batch: int = 64, lr: float = 2e-3, quiet:
 
 def proxy_labels(sc, grid: int):
     """(colour, shape) class of every cell of a ``grid`` x ``grid`` split of the scene, as
-    :func:`patch_labels`, plus the cell under the centre of any named object that covers no cell
-    by at least 30 % (small objects on a coarse grid), so every named object is somewhere."""
+    :func:`patch_labels`, plus, for any named object that holds no cell of its own (it covers no
+    cell by at least 30 %, or others cover those cells more: small objects on a coarse grid),
+    the free cell it covers most, so every named object is somewhere with its own colour and
+    shape."""
     col, shp = patch_labels(sc, grid)
     S = sc.image.shape[0]
+    cell = S // grid
     colours = list(shapes.COLOURS)
+    yy, xx = np.mgrid[0:grid, 0:grid]
     for k in sc.named:
-        if (shp == 1 + shapes.SHAPES.index(sc.shapes[k])).any() and \
-                (col == 1 + colours.index(sc.colours[k])).any():
+        c, s = 1 + colours.index(sc.colours[k]), 1 + shapes.SHAPES.index(sc.shapes[k])
+        if ((col == c) & (shp == s)).any():
             continue
         ys, xs = np.nonzero(sc.masks[k])
-        cy, cx = int(ys.mean() * grid / S), int(xs.mean() * grid / S)
-        if col[cy, cx] == 0:
-            col[cy, cx] = 1 + colours.index(sc.colours[k])
-            shp[cy, cx] = 1 + shapes.SHAPES.index(sc.shapes[k])
+        cy, cx = ys.mean() / cell - 0.5, xs.mean() / cell - 0.5
+        cover = sc.masks[k].reshape(grid, cell, grid, cell).mean(axis=(1, 3))
+        free = col == 0
+        if not free.any():
+            continue
+        # the free cell the object covers most; ties (and no cover at all) by nearness to its
+        # centre, so that an object whose centre cell another object holds still gets a cell
+        key = np.where(free, cover - 1e-3 * np.hypot(yy - cy, xx - cx), -np.inf)
+        y, x = np.unravel_index(int(np.argmax(key)), key.shape)
+        col[y, x], shp[y, x] = c, s
     return col, shp
 
 
@@ -329,6 +339,65 @@ def align_projector(model, tok, steps: int, batch: int = 32, lr: float = 3e-3,
     return hist
 
 
+def pretrain_projector_classifier(model, steps: int, batch: int = 64, lr: float = 3e-3,
+                                  offset: int = 7_000_000, log=print) -> list:
+    """Train the classifier of a ``label_bottleneck`` projector
+    (:class:`~diffcam.models.bundled.LabelBottleneckProjector`) on the frozen vision tower's
+    features: cross-entropy against the :func:`proxy_labels` of every cell (colour group and
+    shape group), cosine learning rate.  Nothing else changes.  Returns the history (accuracy
+    on the cells of named objects, and how often a background cell is called background)."""
+    from .bundled import LabelBottleneckProjector
+
+    proj = model.mm_projector
+    if not isinstance(proj, LabelBottleneckProjector):
+        raise ValueError("pretrain_projector_classifier needs projector_type='label_bottleneck'")
+    params = [p for n, p in proj.named_parameters() if not n.startswith("table")]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    gc, gs = proj.groups
+    g = model.config.grid
+    hist, t0 = [], time.perf_counter()
+    for step in range(steps):
+        for grp in opt.param_groups:
+            grp["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        scs = [shapes.scene("train", offset + step * batch + j) for j in range(batch)]
+        labels = [proxy_labels(sc, g) for sc in scs]
+        col = torch.from_numpy(np.stack([c for c, _ in labels]))
+        shp = torch.from_numpy(np.stack([s for _, s in labels]))
+        with torch.no_grad():
+            f = model.vision_tower(encode_images([sc.image for sc in scs]))
+        lg = proj.logits(f)
+        lc, ls = lg[..., :gc], lg[..., gc:]
+        loss = F.cross_entropy(lc.reshape(-1, gc), col.reshape(-1)) + \
+            F.cross_entropy(ls.reshape(-1, gs), shp.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            with torch.no_grad():
+                fg = col > 0
+                pc, ps = lc.argmax(-1), ls.argmax(-1)
+                rec = {"step": step + 1, "loss": loss.item(),
+                       "object_cell_colour_acc": float((pc == col)[fg].float().mean()),
+                       "object_cell_shape_acc": float((ps == shp)[fg].float().mean()),
+                       "background_acc": float(((pc == 0) & (ps == 0))[~fg].float().mean()),
+                       "minutes": (time.perf_counter() - t0) / 60}
+            hist.append(rec)
+            log(f"[projector] step {step + 1}/{steps} loss {rec['loss']:.3f} object-cell "
+                f"colour {rec['object_cell_colour_acc']:.3f} shape "
+                f"{rec['object_cell_shape_acc']:.3f} background {rec['background_acc']:.3f}")
+    return hist
+
+
+def set_projector_table(model, tok) -> None:
+    """Point a ``label_bottleneck`` projector's table at the language model's current word
+    embeddings: column 0 of each group zero (nothing named), column i the i-th colour / shape
+    word -- so a confidently classified cell becomes exactly a proxy token
+    (:func:`proxy_image_tokens`)."""
+    ct, st = _label_tables(model, tok)
+    with torch.no_grad():
+        model.mm_projector.table.weight.copy_(torch.cat([ct, st]).T)
+
+
 def prompt_ids(tok, prompt: str) -> list:
     """``<bos> <image-placeholder> question...`` (the prompt must start with ``<image>``)."""
     if not prompt.startswith("<image>"):
@@ -475,7 +544,8 @@ def quick_eval(model, tok, batch, objective: str, kinds=None):
 
 
 def build_model(tok, objective: str, hidden: int, layers: int, heads: int, seed: int,
-                vision_extra_layers: int = 0, end_positions: int = 0):
+                vision_extra_layers: int = 0, end_positions: int = 0,
+                projector: str = "mlp2x_gelu"):
     from transformers import LlamaConfig
 
     torch.manual_seed(seed)
@@ -489,7 +559,8 @@ def build_model(tok, objective: str, hidden: int, layers: int, heads: int, seed:
                             mask_token_id=tok.mask_token_id, bos_token_id=tok.bos_token_id,
                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                             vision_extra_layers=vision_extra_layers,
-                            end_positions=end_positions if objective == "mdm" else 0)
+                            end_positions=end_positions if objective == "mdm" else 0,
+                            projector_type=projector)
     cfg._attn_implementation = "sdpa"
     return DiffcamTinyForMaskedDiffusion(cfg)
 
@@ -567,6 +638,12 @@ def main(argv=None):
                          "tokens (align_projector)")
     ap.add_argument("--align-weight", type=float, default=0.0,
                     help="weight of alignment_loss kept as an auxiliary loss during fine-tuning")
+    ap.add_argument("--projector", default="mlp2x_gelu",
+                    choices=("mlp2x_gelu", "label_bottleneck"),
+                    help="projector type (diffcam.models.bundled.PROJECTOR_TYPES)")
+    ap.add_argument("--projector-steps", type=int, default=0,
+                    help="label_bottleneck: classifier pre-training steps on the frozen tower "
+                         "(pretrain_projector_classifier), before the proxy warm-up")
     ap.add_argument("--out", default=None, help="output folder (default: the packaged weights)")
     args = ap.parse_args(argv)
 
@@ -575,7 +652,7 @@ def main(argv=None):
     out = args.out or weights_dir("diffusion" if args.objective == "mdm" else "autoregressive")
     tok = build_tokenizer()
     model = build_model(tok, args.objective, args.hidden, args.layers, args.heads, args.seed,
-                        args.vision_extra_layers, args.end_positions)
+                        args.vision_extra_layers, args.end_positions, args.projector)
     if args.init_std != 0.02 or args.embed_std != 0.02:
         reinit_language_model(model, args.init_std, args.embed_std, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
@@ -596,22 +673,30 @@ def main(argv=None):
     log = {"args": vars(args), "params": n_params, "history": []}
     if args.init_vision:
         src = DiffcamTinyForMaskedDiffusion.from_pretrained(args.init_vision)
-        for name in ("vision_tower", "mm_projector"):
-            getattr(model, name).load_state_dict(getattr(src, name).state_dict())
-        with torch.no_grad():
-            for name in ("base_pos", "hires_pos"):
-                getattr(model, name).copy_(getattr(src, name))
+        model.vision_tower.load_state_dict(src.vision_tower.state_dict())
+        if getattr(src.config, "projector_type", "mlp2x_gelu") == args.projector:
+            model.mm_projector.load_state_dict(src.mm_projector.state_dict())
+            with torch.no_grad():
+                for name in ("base_pos", "hires_pos"):
+                    getattr(model, name).copy_(getattr(src, name))
         log["init_vision"] = args.init_vision
     elif args.vision_steps:
         log["vision_history"] = pretrain_vision(model, args.vision_steps,
                                                 quiet=args.vision_quiet,
                                                 log=lambda m: print(m, flush=True))
+    if args.projector_steps:
+        if args.projector != "label_bottleneck":
+            raise SystemExit("--projector-steps is for --projector label_bottleneck")
+        log["projector_history"] = pretrain_projector_classifier(
+            model, args.projector_steps, log=lambda m: print(m, flush=True))
     if args.proxy:
         if args.objective != "mdm":
             raise SystemExit("--proxy is for the masked-diffusion objective")
         log["proxy_history"] = pretrain_proxy(model, tok, parse_schedule(args.proxy),
                                               batch=args.batch, lr=args.lr,
                                               log=lambda m: print(m, flush=True))
+    if args.projector == "label_bottleneck":
+        set_projector_table(model, tok)
     if args.align_steps:
         log["align_history"] = align_projector(model, tok, args.align_steps, batch=args.batch,
                                                log=lambda m: print(m, flush=True))
