@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data import shapes
-from .bundled import (DiffcamTinyConfig, DiffcamTinyForMaskedDiffusion, GEN_LENGTH,
-                      IMAGE_PLACEHOLDER, build_tokenizer, encode_images, weights_dir)
+from .bundled import (GEN_LENGTH, IMAGE_PLACEHOLDER, PROJECTOR_TYPES, DiffcamTinyConfig,
+                      DiffcamTinyForMaskedDiffusion, build_tokenizer, encode_images, weights_dir)
 
 KIND_WEIGHTS = {"describe": 0.4, "colour": 0.2, "presence": 0.2, "count": 0.2}
 
@@ -638,8 +638,7 @@ def main(argv=None):
                          "tokens (align_projector)")
     ap.add_argument("--align-weight", type=float, default=0.0,
                     help="weight of alignment_loss kept as an auxiliary loss during fine-tuning")
-    ap.add_argument("--projector", default="mlp2x_gelu",
-                    choices=("mlp2x_gelu", "label_bottleneck"),
+    ap.add_argument("--projector", default="mlp2x_gelu", choices=PROJECTOR_TYPES,
                     help="projector type (diffcam.models.bundled.PROJECTOR_TYPES)")
     ap.add_argument("--projector-steps", type=int, default=0,
                     help="label_bottleneck: classifier pre-training steps on the frozen tower "
