@@ -98,6 +98,16 @@ def patch_labels(sc, grid: int = 12, min_cover: float = 0.3):
     return col, shp
 
 
+def label_grids(scenes, grid: int, labeller=None):
+    """Stacked per-cell labels of ``scenes``: two int64 tensors (colour, shape) of shape
+    (len(scenes), grid, grid), each scene labelled by ``labeller(scene, grid)``
+    (default :func:`patch_labels`)."""
+    labeller = labeller or patch_labels
+    labels = [labeller(sc, grid) for sc in scenes]
+    return (torch.from_numpy(np.stack([c for c, _ in labels])),
+            torch.from_numpy(np.stack([s for _, s in labels])))
+
+
 class PatchBatches(torch.utils.data.IterableDataset):
     """Vision pre-training batches: pixels and per-cell (colour, shape) labels of train scenes
     ``offset + [step * batch, (step + 1) * batch)``."""
@@ -109,10 +119,7 @@ class PatchBatches(torch.utils.data.IterableDataset):
         for step in range(self.steps):
             lo = self.offset + step * self.batch
             scs = [shapes.scene("train", i) for i in range(lo, lo + self.batch)]
-            labels = [patch_labels(sc, self.grid) for sc in scs]
-            yield (encode_images([sc.image for sc in scs]),
-                   torch.from_numpy(np.stack([c for c, _ in labels])),
-                   torch.from_numpy(np.stack([s for _, s in labels])))
+            yield (encode_images([sc.image for sc in scs]),) + label_grids(scs, self.grid)
 
 
 def pretrain_vision(model, steps: int, batch: int = 64, lr: float = 2e-3, quiet: float = 0.05,
@@ -291,9 +298,7 @@ def pretrain_proxy(model, tok, schedule, batch: int = 32, lr: float = 2e-3,
                 grp["lr"] = lr * min(1.0, (step + 1) / 50)
             lo = offset + step * batch
             pairs = list(shapes.samples("train", lo, lo + batch, kinds=kinds, weights=w))
-            labels = [proxy_labels(sc, g) for sc, _ in pairs]
-            col = torch.from_numpy(np.stack([c for c, _ in labels]))
-            shp = torch.from_numpy(np.stack([s for _, s in labels]))
+            col, shp = label_grids([sc for sc, _ in pairs], g, proxy_labels)
             b = make_batch(tok, pairs, "mdm", with_pixels=False)
             img = proxy_image_tokens(model, tok, col, shp, real)
             loss, acc = loss_stage1_embeds(model, img, img.shape[1], b)
@@ -322,9 +327,7 @@ def align_projector(model, tok, steps: int, batch: int = 32, lr: float = 3e-3,
         for grp in opt.param_groups:
             grp["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         scs = [shapes.scene("train", offset + step * batch + j) for j in range(batch)]
-        labels = [patch_labels(sc, model.config.grid) for sc in scs]
-        col = torch.from_numpy(np.stack([c for c, _ in labels]))
-        shp = torch.from_numpy(np.stack([s for _, s in labels]))
+        col, shp = label_grids(scs, model.config.grid)
         loss = alignment_loss(model, tok, encode_images([sc.image for sc in scs]), col, shp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -360,9 +363,7 @@ def pretrain_projector_classifier(model, steps: int, batch: int = 64, lr: float 
         for grp in opt.param_groups:
             grp["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         scs = [shapes.scene("train", offset + step * batch + j) for j in range(batch)]
-        labels = [proxy_labels(sc, g) for sc in scs]
-        col = torch.from_numpy(np.stack([c for c, _ in labels]))
-        shp = torch.from_numpy(np.stack([s for _, s in labels]))
+        col, shp = label_grids(scs, g, proxy_labels)
         with torch.no_grad():
             f = model.vision_tower(encode_images([sc.image for sc in scs]))
         lg = proj.logits(f)
@@ -434,9 +435,7 @@ def make_batch(tok, pairs, objective: str = "mdm", gen_length: int = GEN_LENGTH,
     pixels = encode_images([sc.image for sc, _ in pairs]) if with_pixels else None
     out = (pixels, ids, att, torch.tensor(starts), torch.tensor(lens))
     if label_grid:
-        labels = [patch_labels(sc, label_grid) for sc, _ in pairs]
-        out = out + (torch.from_numpy(np.stack([c for c, _ in labels])),
-                     torch.from_numpy(np.stack([s for _, s in labels])))
+        out = out + label_grids([sc for sc, _ in pairs], label_grid)
     return out
 
 
@@ -633,6 +632,8 @@ def main(argv=None):
                     help="proxy warm-up of the language model before real images, a grid "
                          "schedule 'GRID:STEPS,...' (e.g. 4:500,8:300,12:300; see "
                          "pretrain_proxy); empty: none")
+    ap.add_argument("--proxy-lr", type=float, default=None,
+                    help="learning rate of the proxy warm-up (default: --lr)")
     ap.add_argument("--align-steps", type=int, default=0,
                     help="after the proxy warm-up: steps that fit the projector to the proxy "
                          "tokens (align_projector)")
@@ -692,7 +693,8 @@ def main(argv=None):
         if args.objective != "mdm":
             raise SystemExit("--proxy is for the masked-diffusion objective")
         log["proxy_history"] = pretrain_proxy(model, tok, parse_schedule(args.proxy),
-                                              batch=args.batch, lr=args.lr,
+                                              batch=args.batch,
+                                              lr=args.proxy_lr or args.lr,
                                               log=lambda m: print(m, flush=True))
     if args.projector == "label_bottleneck":
         set_projector_table(model, tok)

@@ -571,3 +571,34 @@ def test_bottleneck_training_run_saves_and_loads(tmp_path):
     assert s.layouts[0].span_length == 16 + 12 * 13
     with pytest.raises(SystemExit):
         train.main(["--steps", "1", "--projector-steps", "1", "--out", str(tmp_path / "x")])
+
+
+def test_label_grids_stack_each_scenes_labels():
+    scs = [shapes.scene("val", i) for i in range(3)]
+    for labeller, g in ((None, 12), (train.proxy_labels, 4)):
+        col, shp = train.label_grids(scs, g, labeller)
+        assert col.shape == shp.shape == (3, g, g) and col.dtype == shp.dtype == torch.long
+        for i, sc in enumerate(scs):
+            c, s = (labeller or train.patch_labels)(sc, g)
+            assert np.array_equal(col[i].numpy(), c) and np.array_equal(shp[i].numpy(), s)
+    # the proxy labeller differs from the plain one somewhere on a coarse grid (objects that
+    # hold no cell of their own get one), so the labeller argument is really used
+    more = [shapes.scene("val", i) for i in range(12)]
+    plain = train.label_grids(more, 4)[0]
+    proxy = train.label_grids(more, 4, train.proxy_labels)[0]
+    assert (plain != 0).sum() < (proxy != 0).sum()
+
+
+@pytest.mark.parametrize("extra, want", [([], 2e-3), (["--proxy-lr", "5e-4"], 5e-4)])
+def test_proxy_lr_defaults_to_lr(monkeypatch, tmp_path, extra, want):
+    seen = []
+
+    def spy(model, tok, schedule, batch, lr, log):
+        seen.append(lr)
+        return []
+
+    monkeypatch.setattr(train, "pretrain_proxy", spy)
+    train.main(["--steps", "1", "--batch", "2", "--hidden", "32", "--layers", "1",
+                "--heads", "2", "--eval-every", "1", "--vision-steps", "0", "--lr", "2e-3",
+                "--proxy", "4:1", "--out", str(tmp_path / "w")] + extra)
+    assert seen == [want]
