@@ -694,7 +694,7 @@ def main(argv=None):
             raise SystemExit("--proxy is for the masked-diffusion objective")
         log["proxy_history"] = pretrain_proxy(model, tok, parse_schedule(args.proxy),
                                               batch=args.batch,
-                                              lr=args.proxy_lr or args.lr,
+                                              lr=args.lr if args.proxy_lr is None else args.proxy_lr,
                                               log=lambda m: print(m, flush=True))
     if args.projector == "label_bottleneck":
         set_projector_table(model, tok)
