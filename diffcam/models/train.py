@@ -692,9 +692,9 @@ def main(argv=None):
     if args.proxy:
         if args.objective != "mdm":
             raise SystemExit("--proxy is for the masked-diffusion objective")
+        proxy_lr = args.lr if args.proxy_lr is None else args.proxy_lr
         log["proxy_history"] = pretrain_proxy(model, tok, parse_schedule(args.proxy),
-                                              batch=args.batch,
-                                              lr=args.lr if args.proxy_lr is None else args.proxy_lr,
+                                              batch=args.batch, lr=proxy_lr,
                                               log=lambda m: print(m, flush=True))
     if args.projector == "label_bottleneck":
         set_projector_table(model, tok)
