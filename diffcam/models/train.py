@@ -606,6 +606,8 @@ def main(argv=None):
     ap.add_argument("--end-positions", type=int, default=32,
                     help="learned embeddings of the distance from the sequence end (masked "
                          "diffusion only; 0: RoPE alone)")
+    ap.add_argument("--vision-lr", type=float, default=2e-3,
+                    help="peak learning rate of vision pre-training (cosine to 0)")
     ap.add_argument("--vision-quiet", type=float, default=0.05,
                     help="weight of the background-feature penalty in vision pre-training")
     ap.add_argument("--vision-extra-layers", type=int, default=2,
@@ -681,7 +683,7 @@ def main(argv=None):
                     getattr(model, name).copy_(getattr(src, name))
         log["init_vision"] = args.init_vision
     elif args.vision_steps:
-        log["vision_history"] = pretrain_vision(model, args.vision_steps,
+        log["vision_history"] = pretrain_vision(model, args.vision_steps, lr=args.vision_lr,
                                                 quiet=args.vision_quiet,
                                                 log=lambda m: print(m, flush=True))
     if args.projector_steps:
