@@ -7,6 +7,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <sstream>
@@ -104,6 +105,51 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("simd", [] { return std::string(rank_dispatch().name); },
         "The SIMD path picked at runtime for the rank filter: 'avx2' or 'scalar'.");
+
+  m.def(
+      "value_range",
+      [](py::object arr) {
+        if (!py::isinstance<py::array>(arr))
+          throw py::value_error("value_range needs a numpy float32 array, got " +
+                                py::str(py::type::of(arr)).cast<std::string>());
+        py::array a = py::reinterpret_borrow<py::array>(arr);
+        if (!is_dtype<float>(a) || !(a.flags() & py::array::c_style) || a.size() == 0)
+          throw py::value_error("value_range needs a non-empty C-contiguous float32 array, got " +
+                                describe(a));
+        const float* x = static_cast<const float*>(a.data());
+        const size_t n = static_cast<size_t>(a.size());
+        float lo = x[0], hi = x[0];
+        bool nan = false;
+        {
+          py::gil_scoped_release rel;
+          // four independent lanes (the compiler vectorises them); NaN is caught by x != x,
+          // since min/max comparisons would silently skip it
+          float l4[4] = {lo, lo, lo, lo}, h4[4] = {hi, hi, hi, hi};
+          unsigned bad = 0;
+          size_t i = 0;
+          for (; i + 4 <= n; i += 4)
+            for (int j = 0; j < 4; ++j) {
+              const float v = x[i + j];
+              l4[j] = v < l4[j] ? v : l4[j];
+              h4[j] = v > h4[j] ? v : h4[j];
+              bad |= static_cast<unsigned>(v != v);
+            }
+          for (; i < n; ++i) {
+            const float v = x[i];
+            l4[0] = v < l4[0] ? v : l4[0];
+            h4[0] = v > h4[0] ? v : h4[0];
+            bad |= static_cast<unsigned>(v != v);
+          }
+          lo = std::min(std::min(l4[0], l4[1]), std::min(l4[2], l4[3]));
+          hi = std::max(std::max(h4[0], h4[1]), std::max(h4[2], h4[3]));
+          nan = bad != 0 || lo != lo || hi != hi;
+        }
+        if (nan) return py::make_tuple(static_cast<double>(NAN), static_cast<double>(NAN));
+        return py::make_tuple(static_cast<double>(lo), static_cast<double>(hi));
+      },
+      py::arg("arr"),
+      "(min, max) of a C-contiguous float32 array in one pass, as Python floats; (nan, nan) when "
+      "any value is NaN (Inf is returned as is).");
 
   m.def(
       "kernel_sizes",

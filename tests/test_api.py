@@ -103,6 +103,54 @@ def test_normalize_option():
                                atol=1e-6)
 
 
+def test_normalize_option_torch_cpu():
+    """A CPU tensor with normalize=True (it is refined as NumPy inside; this used to raise)."""
+    torch = pytest.importorskip("torch")
+    m = np.array([[0.0, 5.0], [10.0, 2.5]], np.float32)
+    out = diffcam.refine(torch.from_numpy(np.stack([m, 2 * m])), normalize=True)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 2, 2)
+    want = diffcam.refine(np.stack([m, m]) / 10.0)
+    np.testing.assert_allclose(out.numpy(), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["random", "nan_first", "nan_last", "nan_tail", "inf", "-inf",
+                                  "single", "tail3", "neg_zero", "big"])
+def test_host_range_matches_numpy(case):
+    """as_batch's one-pass range (native for small arrays) against NumPy's min / max."""
+    import math
+
+    from diffcam.refine._arrays import host_range
+
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((3, 7, 5)).astype(np.float32)
+    if case == "nan_first":
+        a.flat[0] = np.nan
+    elif case == "nan_last":
+        a.flat[-1] = np.nan
+    elif case == "nan_tail":
+        a = a[:, :, :3].copy()          # 63 values: the scalar tail of the 4-lane loop
+        a.flat[-2] = np.nan
+    elif case == "inf":
+        a.flat[17] = np.inf
+    elif case == "-inf":
+        a.flat[5] = -np.inf
+    elif case == "single":
+        a = np.array([[0.25]], np.float32)
+    elif case == "tail3":
+        a = np.array([[3.0, -1.0, 2.0]], np.float32)
+    elif case == "neg_zero":
+        a = np.array([[-0.0, 0.0], [0.0, -0.0]], np.float32)
+    elif case == "big":
+        a = rng.random((2, 300, 300), dtype=np.float32)   # above the native size limit
+    lo, hi = host_range(a)
+    if np.isnan(a).any():
+        assert math.isnan(lo) or math.isnan(hi)
+        with pytest.raises(ValueError, match="NaN"):
+            diffcam.refine(np.abs(a))
+    else:
+        assert (lo, hi) == (float(a.min()), float(a.max()))
+
+
 @pytest.mark.parametrize("k,exc", [(4, ValueError), (1, ValueError), (33, ValueError),
                                    (2.5, TypeError), ([3, 5, 7], ValueError)])
 def test_bad_kernel_size(k, exc):

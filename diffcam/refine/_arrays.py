@@ -16,6 +16,31 @@ import numpy as np
 _FLOAT_KINDS = "f"
 
 
+#: Host arrays up to this many values get their range from one native pass (cheaper than
+#: NumPy's two reductions on token-grid maps); larger ones use NumPy's vectorised min / max.
+_NATIVE_RANGE_MAX = 1 << 16
+_VALUE_RANGE: Any = None    # resolved on first use: diffcam._core.value_range, or False
+
+
+def _native_value_range():
+    global _VALUE_RANGE
+    if _VALUE_RANGE is None:
+        from .. import _backend
+
+        mod, _ = _backend._probe("native")      # honours DIFFCAM_DISABLE_EXTENSIONS
+        _VALUE_RANGE = getattr(mod, "value_range", False) if mod is not None else False
+    return _VALUE_RANGE or None
+
+
+def host_range(arr) -> tuple:
+    """(min, max) of a C-contiguous float32 host array as floats; NaN anywhere shows up in both
+    or either (Inf is kept), so ``math.isfinite`` of the two tells whether every value is."""
+    fn = _native_value_range() if arr.size <= _NATIVE_RANGE_MAX else None
+    if fn is not None:
+        return fn(arr)
+    return float(arr.min()), float(arr.max())
+
+
 def _is_torch(x) -> bool:
     mod = type(x).__module__
     return mod.startswith("torch") and hasattr(x, "detach") and hasattr(x, "device")
@@ -127,17 +152,17 @@ def as_batch(x, name: str = "maps", *, allow_negative: bool = False, max_value: 
         lo, hi, finite = _gpu_stats(arr, kind)
     else:
         arr = np.ascontiguousarray(arr, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())     # NaN and Inf show up in min/max
+        lo, hi = host_range(arr)                         # NaN and Inf show up in min/max
         finite = math.isfinite(lo) and math.isfinite(hi)
     if not finite:
         bad = "NaN" if _has_nan(arr, kind) else "Inf"
         raise ValueError(f"{name} contains {bad} values; refine only finite maps "
                          f"(for example with np.nan_to_num)")
     if normalize:
-        arr = _normalize(arr, kind)
+        arr = _normalize(arr)
         lo = hi = None
     if lo is None:
-        lo, hi = float(arr.min()), float(arr.max())
+        lo, hi = host_range(arr) if not on_gpu else (float(arr.min()), float(arr.max()))
     if not allow_negative and lo < 0:
         raise ValueError(f"{name} has negative values (min {lo:.4g}); activation maps must be "
                          f">= 0 (apply ReLU, or pass normalize=True to min-max each map)")
@@ -174,10 +199,10 @@ def _has_nan(arr, kind) -> bool:
     return bool(np.isnan(arr).any())
 
 
-def _normalize(arr, kind):
+def _normalize(arr):
     n = arr.shape[0]
     flat = arr.reshape(n, -1)
-    if kind == "torch":
+    if _is_torch(flat):         # a CUDA tensor; a CPU tensor was turned into NumPy already
         lo = flat.min(dim=1, keepdim=True).values
         hi = flat.max(dim=1, keepdim=True).values
     else:

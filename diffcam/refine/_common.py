@@ -122,6 +122,8 @@ def _normalized_mean(stack, xp_torch: bool):
 def sicd_inputs(batch: Batch, cfg: RefineConfig, tokens, interference):
     """(rep, rep_const) for the kernels: M_rep per map, or its uniform fallback constant."""
     n = batch.n
+    if tokens is None and interference is None:         # the common case, kept cheap
+        return None, np.zeros(n, dtype=np.float64)
     h, w = int(batch.data.shape[1]), int(batch.data.shape[2])
     seqs = _per_map_tokens(tokens, n)
     rep_const = np.zeros(n, dtype=np.float64)
