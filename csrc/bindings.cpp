@@ -122,7 +122,7 @@ PYBIND11_MODULE(_core, m) {
         bool nan = false;
         {
           py::gil_scoped_release rel;
-          // four independent lanes (the compiler vectorises them); NaN is caught by x != x,
+          // four independent accumulators (short dependency chains); NaN is caught by x != x,
           // since min/max comparisons would silently skip it
           float l4[4] = {lo, lo, lo, lo}, h4[4] = {hi, hi, hi, hi};
           unsigned bad = 0;
