@@ -39,7 +39,15 @@ from .hooks import BlockHook
 from .images import is_image_like, load_image
 from .targets import group_words, resolve_targets
 
-__all__ = ["Explainer", "SCORES", "METHODS"]
+__all__ = ["Explainer", "EmptyAnswerError", "SCORES", "METHODS"]
+
+
+class EmptyAnswerError(ValueError):
+    """The answer to explain has no token that is not a special token (the model generated
+    only ``<eos>``/padding, or ``answer=`` was empty after tokenization).  A ``ValueError``, so
+    existing handlers keep working; catch this class to tell an empty generation from a bad
+    argument (``diffcam.models.evaluate.collect_maps`` counts it as a wrong answer)."""
+
 
 SCORES = ("logit", "logprob", "vocab_sum")
 METHODS = ("diffusion-cam", "grad-cam")
@@ -399,7 +407,7 @@ class Explainer:
     def _targets(spec, words, strings, is_special) -> list:
         valid = [not s for s in is_special]
         if not any(valid):
-            raise ValueError("the answer has no tokens to explain (only special tokens)")
+            raise EmptyAnswerError("the answer has no tokens to explain (only special tokens)")
         tg = resolve_targets(spec, words, len(strings), strings, valid)
         if not tg and isinstance(spec, str) and spec == "nouns":
             warnings.warn("no content words found in the answer "

@@ -138,8 +138,9 @@ def collect_maps(adapter, split: str = "test", n: int = 60, start: int = 0,
 
     ``gold_if_wrong``: when the generated answer is wrong, explain the correct answer instead
     (teacher forcing, padded with ``<eos>`` like a generated one) so that its words can still be
-    scored; ``rec.correct`` stays False and ``rec.answer`` holds the generated text."""
-    from ..attribution import Explainer
+    scored; ``rec.correct`` stays False and ``rec.answer`` holds the generated text (``""`` when
+    the model generated only ``<eos>``: an empty answer is a wrong answer, not an error)."""
+    from ..attribution import EmptyAnswerError, Explainer
 
     recs: List[MapRecord] = []
     t0 = time.perf_counter()
@@ -149,14 +150,21 @@ def collect_maps(adapter, split: str = "test", n: int = 60, start: int = 0,
             for kind in kinds:
                 qa = shapes.question(sc, kind)
                 ground = grounding_for(sc, qa)
-                exp = ex.explain(sc.image, qa.prompt, targets="all", generation=generation)
-                text = adapter.answer_text(exp.token_ids)
+                try:
+                    exp = ex.explain(sc.image, qa.prompt, targets="all", generation=generation)
+                except EmptyAnswerError:
+                    # the model generated nothing but <eos>: a wrong (empty) answer
+                    exp, text = None, ""
+                else:
+                    text = adapter.answer_text(exp.token_ids)
                 rec = MapRecord(split, i, kind, qa.prompt, text, text == qa.answer)
                 recs.append(rec)
                 if not ground or (not rec.correct and not gold_if_wrong):
                     continue
                 if not rec.correct:
-                    pad = len(exp.token_ids) - len(qa.answer.split())
+                    n_gen = (len(exp.token_ids) if exp is not None
+                             else (generation or adapter.default_generation).gen_length)
+                    pad = n_gen - len(qa.answer.split())
                     eos = adapter.tokenizer.eos_token
                     exp = ex.explain(sc.image, qa.prompt, targets="all",
                                      answer=qa.answer + (" " + eos) * max(0, pad))

