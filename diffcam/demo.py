@@ -198,22 +198,23 @@ def run(out_dir: str = "diffcam-demo", scenes: int = 6, start: int = 0, split: s
 
 
 def _print_model_table(summary, out_dir):
-    print(f"{'scene':>5}  {'answer':<52} {'Obj-IoU':>8} {'Contrast':>9} {'Concent.':>9} "
+    answers = [r["answer"] + ("" if r["correct"] else "  [wrong*]") for r in summary["scenes"]]
+    w = max([52] + [len(a) for a in answers])          # the answer column fits every answer
+    print(f"{'scene':>5}  {'answer':<{w}} {'Obj-IoU':>8} {'Contrast':>9} {'Concent.':>9} "
           f"{'F3':>6}")
-    for r in summary["scenes"]:
-        ans = r["answer"] + ("" if r["correct"] else "  [wrong*]")
+    for r, ans in zip(summary["scenes"], answers):
         if "paper" in r:
             s = r["paper"]
-            print(f"{r['scene']:>5}  {ans:<52} {100 * s['obj_iou']:7.1f}% {s['contrast']:8.2f}x "
+            print(f"{r['scene']:>5}  {ans:<{w}} {100 * s['obj_iou']:7.1f}% {s['contrast']:8.2f}x "
                   f"{100 * s['concentration']:8.1f}% {100 * s['f3_of_means']:5.1f}%")
         else:
-            print(f"{r['scene']:>5}  {ans:<52} {'(not scored: wrong answer)':>35}")
+            print(f"{r['scene']:>5}  {ans:<{w}} {'(not scored: wrong answer)':>35}")
     for name in ("raw", "paper"):
         s = summary["total"][name]
         if s is None:
             continue
         label = "total, raw Grad-CAM" if name == "raw" else "total, Diffusion-CAM"
-        print(f"{label:>58} {100 * s['obj_iou']:7.1f}% {s['contrast']:8.2f}x "
+        print(f"{label:>{w + 6}} {100 * s['obj_iou']:7.1f}% {s['contrast']:8.2f}x "
               f"{100 * s['concentration']:8.1f}% {100 * s['f3_of_means']:5.1f}%")
     sec = summary["seconds"]
     print("* wrong answer: the maps explain the correct description (teacher forcing)")
