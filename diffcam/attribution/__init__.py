@@ -12,7 +12,7 @@ from .layout import Grid, ImageLayout, anyres_layout, merged_layout, single_grid
 from .targets import AGGREGATE, STOPWORDS, Target, Word, group_words, is_content_word, \
     resolve_targets
 
-__all__ = ["Explainer", "EmptyAnswerError", "Explanation", "grad_cam", "minmax", "BlockHook", "HookNotTriggeredError",
-           "load_image", "Grid", "ImageLayout", "anyres_layout", "merged_layout",
-           "single_grid_layout", "Target", "Word", "group_words", "is_content_word",
-           "resolve_targets", "STOPWORDS", "AGGREGATE"]
+__all__ = ["Explainer", "EmptyAnswerError", "Explanation", "grad_cam", "minmax", "BlockHook",
+           "HookNotTriggeredError", "load_image", "Grid", "ImageLayout", "anyres_layout",
+           "merged_layout", "single_grid_layout", "Target", "Word", "group_words",
+           "is_content_word", "resolve_targets", "STOPWORDS", "AGGREGATE"]

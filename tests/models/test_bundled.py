@@ -123,16 +123,16 @@ def test_maps_are_scored_for_every_named_object(records):
     assert s["n_maps"] == 2 * n_obj and 0 <= s["obj_iou"] <= 1
 
 
-def _scores(records):
+@pytest.fixture(scope="module")
+def scores(records):
     return {c: evaluate.score_maps(records, c) for c in ("random", "raw", "paper")}
 
 
-def test_diffusion_cam_beats_random(records):
+def test_diffusion_cam_beats_random(scores):
     """The paper preset (SICD constants chosen on the val split, refined at the image's 96x96)
     beats random maps on Obj-IoU and F3 by far.  On these 15 scenes (66 maps): Obj-IoU 11.68 %
     against random 2.81 %, F3 19.36 % against 3.32 %; on the 300-scene test split of
     docs/benchmark.md (1,818 maps) F3 22.42 % against 3.76 %."""
-    scores = _scores(records)
     for metric in ("obj_iou", "f3_of_means"):
         assert scores["paper"][metric] > 3 * scores["random"][metric], (metric, scores)
 
@@ -141,11 +141,10 @@ def test_diffusion_cam_beats_random(records):
                    reason="issue 5: on the shipped weights' sharp raw maps Diffusion-CAM does not "
                    "beat raw Grad-CAM (docs/benchmark.md: F3 +0.07 points, 95 % CI [-0.18, "
                    "+0.32], Obj-IoU below raw); remove the marker when it does")
-def test_diffusion_cam_beats_raw(records):
+def test_diffusion_cam_beats_raw(scores):
     """Issue 5 asks for Diffusion-CAM maps that beat the raw Grad-CAM map on Obj-IoU and F3.
     On these 15 scenes the paper preset gives Obj-IoU 11.68 % against raw 12.80 % and F3
     19.36 % against 20.59 % (the preset without SICD: 12.85 % / 20.69 %)."""
-    scores = _scores(records)
     for metric in ("obj_iou", "f3_of_means"):
         assert scores["paper"][metric] > scores["raw"][metric], (metric, scores)
 
