@@ -20,7 +20,8 @@ generation plus backward):
 * **attribution pass**, 16 per-token maps, at the family's default layer (block 10 of 32):
   ``diffcam.Explainer.explain(image, prompt, answer=..., targets=[16 answer tokens])`` -- the real
   engine: prepare, grad-enabled forward with the hook on the block, one batched backward of
-  16 + 1 vectors (``is_grads_batched``), Grad-CAM of both grids -- with ``backward_chunk`` None,
+  16 vectors (``is_grads_batched``; the aggregate map's gradient is their sum), Grad-CAM of
+  both grids -- with ``backward_chunk`` None,
   8 and 4 (``--chunks``); target <= 150 ms and peak GPU memory <= 20 GB (weights included);
 * the same at ``--extra-layers`` (default 24, see the estimate below), and the aggregate map
   alone (one backward vector);
@@ -79,16 +80,17 @@ block the matmuls are 2 (4 D^2 + 3 D I) = 436 MFLOP and the attention 4 L D = 16
   gradients cost what the forward matmuls cost (436 MFLOP) and the attention backward about
   twice its forward (33 MFLOP; a fused kernel also recomputes the probabilities, +16), so
   ~9.9-10.2 TFLOP per vector;
-* 16 per-token maps + the aggregate = 17 vectors: 15.5 + 17 x 9.9 = **~183 TFLOP = ~185 ms at
-  100 % of peak**, ~260-370 ms at a realistic 50-70 %.  **The 150 ms target cannot be met at
-  the default layer (10) on an H100**, whatever the implementation, as long as the 16 maps
-  need 17 full backward passes through 21 blocks.  The aggregate map alone (15.5 + 9.9 = 25.4
-  TFLOP, ~26 ms at peak) fits easily.  Solving 15.5 + 17 x 0.469 n TFLOP <= 150 ms x peak
-  for the n blocks above the hook: n <= 16 (layer >= 15) at 100 % of peak, n <= 9 (layer >= 22)
-  at 60 %, n <= 7 (layer >= 24) at 50 % -- hence ``--extra-layers 24``;
+* 16 per-token maps (the aggregate's gradient is the sum of theirs, no vector of its own) = 16
+  vectors: 15.5 + 16 x 9.9 = **~174 TFLOP = ~176 ms at 100 % of peak**, ~250-350 ms at a
+  realistic 50-70 %.  **The 150 ms target cannot be met at the default layer (10) on an H100**,
+  whatever the implementation, as long as the 16 maps need 16 full backward passes through 21
+  blocks.  The aggregate map alone (15.5 + 9.9 = 25.4 TFLOP, ~26 ms at peak) fits easily.
+  Solving 15.5 + 16 x 0.469 n TFLOP <= 150 ms x peak for the n blocks above the hook: n <= 17
+  (layer >= 14) at 100 % of peak, n <= 9 (layer >= 22) at 60 %, n <= 7 (layer >= 24) at 50 % --
+  hence ``--extra-layers 24``;
 * memory: weights 16.0 GB; the graph from block 10 keeps ~7 L D + 4 L I bf16 values per block
-  (~156 MB) x 21 = ~3.3 GB; gradient buffers 17 x 805 x D x 2 B = 0.11 GB; full logits 0.25 GB;
-  the batched backward's transients ~17 L I x 2 B = 0.42 GB per MLP tensor: a peak of ~20-21 GB
+  (~156 MB) x 21 = ~3.3 GB; gradient buffers 16 x 805 x D x 2 B = 0.11 GB; full logits 0.25 GB;
+  the batched backward's transients ~16 L I x 2 B = 0.39 GB per MLP tensor: a peak of ~20-21 GB
   (the target is 20), less with ``backward_chunk``;
 * generation: the prefill (936 tokens, 13.5 TFLOP, ~15-25 ms) and 32 steps of 64 tokens, each of
   which reads all 16 GB of weights (memory-bound: ~4.8 ms per step at 3.35 TB/s on an H100 SXM,
@@ -253,7 +255,7 @@ def flop_estimate(a, seq_len: int, n_image: int, layer: int, layers_extra=()) ->
     def vjp(lay):       # one vector back to block lay's output (blocks above it)
         return L * (a.layers - 1 - lay) * (mm + 2 * att)
 
-    K = a.targets + 1
+    K = a.targets       # backward vectors: the aggregate's gradient is the targets' sum
     out = {"per_token_block_matmul_flop": mm, "per_token_attention_flop": att,
            "forward_tflop": fwd / 1e12, "forward_ms_at_peak": fwd / peak * 1e3,
            "peak_tflops_assumed": H100_BF16_DENSE_TFLOPS, "vectors": K, "layers": {}}

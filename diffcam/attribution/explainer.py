@@ -16,7 +16,7 @@ The pass, for a batch of (images, prompt) samples:
    minus a contrast token's) and the aggregate (their sum); the gradients of all targets of all
    rows come from one batched backward (``is_grads_batched=True``; a loop where the model cannot
    be vmapped, same result) -- rows never interact, so target k of every row shares one
-   backward vector;
+   backward vector; the aggregate's gradient is the sum of the targets' (no vector of its own);
 5. Grad-CAM on each grid of each image (newline columns dropped) -> :class:`Explanation`.
 
 Response token j sits at expanded position ``P + j`` (P = prompt length) and is scored on logit
@@ -446,7 +446,10 @@ class Explainer:
 
         agg_only = getattr(self, "_aggregate_only", False)
         T = [0 if agg_only else len(infos[i][3]) for i, _, _ in rows]
-        K = max(T) + 1
+        # the aggregate score is the sum of the target scores, so its gradient is the sum of
+        # theirs: with per-target maps it needs no backward vector of its own
+        agg_sum = not agg_only and min(T) > 0
+        K = max(T) if agg_sum else max(T) + 1
         result = {}
         with torch.enable_grad():
             # gradients only where Grad-CAM reads them: the union of all grid positions
@@ -508,7 +511,7 @@ class Explainer:
                 try:
                     S = self._score_matrix(logits if hidden is not None else logit_rows, rows,
                                            infos, prepared, K, agg_only, score, d_id, shift,
-                                           gather)
+                                           gather, aggregate=not agg_sum)
                 except _HeadMismatch:
                     # the LM head is not applied row-wise to what we captured: redo the
                     # forward with the full logits in the graph
@@ -519,7 +522,7 @@ class Explainer:
                     hidden_rows = [hidden[b] for b in range(B)]
                     hook.clear()
                     S = self._score_matrix(logits, rows, infos, prepared, K, agg_only, score,
-                                           d_id, shift, None)
+                                           d_id, shift, None, aggregate=not agg_sum)
                 logits = gather = None
                 del logit_rows
                 # backward vectors in chunks of at most backward_chunk; each chunk's gradients
@@ -541,6 +544,8 @@ class Explainer:
                         per_image.append(d)
                     cells.append(per_image)
                 del hidden_rows
+                # with agg_sum: per row, the running sum of its target gradients (n_leaf, D)
+                G_agg = [None] * B
                 how = []
                 for k0 in range(0, K, C):
                     k1 = min(K, k0 + C)
@@ -553,15 +558,27 @@ class Explainer:
                         G_rows = [g[:, 0] for g in grads]
                     del grads
                     for b in range(B):
-                        n_valid = min(k1, T[b] + 1) - k0      # columns after T_b are padding
+                        # columns after the row's own (T_b targets, + the aggregate unless
+                        # agg_sum) are padding
+                        n_valid = min(k1, T[b] + (0 if agg_sum else 1)) - k0
                         if n_valid <= 0:
                             continue
                         Gb = G_rows[b][:n_valid]
+                        if agg_sum:
+                            part = Gb.sum(0)
+                            G_agg[b] = part if G_agg[b] is None else G_agg[b] + part
                         for d in cells[b]:
                             for a, p_leaf, maps in d.values():
                                 m = grad_cam(a, Gb[:, p_leaf], variant=gradcam)   # (n, h, w)
                                 maps.append(m.cpu().numpy().astype(np.float32))
                     del G_rows
+                if agg_sum:     # the aggregate map, last (index T_b) as without agg_sum
+                    for b in range(B):
+                        for d in cells[b]:
+                            for a, p_leaf, maps in d.values():
+                                m = grad_cam(a, G_agg[b][None, p_leaf], variant=gradcam)
+                                maps.append(m.cpu().numpy().astype(np.float32))
+                    del G_agg
                 # "batched", "loop", or e.g. "batched+loop" when the passes differed
                 self.last_backward = "+".join(dict.fromkeys(how))
                 del S
@@ -597,9 +614,10 @@ class Explainer:
 
     @staticmethod
     def _score_matrix(logits, rows, infos, prepared, K, agg_only, score, d_id, shift,
-                      gather=None):
+                      gather=None, aggregate=True):
         """Scores (B, K) of every row: per target the sum of its tokens' scores, the aggregate
-        (sum of the target scores) in column T_b (column 0 with ``agg_only``), zeros after.
+        (sum of the target scores) in column T_b (column 0 with ``agg_only``; no aggregate
+        column with ``aggregate=False``), zeros after.
         ``logits`` is the (B, L, V) tensor, or a list of per-row (L_b, V) tensors."""
         dev = logits[0].device
         B = len(rows)
@@ -618,7 +636,8 @@ class Explainer:
                     n = entry[j]
                     if not agg_only:
                         W_idx.append((b, t_k, n))
-                    W_idx.append((b, 0 if agg_only else len(tg), n))
+                    if aggregate:
+                        W_idx.append((b, 0 if agg_only else len(tg), n))
         bi = torch.tensor([t[0] for t in toks], device=dev)
         pi = torch.tensor([t[1] for t in toks], device=dev)
         yy = torch.tensor(y, dtype=torch.long, device=dev)
@@ -636,10 +655,10 @@ class Explainer:
             st = z.gather(-1, yy[:, None])[:, 0]
             if d_id is not None:
                 st = st - z[:, d_id]
-        W = torch.zeros(B * K, len(toks), dtype=st.dtype, device=dev)
+        W = np.zeros((B * K, len(toks)), dtype=np.float32)
         for b, k, n in W_idx:
             W[b * K + k, n] += 1.0
-        return (W @ st).reshape(B, K)
+        return (torch.from_numpy(W).to(device=dev, dtype=st.dtype) @ st).reshape(B, K)
 
     def _head_module(self):
         """The LM head applied row-wise to the final hidden state, if the adapter names it
