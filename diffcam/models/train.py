@@ -13,6 +13,13 @@ length.  The prompt (with the image) is never masked.  The autoregressive twin s
 diffusion model's (frozen) vision tower and uses causal attention and next-token cross-entropy
 on the answer and one ``<eos>``.
 
+Fine-tuning a trained model (``--init-model``): every weight is loaded from that folder and the
+pre-training stages are skipped; ``--kind-weights`` changes the question mix,
+``--count-balance`` draws the count questions of training with balanced answers
+(:func:`balanced_count_question`) and ``--start-step`` moves the scene stream past the scenes the
+first run saw.  The shipped diffusion weights are run D (52.0 min) plus such a fine-tune (see
+docs/bundled_model.md for both commands).
+
 Scene ``i`` of the train split is used once, by step ``i // batch``; the run is reproducible from
 its seed (up to floating-point summation order across thread counts).  The weights, the tokenizer
 and ``training_log.json`` are written to ``--out`` (default: the packaged weights folder).
@@ -41,25 +48,87 @@ KIND_WEIGHTS = {"describe": 0.4, "colour": 0.2, "presence": 0.2, "count": 0.2}
 
 class Batches(torch.utils.data.IterableDataset):
     """Training batches of (pixels, ids, response start, response length) built from scenes
-    ``[step * batch, (step + 1) * batch)`` of a split."""
+    ``[step * batch, (step + 1) * batch)`` of a split (steps ``start_step .. start_step +
+    steps``), question kinds drawn with ``kind_weights`` (default :data:`KIND_WEIGHTS`); with
+    ``count_balance`` every count question is redrawn by :func:`balanced_count_question`."""
 
     def __init__(self, tok, batch: int, steps: int, start_step: int = 0, split: str = "train",
                  objective: str = "mdm", gen_length: int = GEN_LENGTH, curriculum: int = 0,
-                 label_grid: int = 0):
+                 label_grid: int = 0, kind_weights=None, count_balance: bool = False):
         self.tok, self.batch, self.steps, self.start = tok, batch, steps, start_step
         self.split, self.objective, self.gen_length = split, objective, gen_length
         self.curriculum, self.label_grid = curriculum, label_grid
+        self.kind_weights = dict(kind_weights or KIND_WEIGHTS)
+        self.count_balance = count_balance
 
     def __iter__(self):
-        for step in range(self.start, self.steps):
+        for step in range(self.start, self.start + self.steps):
             lo, hi = step * self.batch, (step + 1) * self.batch
             if step < self.curriculum:
                 pairs = list(easy_samples(self.split, lo, hi))
             else:
-                pairs = list(shapes.samples(self.split, lo, hi, kinds=tuple(KIND_WEIGHTS),
-                                            weights=tuple(KIND_WEIGHTS.values())))
+                pairs = list(shapes.samples(self.split, lo, hi, kinds=tuple(self.kind_weights),
+                                            weights=tuple(self.kind_weights.values())))
+            if self.count_balance:
+                pairs = [(sc, balanced_count_question(sc, shapes._rng(self.split, sc.index,
+                                                                      salt=11)))
+                         if qa.kind == "count" else (sc, qa) for sc, qa in pairs]
             yield make_batch(self.tok, pairs, self.objective, self.gen_length,
                              label_grid=self.label_grid)
+
+
+def balanced_count_question(sc, rng: np.random.Generator, p_total: float = 0.4):
+    """A count question about ``sc`` with the wording of :func:`diffcam.data.shapes.question`
+    but balanced answers (training only; the splits keep ``shapes.question``): with probability
+    ``p_total`` "how many shapes", else "how many <shape>s" where the answer is drawn uniformly
+    from the counts this scene allows (zero for a shape that is absent, and the count of every
+    shape present), then a shape with that count.  ``shapes.question`` asks about a present
+    shape 85 % of the time, and most present shapes occur once, so "one" dominates its
+    per-shape answers.
+
+    >>> from diffcam.data import shapes
+    >>> sc = shapes.scene("train", 0)
+    >>> qa = balanced_count_question(sc, np.random.default_rng(0))
+    >>> qa.kind, qa.answer in shapes.NUMBERS
+    ('count', True)
+    """
+    named = list(sc.named)
+    if rng.random() < p_total:
+        return shapes.QA("<image> how many shapes are there ?", shapes.NUMBERS[sc.n_named],
+                         "count", [(0, k) for k in named])
+    counts = {s: sum(1 for k in named if sc.shapes[k] == s) for s in shapes.SHAPES}
+    values = sorted(set(counts.values()))
+    want = values[int(rng.integers(0, len(values)))]
+    options = [s for s in shapes.SHAPES if counts[s] == want]
+    shp = options[int(rng.integers(0, len(options)))]
+    ks = [k for k in named if sc.shapes[k] == shp]
+    return shapes.QA(f"<image> how many {shapes.PLURALS[shp]} are there ?", shapes.NUMBERS[want],
+                     "count", [(0, k) for k in ks])
+
+
+def parse_kind_weights(text: str) -> dict:
+    """``"describe:0.3,colour:0.3,presence:0.1,count:0.3"`` -> a dict over every question kind
+    (kinds not named get weight 0; at least one weight must be positive).
+
+    >>> parse_kind_weights("colour:1,count:1")
+    {'describe': 0.0, 'colour': 1.0, 'presence': 0.0, 'count': 1.0}
+    """
+    out = {k: 0.0 for k in shapes.KINDS}
+    for part in text.split(","):
+        name, sep, val = part.partition(":")
+        name = name.strip()
+        if not sep or name not in out:
+            raise ValueError(f"--kind-weights: expected kind:weight with kind in {shapes.KINDS}, "
+                             f"got {part!r}")
+        try:
+            out[name] = float(val)
+        except ValueError:
+            raise ValueError(f"--kind-weights: {val!r} is not a number") from None
+        if not out[name] >= 0:
+            raise ValueError(f"--kind-weights: weight of {name} must be >= 0")
+    if sum(out.values()) <= 0:
+        raise ValueError("--kind-weights: at least one weight must be positive")
+    return out
 
 
 def easy_samples(split: str, start: int, stop: int, max_objects: int = 2,
@@ -646,8 +715,22 @@ def main(argv=None):
     ap.add_argument("--projector-steps", type=int, default=0,
                     help="label_bottleneck: classifier pre-training steps on the frozen tower "
                          "(pretrain_projector_classifier), before the proxy warm-up")
+    ap.add_argument("--init-model", default=None,
+                    help="fine-tune: load every weight from this folder (a model of the same "
+                         "--objective) and skip the vision, projector and proxy stages")
+    ap.add_argument("--kind-weights", default=None, type=parse_kind_weights,
+                    help="question mix of training, e.g. describe:0.3,colour:0.3,presence:0.1,"
+                         "count:0.3 (default: KIND_WEIGHTS)")
+    ap.add_argument("--count-balance", action="store_true",
+                    help="draw the training count questions with balanced answers "
+                         "(balanced_count_question)")
+    ap.add_argument("--start-step", type=int, default=0,
+                    help="first step of the training scene stream (scenes start-step * batch "
+                         "on): a fine-tune past the first run's scenes sees new ones")
     ap.add_argument("--out", default=None, help="output folder (default: the packaged weights)")
     args = ap.parse_args(argv)
+    if args.start_step < 0:
+        raise SystemExit("--start-step must be >= 0")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -655,7 +738,18 @@ def main(argv=None):
     tok = build_tokenizer()
     model = build_model(tok, args.objective, args.hidden, args.layers, args.heads, args.seed,
                         args.vision_extra_layers, args.end_positions, args.projector)
-    if args.init_std != 0.02 or args.embed_std != 0.02:
+    if args.init_model:
+        if args.init_vision or args.proxy or args.projector_steps or args.align_steps:
+            raise SystemExit("--init-model loads every weight: it excludes --init-vision, "
+                             "--proxy, --projector-steps and --align-steps")
+        model = DiffcamTinyForMaskedDiffusion.from_pretrained(args.init_model)
+        if bool(model.config.causal) != (args.objective == "ar"):
+            raise SystemExit(f"--init-model {args.init_model}: a "
+                             f"{'causal' if model.config.causal else 'masked-diffusion'} model, "
+                             f"but --objective {args.objective}")
+        args.vision_steps = 0
+        args.projector = getattr(model.config, "projector_type", "mlp2x_gelu")
+    elif args.init_std != 0.02 or args.embed_std != 0.02:
         reinit_language_model(model, args.init_std, args.embed_std, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[train] objective={args.objective} params={n_params / 1e6:.2f}M steps={args.steps} "
@@ -673,7 +767,9 @@ def main(argv=None):
 
     t_start = time.perf_counter()
     log = {"args": vars(args), "params": n_params, "history": []}
-    if args.init_vision:
+    if args.init_model:
+        log["init_model"] = args.init_model
+    elif args.init_vision:
         src = DiffcamTinyForMaskedDiffusion.from_pretrained(args.init_vision)
         model.vision_tower.load_state_dict(src.vision_tower.state_dict())
         if getattr(src.config, "projector_type", "mlp2x_gelu") == args.projector:
@@ -698,7 +794,7 @@ def main(argv=None):
         log["proxy_history"] = pretrain_proxy(model, tok, parse_schedule(args.proxy),
                                               batch=args.batch, lr=proxy_lr,
                                               log=lambda m: print(m, flush=True))
-    if args.projector == "label_bottleneck":
+    if args.projector == "label_bottleneck" and not args.init_model:   # (loaded with the rest)
         set_projector_table(model, tok)
     if args.align_steps:
         log["align_history"] = align_projector(model, tok, args.align_steps, batch=args.batch,
@@ -717,6 +813,9 @@ def main(argv=None):
     val_kinds = [qa.kind for _, qa in val_pairs]
     val = make_batch(tok, val_pairs, args.objective)
     data = torch.utils.data.DataLoader(Batches(tok, args.batch, args.steps,
+                                               start_step=args.start_step,
+                                               kind_weights=args.kind_weights,
+                                               count_balance=args.count_balance,
                                                objective=args.objective,
                                                curriculum=args.curriculum_steps,
                                                label_grid=model.config.grid

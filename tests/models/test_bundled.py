@@ -4,6 +4,7 @@ questions, and its Diffusion-CAM maps point at the objects it names (issue 5, it
 Sizes are kept small for CI (a few hundred held-out questions); docs/bundled_model.md reports
 the same scores on larger samples."""
 
+import json
 import os
 
 import numpy as np
@@ -12,17 +13,17 @@ import torch
 
 import diffcam
 from diffcam.data import shapes
-from diffcam.models import evaluate
+from diffcam.models import evaluate, tables
 from diffcam.models.bundled import weights_dir
 
 N_QA = 60           # scenes for the colour / presence / count questions (180 questions)
 N_DESCRIBE = 40     # scenes for the descriptions
 N_MAPS = 15         # scenes whose description maps are scored
 
-#: The shipped weights (52 min of training on 2 CPU cores, docs/bundled_model.md) meet the
-#: description target (84.0 % exact on test scenes 0-299) but not the question target: colour
-#: questions are answered at 84.0 %, presence at 99.0 %, counts at 73.7 % (test 0-299; on the
-#: scenes of this test 84.6 / 98.3 / 73.5 %).  That target test is a strict xfail: it is
+#: The shipped weights (52.0 + 7.5 min of training on 2 CPU cores, docs/bundled_model.md) meet
+#: the description target (86.3 % exact on test scenes 0-299) but not the question target:
+#: colour questions are answered at 95.7 %, presence at 98.0 %, counts at 75.5 % (test 0-299; on
+#: the scenes of this test 96.2 / 96.7 / 79.4 %).  That target test is a strict xfail: it is
 #: reported as an expected failure and turns into a failure (XPASS strict) as soon as retrained
 #: weights meet the target, so the marker has to be removed then.
 QUALITY_GAP = pytest.mark.xfail(strict=True, reason="issue 5: the shipped weights miss the "
@@ -36,9 +37,24 @@ def adapter():
 
 def test_shipped_files_and_size():
     d = weights_dir("diffusion")
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "training_log.json"):
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "training_log.json",
+              "training_log_run_d.json"):
         assert os.path.isfile(os.path.join(d, f)), f
     assert os.path.getsize(os.path.join(d, "model.safetensors")) <= 20 * 2 ** 20
+
+
+def test_shipped_training_took_at_most_an_hour():
+    """The shipped weights are run D plus a fine-tune of it (docs/bundled_model.md); issue 5
+    allows 60 minutes of training per model on this CPU, counted over both runs."""
+    d = weights_dir("diffusion")
+    with open(os.path.join(d, "training_log_run_d.json")) as fh:
+        base = json.load(fh)
+    with open(os.path.join(d, "training_log.json")) as fh:
+        tune = json.load(fh)
+    assert "init_model" in tune and "init_model" not in base
+    assert base["args"]["max_minutes"] + tune["args"]["max_minutes"] <= 60
+    assert base["train_minutes"] + tune["train_minutes"] <= 60
+    assert tune["args"]["vision_lr_scale"] == 0          # the tower stays run D's (and the twin's)
 
 
 def test_structure_and_packing(adapter):
@@ -125,28 +141,35 @@ def test_maps_are_scored_for_every_named_object(records):
 
 @pytest.fixture(scope="module")
 def scores(records):
-    return {c: evaluate.score_maps(records, c) for c in ("random", "raw", "paper")}
+    return {c: evaluate.score_maps(records, c) for c in ("random", "paper")}
 
 
 def test_diffusion_cam_beats_random(scores):
     """The paper preset (SICD constants chosen on the val split, refined at the image's 96x96)
-    beats random maps on Obj-IoU and F3 by far.  On these 15 scenes (66 maps): Obj-IoU 11.68 %
-    against random 2.81 %, F3 19.36 % against 3.32 %; on the 300-scene test split of
-    docs/benchmark.md (1,818 maps) F3 22.42 % against 3.76 %."""
+    beats random maps on Obj-IoU and F3 by far.  On these 15 scenes (66 maps): Obj-IoU 14.72 %
+    against random 2.81 %, F3 22.77 % against 3.32 %; on the 300-scene test split of
+    docs/benchmark.md (1,894 maps) F3 20.80 % against 3.76 %."""
     for metric in ("obj_iou", "f3_of_means"):
         assert scores["paper"][metric] > 3 * scores["random"][metric], (metric, scores)
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError,
                    reason="issue 5: on the shipped weights' sharp raw maps Diffusion-CAM does not "
-                   "beat raw Grad-CAM (docs/benchmark.md: F3 +0.07 points, 95 % CI [-0.18, "
-                   "+0.32], Obj-IoU below raw); remove the marker when it does")
-def test_diffusion_cam_beats_raw(scores):
-    """Issue 5 asks for Diffusion-CAM maps that beat the raw Grad-CAM map on Obj-IoU and F3.
-    On these 15 scenes the paper preset gives Obj-IoU 11.68 % against raw 12.80 % and F3
-    19.36 % against 20.59 % (the preset without SICD: 12.85 % / 20.69 %)."""
-    for metric in ("obj_iou", "f3_of_means"):
-        assert scores["paper"][metric] > scores["raw"][metric], (metric, scores)
+                   "beat raw Grad-CAM significantly (docs/benchmark.md: F3 -0.23 points, 95 % CI "
+                   "[-0.48, +0.01]); remove the marker when it does")
+def test_diffusion_cam_beats_raw(records):
+    """Issue 5 asks for Diffusion-CAM maps that beat the raw Grad-CAM map on Obj-IoU and F3:
+    here a higher Obj-IoU and an F3 gain whose 95 % paired bootstrap interval (scenes
+    resampled, as in docs/benchmark.md) lies above zero -- a gain within the noise of 15
+    scenes is not a win.  On these 15 scenes (66 maps) the paper preset gives Obj-IoU 14.72 %
+    against raw 13.78 % and F3 22.77 % against 21.76 %: +1.01 points, interval [-0.40, +2.97];
+    on test scenes 500-559 -0.19 [-0.87, +0.61]; on the benchmark's 1,894 maps -0.23
+    [-0.48, +0.01]."""
+    prep = tables.prepare(records)
+    raw, paper = tables.score(prep, "raw"), tables.score(prep, "paper")
+    delta, lo, hi = tables.paired_delta(prep, paper, raw, n_boot=1000, seed=0)
+    assert paper.obj_iou > raw.obj_iou, (paper.obj_iou, raw.obj_iou)
+    assert lo > 0, (delta, lo, hi)
 
 
 def test_parameter_randomisation(adapter, records):

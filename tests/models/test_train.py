@@ -602,3 +602,79 @@ def test_proxy_lr_defaults_to_lr(monkeypatch, tmp_path, extra, want):
                 "--heads", "2", "--eval-every", "1", "--vision-steps", "0", "--lr", "2e-3",
                 "--proxy", "4:1", "--out", str(tmp_path / "w")] + extra)
     assert seen == [want]
+
+
+def test_init_model_fine_tunes_a_trained_model(tmp_path):
+    common = ["--batch", "4", "--hidden", "32", "--layers", "1", "--heads", "2",
+              "--eval-every", "2"]
+    src = tmp_path / "src"
+    train.main(["--steps", "1", "--vision-steps", "2", "--out", str(src)] + common)
+    dst = tmp_path / "dst"
+    log = train.main(["--steps", "2", "--init-model", str(src), "--stage1-steps", "0",
+                      "--start-step", "50", "--kind-weights", "colour:1,count:1",
+                      "--count-balance", "--out", str(dst)] + common)
+    assert log["init_model"] == str(src) and log["steps_done"] == 2
+    assert "vision_history" not in log
+    assert log["args"]["kind_weights"] == {"describe": 0.0, "colour": 1.0, "presence": 0.0,
+                                           "count": 1.0}
+    from diffcam.models.bundled import DiffcamTinyForMaskedDiffusion as M
+    a, b = M.from_pretrained(str(src)), M.from_pretrained(str(dst))
+    # the tower is loaded and frozen (default --vision-lr-scale 0), the language model trains
+    for (n, p), (_, q) in zip(a.vision_tower.named_parameters(), b.vision_tower.named_parameters()):
+        assert torch.equal(p, q), n
+    assert not torch.equal(a.lm_head.weight, b.lm_head.weight)
+    assert not b.config.causal
+    with pytest.raises(SystemExit, match="masked-diffusion model, but --objective ar"):
+        train.main(["--steps", "1", "--init-model", str(src), "--objective", "ar",
+                    "--out", str(tmp_path / "x")] + common)
+    with pytest.raises(SystemExit, match="excludes"):
+        train.main(["--steps", "1", "--init-model", str(src), "--proxy", "4:1",
+                    "--out", str(tmp_path / "y")] + common)
+
+
+def test_batches_follow_start_step_kind_weights_and_count_balance(monkeypatch):
+    seen = []
+    monkeypatch.setattr(train, "make_batch", lambda tok, pairs, *a, **k: seen.append(pairs))
+    tok = build_tokenizer()
+    list(train.Batches(tok, 3, 2, start_step=4, kind_weights={"colour": 0.0, "count": 1.0},
+                       count_balance=True))
+    assert [[sc.index for sc, _ in p] for p in seen] == [[12, 13, 14], [15, 16, 17]]
+    for p in seen:
+        for sc, qa in p:
+            assert qa.kind == "count"
+            want = train.balanced_count_question(sc, shapes._rng("train", sc.index, salt=11))
+            assert (qa.prompt, qa.answer) == (want.prompt, want.answer)
+    seen.clear()
+    list(train.Batches(tok, 2, 1, kind_weights={"describe": 1.0}))
+    assert [qa.kind for _, qa in seen[0]] == ["describe", "describe"]
+
+
+def test_balanced_count_question_is_a_true_count_in_the_usual_wording():
+    answers = set()
+    for i in range(150):
+        sc = shapes.scene("train", i)
+        qa = train.balanced_count_question(sc, np.random.default_rng(i))
+        again = train.balanced_count_question(sc, np.random.default_rng(i))
+        assert (qa.prompt, qa.answer, qa.grounding) == (again.prompt, again.answer,
+                                                        again.grounding)
+        named = [sc.shapes[k] for k in sc.named]
+        if qa.prompt == "<image> how many shapes are there ?":
+            assert qa.answer == shapes.NUMBERS[sc.n_named]
+        else:
+            plural = qa.prompt.split()[3]
+            shp = [s for s, p in shapes.PLURALS.items() if p == plural][0]
+            assert qa.prompt == f"<image> how many {plural} are there ?"
+            assert qa.answer == shapes.NUMBERS[named.count(shp)]
+            assert [k for _, k in qa.grounding] == [k for k in sc.named if sc.shapes[k] == shp]
+        answers.add(qa.answer)
+    assert {"zero", "one", "two", "three", "four"} <= answers
+
+
+@pytest.mark.parametrize("text,msg", [("colour", "expected kind:weight"),
+                                      ("hue:1", "expected kind:weight"),
+                                      ("colour:x", "not a number"),
+                                      ("colour:-1", "must be >= 0"),
+                                      ("colour:0,count:0", "at least one")])
+def test_parse_kind_weights_names_bad_parts(text, msg):
+    with pytest.raises(ValueError, match=msg):
+        train.parse_kind_weights(text)
