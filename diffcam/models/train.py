@@ -16,8 +16,9 @@ on the answer and one ``<eos>``.
 Fine-tuning a trained model (``--init-model``): every weight is loaded from that folder and the
 pre-training stages are skipped; ``--kind-weights`` changes the question mix,
 ``--count-balance`` draws the count questions of training with balanced answers
-(:func:`balanced_count_question`) and ``--start-step`` moves the scene stream past the scenes the
-first run saw.  The shipped diffusion weights are run D (52.0 min) plus such a fine-tune (see
+(:func:`balanced_count_question`), ``--tie-plurals`` copies each shape word's embedding into its
+plural's row (:func:`tie_plurals`) and ``--start-step`` moves the scene stream past the scenes
+the first run saw.  The shipped diffusion weights are run D (52.0 min) plus such a fine-tune (see
 docs/bundled_model.md for both commands).
 
 Scene ``i`` of the train split is used once, by step ``i // batch``; the run is reproducible from
@@ -104,6 +105,17 @@ def balanced_count_question(sc, rng: np.random.Generator, p_total: float = 0.4):
     ks = [k for k in named if sc.shapes[k] == shp]
     return shapes.QA(f"<image> how many {shapes.PLURALS[shp]} are there ?", shapes.NUMBERS[want],
                      "count", [(0, k) for k in ks])
+
+
+def tie_plurals(model, tok) -> None:
+    """Copy each shape word's input embedding into its plural's row (``circle`` ->
+    ``circles``, ...).  The plural words occur only in "how many Xs" questions, so they are
+    the words a model learns least about; after the copy a count question names its shape with
+    the vector the presence and colour questions and the descriptions trained."""
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        for shp, plural in shapes.PLURALS.items():
+            emb[tok.convert_tokens_to_ids(plural)] = emb[tok.convert_tokens_to_ids(shp)]
 
 
 def parse_kind_weights(text: str) -> dict:
@@ -724,6 +736,9 @@ def main(argv=None):
     ap.add_argument("--count-balance", action="store_true",
                     help="draw the training count questions with balanced answers "
                          "(balanced_count_question)")
+    ap.add_argument("--tie-plurals", action="store_true",
+                    help="before training (after --init-model): copy each shape word's input "
+                         "embedding into its plural's row (tie_plurals)")
     ap.add_argument("--start-step", type=int, default=0,
                     help="first step of the training scene stream (scenes start-step * batch "
                          "on): a fine-tune past the first run's scenes sees new ones")
@@ -769,6 +784,8 @@ def main(argv=None):
     log = {"args": vars(args), "params": n_params, "history": []}
     if args.init_model:
         log["init_model"] = args.init_model
+    if args.tie_plurals:
+        tie_plurals(model, tok)
     elif args.init_vision:
         src = DiffcamTinyForMaskedDiffusion.from_pretrained(args.init_vision)
         model.vision_tower.load_state_dict(src.vision_tower.state_dict())

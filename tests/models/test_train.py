@@ -678,3 +678,19 @@ def test_balanced_count_question_is_a_true_count_in_the_usual_wording():
 def test_parse_kind_weights_names_bad_parts(text, msg):
     with pytest.raises(ValueError, match=msg):
         train.parse_kind_weights(text)
+
+
+def test_tie_plurals_copies_each_shape_embedding_to_its_plural():
+    tok = build_tokenizer()
+    model = train.build_model(tok, "mdm", 32, 1, 2, 0)
+    emb = model.get_input_embeddings().weight
+    before = emb.detach().clone()
+    train.tie_plurals(model, tok)
+    words = list(shapes.SHAPES) + list(shapes.PLURALS.values())
+    ids = {w: tok.convert_tokens_to_ids(w) for w in words}
+    for shp, plural in shapes.PLURALS.items():
+        assert torch.equal(emb[ids[plural]], before[ids[shp]])
+        assert not torch.equal(before[ids[plural]], before[ids[shp]])
+    plural_ids = {ids[p] for p in shapes.PLURALS.values()}
+    others = [i for i in range(emb.shape[0]) if i not in plural_ids]
+    assert torch.equal(emb[others], before[others])
