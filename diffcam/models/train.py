@@ -784,8 +784,6 @@ def main(argv=None):
     log = {"args": vars(args), "params": n_params, "history": []}
     if args.init_model:
         log["init_model"] = args.init_model
-    if args.tie_plurals:
-        tie_plurals(model, tok)
     elif args.init_vision:
         src = DiffcamTinyForMaskedDiffusion.from_pretrained(args.init_vision)
         model.vision_tower.load_state_dict(src.vision_tower.state_dict())
@@ -804,6 +802,8 @@ def main(argv=None):
             raise SystemExit("--projector-steps is for --projector label_bottleneck")
         log["projector_history"] = pretrain_projector_classifier(
             model, args.projector_steps, log=lambda m: print(m, flush=True))
+    if args.tie_plurals:     # before the language model trains (warm-up or fine-tune)
+        tie_plurals(model, tok)
     if args.proxy:
         if args.objective != "mdm":
             raise SystemExit("--proxy is for the masked-diffusion objective")

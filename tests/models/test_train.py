@@ -694,3 +694,14 @@ def test_tie_plurals_copies_each_shape_embedding_to_its_plural():
     plural_ids = {ids[p] for p in shapes.PLURALS.values()}
     others = [i for i in range(emb.shape[0]) if i not in plural_ids]
     assert torch.equal(emb[others], before[others])
+
+
+def test_tie_plurals_in_a_fresh_run_keeps_the_pre_training_stages(tmp_path, monkeypatch):
+    calls = []
+    real = train.tie_plurals
+    monkeypatch.setattr(train, "tie_plurals", lambda m, t: calls.append(1) or real(m, t))
+    log = train.main(["--steps", "1", "--batch", "4", "--hidden", "32", "--layers", "1",
+                      "--heads", "2", "--eval-every", "1", "--vision-steps", "2",
+                      "--tie-plurals", "--out", str(tmp_path / "t")])
+    assert calls == [1]
+    assert [h["step"] for h in log["vision_history"]] == [2] and log["steps_done"] == 1
