@@ -546,6 +546,13 @@ class Explainer:
                 del hidden_rows
                 # with agg_sum: per row, the running sum of its target gradients (n_leaf, D)
                 G_agg = [None] * B
+
+                def add_maps(b, G):     # Grad-CAM of gradients G (n, n_leaf, D) on row b's grids
+                    for d in cells[b]:
+                        for a, p_leaf, maps in d.values():
+                            m = grad_cam(a, G[:, p_leaf], variant=gradcam)   # (n, h, w)
+                            maps.append(m.cpu().numpy().astype(np.float32))
+
                 how = []
                 for k0 in range(0, K, C):
                     k1 = min(K, k0 + C)
@@ -567,17 +574,11 @@ class Explainer:
                         if agg_sum:
                             part = Gb.sum(0)
                             G_agg[b] = part if G_agg[b] is None else G_agg[b] + part
-                        for d in cells[b]:
-                            for a, p_leaf, maps in d.values():
-                                m = grad_cam(a, Gb[:, p_leaf], variant=gradcam)   # (n, h, w)
-                                maps.append(m.cpu().numpy().astype(np.float32))
+                        add_maps(b, Gb)
                     del G_rows
                 if agg_sum:     # the aggregate map, last (index T_b) as without agg_sum
                     for b in range(B):
-                        for d in cells[b]:
-                            for a, p_leaf, maps in d.values():
-                                m = grad_cam(a, G_agg[b][None, p_leaf], variant=gradcam)
-                                maps.append(m.cpu().numpy().astype(np.float32))
+                        add_maps(b, G_agg[b][None])
                     del G_agg
                 # "batched", "loop", or e.g. "batched+loop" when the passes differed
                 self.last_backward = "+".join(dict.fromkeys(how))

@@ -40,8 +40,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = ["SHAPES", "PLURALS", "COLOURS", "NUMBERS", "KINDS", "SPLITS", "Scene", "QA", "scene",
-           "render_scene", "question", "questions", "describe", "vocabulary", "samples",
-           "export_coco", "IMAGE_SIZE"]
+           "render_scene", "question", "count_question", "questions", "describe", "vocabulary",
+           "samples", "export_coco", "IMAGE_SIZE"]
 
 IMAGE_SIZE = 96
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
@@ -322,12 +322,21 @@ def question(sc: Scene, kind: str, rng: Optional[np.random.Generator] = None) ->
         return QA(f"<image> is there a {shp} ?", "no", kind, [])
     # count
     if rng.random() < 0.5:
-        return QA("<image> how many shapes are there ?", NUMBERS[sc.n_named], kind,
-                  [(0, k) for k in named])
+        return count_question(sc)
     shp = SHAPES[int(rng.integers(0, len(SHAPES)))] if rng.random() < 0.3 else \
         sc.shapes[named[int(rng.integers(0, len(named)))]]
-    ks = [k for k in named if sc.shapes[k] == shp]
-    return QA(f"<image> how many {PLURALS[shp]} are there ?", NUMBERS[len(ks)], kind,
+    return count_question(sc, shp)
+
+
+def count_question(sc: Scene, shape: Optional[str] = None) -> QA:
+    """"how many shapes are there ?" (``shape`` None) or "how many <shape>s are there ?", with
+    the true count of the named objects as the answer and every counted instance grounded."""
+    named = list(sc.named)
+    if shape is None:
+        return QA("<image> how many shapes are there ?", NUMBERS[sc.n_named], "count",
+                  [(0, k) for k in named])
+    ks = [k for k in named if sc.shapes[k] == shape]
+    return QA(f"<image> how many {PLURALS[shape]} are there ?", NUMBERS[len(ks)], "count",
               [(0, k) for k in ks])
 
 

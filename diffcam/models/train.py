@@ -93,18 +93,13 @@ def balanced_count_question(sc, rng: np.random.Generator, p_total: float = 0.4):
     >>> qa.kind, qa.answer in shapes.NUMBERS
     ('count', True)
     """
-    named = list(sc.named)
     if rng.random() < p_total:
-        return shapes.QA("<image> how many shapes are there ?", shapes.NUMBERS[sc.n_named],
-                         "count", [(0, k) for k in named])
-    counts = {s: sum(1 for k in named if sc.shapes[k] == s) for s in shapes.SHAPES}
+        return shapes.count_question(sc)
+    counts = {s: sum(1 for k in sc.named if sc.shapes[k] == s) for s in shapes.SHAPES}
     values = sorted(set(counts.values()))
     want = values[int(rng.integers(0, len(values)))]
     options = [s for s in shapes.SHAPES if counts[s] == want]
-    shp = options[int(rng.integers(0, len(options)))]
-    ks = [k for k in named if sc.shapes[k] == shp]
-    return shapes.QA(f"<image> how many {shapes.PLURALS[shp]} are there ?", shapes.NUMBERS[want],
-                     "count", [(0, k) for k in ks])
+    return shapes.count_question(sc, options[int(rng.integers(0, len(options)))])
 
 
 def tie_plurals(model, tok) -> None:
