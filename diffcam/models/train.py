@@ -18,8 +18,8 @@ pre-training stages are skipped; ``--kind-weights`` changes the question mix,
 ``--count-balance`` draws the count questions of training with balanced answers
 (:func:`balanced_count_question`), ``--tie-plurals`` copies each shape word's embedding into its
 plural's row (:func:`tie_plurals`) and ``--start-step`` moves the scene stream past the scenes
-the first run saw.  The shipped diffusion weights are run L (50.0 min) plus such a fine-tune (9.9 min; see
-docs/bundled_model.md for both commands).
+the first run saw.  The shipped diffusion weights are run L (50.0 min) plus such a fine-tune
+(9.9 min; see docs/bundled_model.md for both commands).
 
 Scene ``i`` of the train split is used once, by step ``i // batch``; the run is reproducible from
 its seed (up to floating-point summation order across thread counts).  The weights, the tokenizer

@@ -178,9 +178,8 @@ class RefineConfig:
         maps whose std exceeds 0.35 or whose skewness exceeds 0.5).  The best points of the
         grid lie within a few hundredths of an F3 point of each other: earlier weights selected
         w_rep = 2 without a gate (fine-tune G) and w_rep = 128 (the weights shipped
-        2026-12-05).  On that benchmark's test split
-        neither these constants nor SICD itself raise F3 significantly over the raw map
-        (docs/benchmark.md).  lambda* makes only the ratio of w_rep and w_out matter while
+        2026-12-05).  On that benchmark's test split neither these constants nor SICD itself
+        raise F3 significantly over the raw map (docs/benchmark.md).  lambda* makes only the ratio of w_rep and w_out matter while
         lambda* < lambda_max; with the uniform fallback of M_rep a large w_rep lets SICD
         subtract up to the map's mean.
 
