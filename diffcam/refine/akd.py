@@ -19,8 +19,8 @@ def adaptive_kernel_size(maps, config=None, backend=None):
     >>> adaptive_kernel_size(np.zeros((27, 27), np.float32))        # flat token grid
     3
     >>> rng = np.random.default_rng(0)
-    >>> adaptive_kernel_size(rng.random((384, 384)).astype(np.float32))
-    9
+    >>> adaptive_kernel_size(rng.random((384, 384)).astype(np.float32))  # odd(3*2*1.44*0.75)
+    7
     """
     cfg = _common.config_or_default(config)
     batch = as_batch(maps, "maps", allow_negative=True)

@@ -18,8 +18,8 @@ def background_attenuation(maps, config=None, backend=None, return_info=False, t
     >>> import numpy as np
     >>> m = np.array([[0.0, 0.02], [0.5, 1.0]], np.float32)
     >>> out, tau_bg = background_attenuation(m, return_info=True)
-    >>> round(tau_bg, 4), float(out[0, 1]) == 0.01
-    (0.2715, True)
+    >>> round(tau_bg, 4), round(float(out[0, 1]), 6)        # 0.02 scaled by gamma = 0.5
+    (0.2519, 0.01)
     """
     cfg = _common.config_or_default(config)
     batch = as_batch(maps, "maps", max_value=1.0)

@@ -288,7 +288,7 @@ class RefineConfig:
         """The flat float64 parameter vector every backend's kernels take (read-only, cached).
 
         >>> p = RefineConfig.paper().to_params()
-        >>> p[PARAM_FIELDS.index("k_max")]
+        >>> float(p[PARAM_FIELDS.index("k_max")])
         11.0
         """
         return self._params
