@@ -35,10 +35,8 @@ def test_docstring_examples(name):
     finder = doctest.DocTestFinder(exclude_empty=True)
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     failed = []
-    for test in finder.find(mod, name):
-        if test.examples and test.name.startswith(name):   # not examples re-exported from others
-            out = []
-            res = runner.run(test, out=out.append)
-            if res.failed:
-                failed.append("".join(out))
+    for test in finder.find(mod, name):      # only objects defined in this module
+        out = []
+        if runner.run(test, out=out.append).failed:
+            failed.append("".join(out))
     assert not failed, "\n".join(failed)
