@@ -63,35 +63,43 @@ def test_anyres_newline_column_not_in_map(anyres, img):
     assert e.maps[0]["base"].shape[-2:] == lay.grid("base").shape
 
 
+@pytest.mark.parametrize("fast", [False, "auto"])
 @pytest.mark.parametrize("model", ["anyres", "qwen"])
-def test_batched_backward_equals_loop(request, img, model):
+def test_batched_backward_equals_loop(request, img, model, fast):
+    # autograd's vmapped backward, and (on the CPU, the default) the hand-written one of
+    # diffcam.attribution.fastvjp, against a loop of ordinary backwards
     ad = request.getfixturevalue(model)
     kw = dict(answer="a red cat on the box", targets="all", states=("final",))
-    ex_b = Explainer(ad, batched_backward=True)
+    ex_b = Explainer(ad, batched_backward=True, fast_backward=fast)
     eb = ex_b.explain(img, "<image> describe the image", **kw)
     ex_l = Explainer(ad, batched_backward=False)
     el = ex_l.explain(img, "<image> describe the image", **kw)
-    assert ex_b.last_backward == "batched" and ex_l.last_backward == "loop"
+    assert ex_b.last_backward == ("fast" if fast else "batched")
+    assert ex_l.last_backward == "loop"
     for g in eb.maps[0]:
         np.testing.assert_allclose(eb.maps[0][g], el.maps[0][g], atol=1e-5)
 
 
 @pytest.mark.parametrize("model", ["anyres", "qwen"])
+@pytest.mark.parametrize("fast", [False, "auto"])
 @pytest.mark.parametrize("chunk,batched", [(1, True), (2, True), (3, False), (100, True)])
-def test_backward_chunks_give_the_same_maps(request, img, img2, model, chunk, batched):
+def test_backward_chunks_give_the_same_maps(request, img, img2, model, chunk, batched, fast):
     # two images, answers of different lengths (rows with padding columns), every trajectory
     # state: the maps must not depend on how the backward vectors are split into passes
     ad = request.getfixturevalue(model)
     kw = dict(answer=["a red cat on the box", "the dog"], targets="all")
-    full = Explainer(ad).explain([img, img2], "<image> describe the image", **kw)
-    ex = Explainer(ad, backward_chunk=chunk, batched_backward=batched)
+    full = Explainer(ad, fast_backward=False).explain([img, img2], "<image> describe the image",
+                                                      **kw)
+    ex = Explainer(ad, backward_chunk=chunk, batched_backward=batched, fast_backward=fast)
     part = ex.explain([img, img2], "<image> describe the image", **kw)
     assert part[0].settings["backward_chunk"] == chunk
     # 2 rows x up to 5 word vectors (the aggregate's gradient is their sum): passes of
-    # `chunk`, a 1-vector pass loops
+    # `chunk`, a 1-vector pass loops (autograd) or runs the hand-written backward (fast)
     K = len(part[0].targets)
     sizes = [min(chunk, K - k0) for k0 in range(0, K, chunk)]
-    expect = ["batched" if (batched and n > 1) else "loop" for n in sizes]
+    fast_on = fast and batched and K > 1
+    expect = ["fast" if fast_on else "batched" if (batched and n > 1) else "loop"
+              for n in sizes]
     assert ex.last_backward == "+".join(dict.fromkeys(expect))
     for ef, ep in zip(full, part):
         assert ef.maps[0].keys() == ep.maps[0].keys()

@@ -1,0 +1,357 @@
+"""A hand-written batched backward through Llama-style decoder blocks (the per-token maps' pass).
+
+Per-token maps need one backward vector per target through every block above the hook.  Autograd
+runs them with ``is_grads_batched=True``, i.e. PyTorch's legacy ``vmap`` over the backward graph.
+On small models that is slow for reasons that have nothing to do with arithmetic: the batching
+rule of ``bmm`` copies the attention probabilities once per vector, ``_softmax_backward_data``
+and ``silu_backward`` have no batching rule and fall back to a Python loop over the vectors, and
+the per-vector intermediates (vectors x heads x sequence^2) are reshaped several times.
+
+This module computes the same vector-Jacobian products by hand for the decoder block of
+LLaMA / Qwen2 / Mistral (RMSNorm -> attention with rotary positions and grouped KV heads ->
+residual -> RMSNorm -> SwiGLU MLP -> residual), with the K vectors as a leading batch dimension
+of ordinary tensors:
+
+* each block above the hook is re-run once from its captured input (``block_forward``), which
+  keeps what the backward needs and is **checked against the block's real output** from the
+  attribution forward -- any difference (an unsupported variant: other norms, sliding windows,
+  soft-capping, another rotary layout, another mask semantics) makes the caller fall back to
+  autograd, so a model this code does not understand still gets autograd's gradients;
+* ``block_vjp`` pushes the (K, B, L, D) gradient through the block: matrix products with the
+  K vectors folded into rows or columns, the softmax backward written out
+  (dS = P * (dP - rowsum(dP * P))), and the rotary backward as the transposed rotation;
+* the vectors start at the scored rows: a gradient that is zero outside a few rows (the top
+  block's) is pushed through the row-wise parts and the attention queries of those rows only
+  (``rows``); keys and values still get gradients at every position.
+
+Everything runs in float32 (weights of a half-precision model are upcast per product).  Tests
+(tests/attribution/test_fastvjp.py) compare every block and the whole pass against autograd on
+random inputs, masks, grouped KV heads and sparse-row gradients.
+
+>>> import torch
+>>> from transformers import LlamaConfig
+>>> from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+>>> cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=4,
+...                   num_key_value_heads=2, attn_implementation="eager")
+>>> _ = torch.manual_seed(0)
+>>> layer = LlamaDecoderLayer(cfg, layer_idx=0).eval()
+>>> x = torch.randn(1, 6, 16, requires_grad=True)
+>>> cos, sin = LlamaRotaryEmbedding(cfg)(x, torch.arange(6)[None])
+>>> y = layer(x, attention_mask=None, position_embeddings=(cos, sin))
+>>> G = torch.randn(3, 1, 6, 16)                          # three backward vectors at once
+>>> ref = torch.autograd.grad(y, x, G, is_grads_batched=True)[0]
+>>> out, saved = block_forward(layer, x.detach(), None, cos, sin)
+>>> bool(torch.allclose(out, y.detach(), atol=1e-6))
+True
+>>> bool(torch.allclose(block_vjp(layer, saved, G), ref, atol=1e-5))
+True
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+__all__ = ["unsupported_reason", "block_forward", "block_vjp", "BlockCapture",
+           "FastMismatch", "SUPPORTED_LAYERS"]
+
+#: decoder-layer classes whose structure block_forward reproduces (checked again numerically)
+SUPPORTED_LAYERS = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer")
+_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
+_ACTS = ("SiLUActivation", "SiLU")
+
+
+class FastMismatch(RuntimeError):
+    """The hand-written pass cannot stand in for autograd on this model (the caller falls back)."""
+
+
+def unsupported_reason(block) -> Optional[str]:
+    """None when ``block`` has the structure :func:`block_forward` reproduces, else why not."""
+    name = type(block).__name__
+    if name not in SUPPORTED_LAYERS:
+        return f"{name} is not one of {SUPPORTED_LAYERS}"
+    if getattr(block, "training", False):
+        return "the block is in training mode"
+    for n in ("input_layernorm", "post_attention_layernorm"):
+        norm = getattr(block, n, None)
+        if type(norm).__name__ not in _NORMS or not hasattr(norm, "variance_epsilon"):
+            return f"{n} is {type(norm).__name__}"
+    at, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+    if at is None or mlp is None:
+        return "no self_attn / mlp"
+    for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        if not isinstance(getattr(at, n, None), torch.nn.Linear):
+            return f"self_attn.{n} is not a Linear"
+    for n in ("q_norm", "k_norm"):
+        if getattr(at, n, None) is not None:
+            return f"self_attn.{n} (query/key norms) is not handled"
+    if getattr(at, "sliding_window", None) is not None:
+        return "sliding-window attention is not handled"
+    if not hasattr(at, "head_dim") or not hasattr(at, "scaling"):
+        return "self_attn has no head_dim / scaling"
+    for n in ("gate_proj", "up_proj", "down_proj"):
+        if not isinstance(getattr(mlp, n, None), torch.nn.Linear):
+            return f"mlp.{n} is not a Linear"
+    if type(getattr(mlp, "act_fn", None)).__name__ not in _ACTS:
+        return f"mlp.act_fn is {type(getattr(mlp, 'act_fn', None)).__name__}, not SiLU"
+    return None
+
+
+def _w(lin, dtype):
+    return lin.weight if lin.weight.dtype == dtype else lin.weight.to(dtype)
+
+
+def _rms(x, norm):
+    x32 = x.float()
+    r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * (x32 * r).to(x.dtype), r
+
+
+def _rms_bwd(dy, x, weight, r):
+    """Backward of y = weight * x * r, r = rsqrt(mean(x^2) + eps): dy (K, ..., D) -> dx."""
+    xr = x.float() * r
+    g = dy * weight.float()
+    return r * (g - xr * ((g * xr).sum(-1, keepdim=True) / x.shape[-1]))
+
+
+def _rot(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), -1)
+
+
+def _rot_t(u):
+    """Transpose of :func:`_rot` (rotate_half): R^T u = (u2, -u1)."""
+    h = u.shape[-1] // 2
+    return torch.cat((u[..., h:], -u[..., :h]), -1)
+
+
+def _mask_add(scores, mask):
+    if mask is None:
+        return scores
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return scores + mask[..., :scores.shape[-1]].to(scores.dtype)
+
+
+def block_forward(block, x, mask, cos, sin, is_causal=None):
+    """Re-run ``block`` on ``x`` (B, L, D) with its additive / boolean ``mask`` and rotary
+    ``cos``/``sin`` (B, L, head_dim) as the eager implementation does; returns the output and
+    what :func:`block_vjp` needs.  Without a mask, a block on the ``sdpa`` implementation is
+    causal as torch's SDPA makes it (``is_causal`` from the call, else the attention module's
+    flag); any other implementation attends everywhere."""
+    at, mlp = block.self_attn, block.mlp
+    B, L, _ = x.shape
+    if mask is None and L > 1 and getattr(getattr(at, "config", None), "_attn_implementation",
+                                          None) == "sdpa":
+        causal = is_causal if is_causal is not None else getattr(at, "is_causal", True)
+        if causal:
+            mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+    hd = at.head_dim
+    n1, r1 = _rms(x, block.input_layernorm)
+    q = at.q_proj(n1).view(B, L, -1, hd).transpose(1, 2)
+    k = at.k_proj(n1).view(B, L, -1, hd).transpose(1, 2)
+    v = at.v_proj(n1).view(B, L, -1, hd).transpose(1, 2)
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    q = q * c + _rot(q) * s
+    k = k * c + _rot(k) * s
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k = k.repeat_interleave(rep, 1)
+        v = v.repeat_interleave(rep, 1)
+    sc = _mask_add(torch.matmul(q, k.transpose(-1, -2)) * at.scaling, mask)
+    p = torch.softmax(sc, -1, dtype=torch.float32).to(q.dtype)
+    o = torch.matmul(p, v).transpose(1, 2).reshape(B, L, -1)
+    h1 = x + at.o_proj(o)
+    n2, r2 = _rms(h1, block.post_attention_layernorm)
+    g = mlp.gate_proj(n2)
+    u = mlp.up_proj(n2)
+    sg = torch.sigmoid(g.float())
+    a = (g.float() * sg).to(g.dtype)
+    y = h1 + mlp.down_proj(a * u)
+    f = torch.float32
+    saved = dict(x=x, r1=r1, q=q.float(), k=k.float(), v=v.float(), p=p.float(),
+                 c=c.float(), s=s.float(), rep=rep, h1=h1, r2=r2, g=g.float(), sg=sg,
+                 a=a.float(), u=u.float(), dtype=f)
+    return y, saved
+
+
+def block_vjp(block, saved, G, rows=None):
+    """Gradient w.r.t. the block's input of K vectors ``G`` (K, B, L, D) given at its output.
+
+    ``rows``: a 1-D LongTensor of the sequence positions where ``G`` can be non-zero (None:
+    anywhere); the row-wise parts and the attention queries then run on those rows only."""
+    at, mlp = block.self_attn, block.mlp
+    f = torch.float32
+    G = G.to(f)
+    K, B, L, D = G.shape
+    hd = at.head_dim
+    sv = saved
+    sel = (lambda t, dim: t) if rows is None else (lambda t, dim: t.index_select(dim, rows))
+    R = L if rows is None else int(rows.numel())
+    GR = sel(G, 2)                                                 # (K, B, R, D)
+    # MLP: y = h1 + down(a * u), a = silu(g)
+    dm = GR @ _w(mlp.down_proj, f)                                 # (K, B, R, I)
+    u, a, g, sg = (sel(sv[n], 1) for n in ("u", "a", "g", "sg"))
+    dg = dm * u
+    dg.mul_(sg * (1 + g * (1 - sg)))
+    du = dm.mul_(a)
+    dn2 = dg @ _w(mlp.gate_proj, f)
+    dn2 += du @ _w(mlp.up_proj, f)
+    dh1 = GR + _rms_bwd(dn2, sel(sv["h1"], 1), block.post_attention_layernorm.weight,
+                        sel(sv["r2"], 1))                          # (K, B, R, D)
+    # attention: h1 = x + o_proj(o)
+    do = (dh1 @ _w(at.o_proj, f)).view(K, B, R, -1, hd)            # (K, B, R, H, hd)
+    H = do.shape[3]
+    q, k, v, p = sv["q"], sv["k"], sv["v"], sv["p"]
+    qR, pR = sel(q, 2), sel(p, 2)                                  # (B, H, R, hd), (B, H, R, L)
+    do = do.permute(1, 3, 0, 2, 4)                                 # (B, H, K, R, hd)
+    # dV = P_R^T dO (the K vectors folded into the columns)
+    dv = torch.matmul(pR.transpose(-1, -2), do.permute(0, 1, 3, 2, 4).reshape(B, H, R, K * hd))
+    dv = dv.view(B, H, L, K, hd)
+    # dS = P * (dP - rowsum(dP * P)), dP = dO V^T (the K vectors folded into the rows).  The
+    # products are laid out so that BLAS never sees a head-size-wide output (slow for small
+    # heads): dQ and dK are computed transposed, (hd x K*R) and (hd x L) per head.
+    # (contiguous operands: a permuted view with a batch stride smaller than its matrix can
+    # send BLAS down a path several times slower)
+    vt = v.transpose(-1, -2).contiguous().view(B * H, hd, L)
+    dS = torch.bmm(do.contiguous().view(B * H, K * R, hd), vt).view(B, H, K, R, L)
+    pe = pR.unsqueeze(2)
+    dS.mul_(pe)
+    rs = dS.sum(-1, keepdim=True)
+    dS.addcmul_(pe, rs, value=-1.0)
+    dq = torch.matmul(k.transpose(-1, -2), dS.view(B, H, K * R, L).transpose(-1, -2))
+    dq = dq.view(B, H, hd, K, R).permute(0, 1, 3, 4, 2).mul(at.scaling)       # (B,H,K,R,hd)
+    dk = torch.matmul(qR.transpose(-1, -2).unsqueeze(2), dS)                   # (B,H,K,hd,L)
+    dk = dk.transpose(-1, -2).mul(at.scaling)                                  # (B,H,K,L,hd)
+    del dS
+    rep = sv["rep"]
+    if rep > 1:
+        dk = dk.view(B, H // rep, rep, K, L, hd).sum(2)
+        dv = dv.view(B, H // rep, rep, L, K, hd).sum(2)
+    c, s = sv["c"].unsqueeze(2), sv["s"].unsqueeze(2)              # (B, 1, 1, L, hd)
+    dq = dq * sel(c, 3) + _rot_t(dq * sel(s, 3))
+    dk = dk * c + _rot_t(dk * s)
+    dq = dq.permute(2, 0, 3, 1, 4).reshape(K, B, R, -1)
+    dk = dk.permute(2, 0, 3, 1, 4).reshape(K, B, L, -1)
+    dv = dv.permute(3, 0, 2, 1, 4).reshape(K, B, L, -1)
+    dn1 = dk @ _w(at.k_proj, f)
+    dn1 += dv @ _w(at.v_proj, f)
+    dqn = dq @ _w(at.q_proj, f)
+    if rows is None:
+        dn1 += dqn
+        out = dh1
+    else:
+        dn1.index_add_(2, rows, dqn)
+        out = torch.zeros(K, B, L, D, dtype=f, device=G.device).index_copy_(2, rows, dh1)
+    out += _rms_bwd(dn1, sv["x"], block.input_layernorm.weight, sv["r1"])
+    return out
+
+
+class BlockCapture:
+    """Context manager: record the input, mask, rotary tables and output of each block in
+    ``blocks`` (consecutive blocks, run in order) during one forward (forward pre-hooks with
+    keyword arguments, forward hooks).
+
+    The blocks run without autograd (gradient mode off from the first block's start to the last
+    block's end): the hand-written backward does not need their graph.  The last block's output
+    is handed on as a new leaf that requires grad (``records[-1]["y"]``), so the scores above
+    it still have a graph down to it."""
+
+    def __init__(self, blocks):
+        self.blocks = list(blocks)
+        self.records: List[dict] = [dict() for _ in self.blocks]
+        self._handles = []
+        self._grad = None
+
+    def _pre(self, i):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs.get("hidden_states")
+            pe = kwargs.get("position_embeddings")
+            self.records[i].update(x=x, mask=kwargs.get("attention_mask"), pe=pe,
+                                   is_causal=kwargs.get("is_causal"),
+                                   calls=self.records[i].get("calls", 0) + 1)
+            if i == 0:
+                self._grad = torch.is_grad_enabled()
+                torch.set_grad_enabled(False)
+        return hook
+
+    def _post(self, i):
+        def hook(module, args, kwargs, out):
+            y = out[0] if isinstance(out, tuple) else out
+            if i == len(self.blocks) - 1 and self._grad is not None:
+                torch.set_grad_enabled(self._grad)
+                self._grad = None
+                if torch.is_tensor(y):
+                    y = y.detach().requires_grad_(True)
+                    out = (y,) + tuple(out[1:]) if isinstance(out, tuple) else y
+            self.records[i]["y"] = y
+            return out
+        return hook
+
+    def __enter__(self):
+        for i, b in enumerate(self.blocks):
+            self._handles.append(b.register_forward_pre_hook(self._pre(i), with_kwargs=True))
+            self._handles.append(b.register_forward_hook(self._post(i), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._grad is not None:          # a forward that raised between the two hooks
+            torch.set_grad_enabled(self._grad)
+            self._grad = None
+
+    def check(self):
+        """Raise :class:`FastMismatch` unless every block ran once with what block_forward
+        needs (a tensor input, rotary tables passed as ``position_embeddings``)."""
+        for i, r in enumerate(self.records):
+            if r.get("calls") != 1 or not torch.is_tensor(r.get("x")) or "y" not in r:
+                raise FastMismatch(f"block {i} above the hook did not run exactly once")
+            pe = r.get("pe")
+            if not (isinstance(pe, (tuple, list)) and len(pe) == 2 and torch.is_tensor(pe[0])):
+                raise FastMismatch("the blocks do not receive position_embeddings=(cos, sin)")
+
+    def clear(self):
+        self.records = [dict() for _ in self.blocks]
+
+
+def prepare(cap: BlockCapture, tol: Optional[float] = None) -> list:
+    """Re-run every captured block (:func:`block_forward`, no graph) and check its output against
+    the real one; returns the per-block saved tensors.  Raises :class:`FastMismatch` on any
+    difference above ``tol`` x the output's scale (default 1e-4 for float32, 2e-2 otherwise)."""
+    cap.check()
+    out = []
+    with torch.no_grad():
+        for i, (blk, r) in enumerate(zip(cap.blocks, cap.records)):
+            x = r["x"].detach()
+            cos, sin = r["pe"]
+            y, saved = block_forward(blk, x, r["mask"], cos.detach(), sin.detach(),
+                                     r.get("is_causal"))
+            ref = r["y"].detach()
+            t = tol if tol is not None else (1e-4 if ref.dtype == torch.float32 else 2e-2)
+            scale = float(ref.float().abs().max()) if ref.numel() else 0.0
+            err = float((y.float() - ref.float()).abs().max()) if ref.numel() else 0.0
+            if not err <= t * max(scale, 1.0):
+                raise FastMismatch(f"block {i} above the hook: the re-run differs from the real "
+                                   f"output by {err:.3g} (scale {scale:.3g})")
+            out.append(saved)
+    return out
+
+
+def backward(cap: BlockCapture, saved: list, G: torch.Tensor) -> torch.Tensor:
+    """Push ``G`` (K, B, L, D), the gradient at the output of the last captured block, down to
+    the input of the first one."""
+    with torch.no_grad():
+        G = G.float()
+        for blk, sv in zip(reversed(cap.blocks), reversed(saved)):
+            L = G.shape[2]
+            live = G.abs().amax(dim=(0, 1, 3)) > 0
+            n = int(live.sum())
+            rows = torch.nonzero(live).flatten() if n <= L // 2 else None
+            G = block_vjp(blk, sv, G, rows)
+    return G

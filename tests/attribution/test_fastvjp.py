@@ -1,0 +1,283 @@
+"""diffcam.attribution.fastvjp: the hand-written batched backward against autograd."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from transformers import LlamaConfig, Qwen2Config                          # noqa: E402
+from transformers.models.llama.modeling_llama import (                     # noqa: E402
+    LlamaDecoderLayer, LlamaRotaryEmbedding)
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer     # noqa: E402
+
+from diffcam.attribution import Explainer, fastvjp                       # noqa: E402
+from diffcam.testing import tiny_llava_anyres, tiny_qwen2vl              # noqa: E402
+
+PROMPT = "<image> describe the image"
+
+
+def _layer(kind, heads=4, kv=2, hidden=32, impl="eager", seed=0):
+    cls, Layer = {"llama": (LlamaConfig, LlamaDecoderLayer),
+                  "qwen2": (Qwen2Config, Qwen2DecoderLayer)}[kind]
+    cfg = cls(hidden_size=hidden, intermediate_size=3 * hidden, num_attention_heads=heads,
+              num_key_value_heads=kv, max_position_embeddings=256, attn_implementation=impl)
+    torch.manual_seed(seed)
+    layer = Layer(cfg, layer_idx=0).eval()
+    with torch.no_grad():       # non-trivial norm weights and biases
+        for n, p in layer.named_parameters():
+            if n.endswith("layernorm.weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif n.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return layer, cfg
+
+
+def _inputs(cfg, B, L, mask_kind, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L, cfg.hidden_size, generator=g)
+    pos = torch.arange(L)[None].expand(B, L)
+    cos, sin = LlamaRotaryEmbedding(cfg)(x, pos)
+    if mask_kind is None:
+        return x, None, cos, sin
+    keep = torch.ones(B, L, dtype=torch.bool)
+    keep[-1, L - 3:] = False                       # padding at the end of the last row
+    allowed = keep[:, None, None, :].expand(B, 1, L, L)
+    if mask_kind == "causal":
+        allowed = allowed & torch.ones(L, L, dtype=torch.bool).tril()
+    if mask_kind == "bool":
+        return x, allowed, cos, sin
+    add = torch.zeros(B, 1, L, L).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return x, add, cos, sin
+
+
+def _autograd(layer, x, mask, cos, sin, G):
+    x = x.clone().requires_grad_(True)
+    y = layer(x, attention_mask=mask, position_embeddings=(cos, sin))
+    y = y[0] if isinstance(y, tuple) else y
+    return y.detach(), torch.autograd.grad(y, x, G, is_grads_batched=True)[0]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("heads,kv", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("mask_kind", [None, "additive", "causal", "bool", "sdpa-none"])
+def test_block_forward_and_vjp_equal_autograd(kind, heads, kv, mask_kind):
+    # boolean masks are what the sdpa implementation receives (eager gets additive ones);
+    # sdpa without a mask is causal (torch's is_causal), eager without a mask is not
+    sdpa = mask_kind in ("bool", "sdpa-none")
+    layer, cfg = _layer(kind, heads, kv, impl="sdpa" if sdpa else "eager")
+    B, L, K = 2, 11, 5
+    x, mask, cos, sin = _inputs(cfg, B, L, None if mask_kind == "sdpa-none" else mask_kind)
+    G = torch.randn(K, B, L, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
+    y_ref, g_ref = _autograd(layer, x, mask, cos, sin, G)
+    with torch.no_grad():
+        y, saved = fastvjp.block_forward(layer, x, mask, cos, sin)
+        g = fastvjp.block_vjp(layer, saved, G)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5 * float(g_ref.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_sparse_rows_equal_dense(kind):
+    """A gradient that lives on a few rows (each vector on its own row, as the scores' are) gives
+    the same result through the row-restricted path as through the dense one and autograd."""
+    layer, cfg = _layer(kind, 4, 2)
+    B, L, K = 2, 13, 4
+    x, mask, cos, sin = _inputs(cfg, B, L, "additive")
+    G = torch.zeros(K, B, L, cfg.hidden_size)
+    rows = torch.tensor([1, 4, 7, 12])
+    gen = torch.Generator().manual_seed(3)
+    for k, r in enumerate(rows):
+        G[k, :, r] = torch.randn(B, cfg.hidden_size, generator=gen)
+    _, g_ref = _autograd(layer, x, mask, cos, sin, G)
+    with torch.no_grad():
+        _, saved = fastvjp.block_forward(layer, x, mask, cos, sin)
+        dense = fastvjp.block_vjp(layer, saved, G)
+        sparse = fastvjp.block_vjp(layer, saved, G, rows)
+        # the rows argument may list rows where G is zero too (a superset is allowed)
+        superset = fastvjp.block_vjp(layer, saved, G, torch.tensor([0, 1, 4, 7, 9, 12]))
+    tol = dict(rtol=1e-4, atol=1e-5 * float(g_ref.abs().max()))
+    for got in (dense, sparse, superset):
+        torch.testing.assert_close(got, g_ref, **tol)
+
+
+def test_two_blocks_with_capture_equal_autograd():
+    """BlockCapture + prepare + backward over two stacked blocks, as the Explainer uses them:
+    the forward runs without a graph in the blocks and hands on a leaf."""
+    l1, cfg = _layer("llama", 4, 2, seed=0)
+    l2, _ = _layer("llama", 4, 2, seed=1)
+    B, L, K = 1, 9, 3
+    x, mask, cos, sin = _inputs(cfg, B, L, "additive")
+    G = torch.randn(K, B, L, cfg.hidden_size, generator=torch.Generator().manual_seed(5))
+    xr = x.clone().requires_grad_(True)
+    y = l2(l1(xr, attention_mask=mask, position_embeddings=(cos, sin)),
+           attention_mask=mask, position_embeddings=(cos, sin))
+    ref = torch.autograd.grad(y, xr, G, is_grads_batched=True)[0]
+    cap = fastvjp.BlockCapture([l1, l2])
+    xin = x.clone().requires_grad_(True)
+    with torch.enable_grad(), cap:
+        out = l2(l1(xin, attention_mask=mask, position_embeddings=(cos, sin)),
+                 attention_mask=mask, position_embeddings=(cos, sin))
+        assert torch.is_grad_enabled()                  # restored after the last block
+    assert out.requires_grad and out.grad_fn is None    # a fresh leaf: no graph in the blocks
+    assert cap.records[-1]["y"] is out
+    torch.testing.assert_close(out, y.detach())
+    saved = fastvjp.prepare(cap)
+    got = fastvjp.backward(cap, saved, G)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_capture_restores_grad_mode_when_the_forward_raises():
+    l1, cfg = _layer("llama")
+    x, mask, cos, sin = _inputs(cfg, 1, 5, None)
+
+    def boom(module, args, kwargs, out):
+        raise RuntimeError("boom")
+
+    h = l1.mlp.register_forward_hook(boom, with_kwargs=True)
+    try:
+        with torch.enable_grad():
+            with pytest.raises(RuntimeError, match="boom"):
+                with fastvjp.BlockCapture([l1]):
+                    l1(x, attention_mask=mask, position_embeddings=(cos, sin))
+            assert torch.is_grad_enabled()
+    finally:
+        h.remove()
+    assert not l1._forward_hooks and not l1._forward_pre_hooks
+
+
+def test_prepare_rejects_a_block_it_does_not_reproduce(monkeypatch):
+    l1, cfg = _layer("llama")
+    x, mask, cos, sin = _inputs(cfg, 1, 6, None)
+    cap = fastvjp.BlockCapture([l1])
+    with torch.enable_grad(), cap:
+        l1(x, attention_mask=mask, position_embeddings=(cos, sin))
+    real = fastvjp.block_forward
+    monkeypatch.setattr(fastvjp, "block_forward",
+                        lambda *a: (real(*a)[0] * 1.01, real(*a)[1]))
+    with pytest.raises(fastvjp.FastMismatch, match="differs from the real output"):
+        fastvjp.prepare(cap)
+    cap2 = fastvjp.BlockCapture([l1])                    # never ran
+    with pytest.raises(fastvjp.FastMismatch, match="exactly once"):
+        fastvjp.prepare(cap2)
+
+
+def test_unsupported_blocks_are_named():
+    layer, _ = _layer("llama")
+    assert fastvjp.unsupported_reason(layer) is None
+    assert "not one of" in fastvjp.unsupported_reason(torch.nn.Linear(2, 2))
+    layer.train()
+    assert "training" in fastvjp.unsupported_reason(layer)
+    layer.eval()
+    layer.self_attn.q_norm = torch.nn.LayerNorm(8)           # Qwen3 / OLMo style
+    assert "q_norm" in fastvjp.unsupported_reason(layer)
+    del layer.self_attn.q_norm
+    layer.mlp.act_fn = torch.nn.GELU()
+    assert "SiLU" in fastvjp.unsupported_reason(layer)
+
+
+# ------------------------------------------------------------------ through the Explainer
+@pytest.fixture(scope="module")
+def img():
+    return np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("factory", [tiny_llava_anyres, tiny_qwen2vl])
+@pytest.mark.parametrize("score,contrast", [("logit", None), ("logprob", None),
+                                            ("vocab_sum", None), ("logit", "dog")])
+def test_explainer_fast_equals_autograd(factory, img, score, contrast):
+    ad = factory(seed=0)
+    img2 = img[::-1, ::-1].copy()
+    kw = dict(answer=["a red cat sitting on the big box", "the dog"], targets="all",
+              score=score, contrast=contrast)
+    ex_f, ex_a = Explainer(ad), Explainer(ad, fast_backward=False)
+    ef = ex_f.explain([img, img2], PROMPT, **kw)
+    ea = ex_a.explain([img, img2], PROMPT, **kw)
+    assert ex_f.last_backward == "fast" and ex_a.last_backward == "batched"
+    assert ef[0].settings["backward"] == "fast"
+    for a, b in zip(ef, ea):
+        for g in a.maps[0]:
+            np.testing.assert_allclose(a.maps[0][g], b.maps[0][g], atol=2e-5)
+
+
+def test_explainer_fast_on_another_layer_and_trajectory(img):
+    ad = tiny_llava_anyres(seed=1)
+    for layer in (0, 2):
+        kw = dict(targets="all", states=("final", 1, 3), layer=layer)
+        ea = Explainer(ad, fast_backward=False).explain(img, PROMPT, **kw)
+        ex = Explainer(ad)
+        ef = ex.explain(img, PROMPT, **kw)
+        assert ex.last_backward == "fast"
+        assert ef.answer == ea.answer
+        for g in ef.maps[0]:
+            np.testing.assert_allclose(ef.maps[0][g], ea.maps[0][g], atol=2e-5)
+
+
+def test_explainer_top_layer_and_aggregate_use_autograd(img):
+    ad = tiny_llava_anyres(seed=0)
+    ex = Explainer(ad, layer=-1)                    # no block above the hook
+    ex.explain(img, PROMPT, answer="a red cat", targets="all")
+    assert ex.last_backward == "batched" and "no block above" in ex._fast_off[3]
+    ex = Explainer(ad)
+    ex.explain(img, PROMPT, answer="a red cat", targets="all", aggregate_only=True)
+    assert ex.last_backward == "loop"               # one vector: a plain backward
+
+
+def test_explainer_falls_back_when_the_check_fails(img, monkeypatch):
+    """A model whose blocks the re-run does not reproduce gets autograd's maps, and the reason
+    is kept so that later calls go to autograd directly."""
+    ad = tiny_qwen2vl(seed=0)
+    kw = dict(answer="a red cat on the box", targets="all")
+    ref = Explainer(ad, fast_backward=False).explain(img, PROMPT, **kw)
+    real = fastvjp.block_forward
+    monkeypatch.setattr(fastvjp, "block_forward", lambda *a: (real(*a)[0] + 0.1, real(*a)[1]))
+    ex = Explainer(ad)
+    got = ex.explain(img, PROMPT, **kw)
+    assert ex.last_backward == "batched"
+    assert "differs from the real output" in ex._fast_off[ex.layer]
+    for g in got.maps[0]:
+        np.testing.assert_allclose(got.maps[0][g], ref.maps[0][g], atol=1e-6)
+    calls = []
+    monkeypatch.setattr(fastvjp, "prepare", lambda *a, **k: calls.append(1))
+    ex.explain(img, PROMPT, **kw)
+    assert not calls and ex.last_backward == "batched"
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "autoregressive"])
+def test_bundled_models_take_the_fast_path(kind):
+    """The bundled diffusion model (bidirectional) and its causal twin (sdpa, no mask): the
+    hand-written backward runs and gives autograd's maps."""
+    import diffcam
+    from diffcam.data import shapes
+
+    ad = diffcam.load("bundled", kind=kind)
+    sc = shapes.scene("test", 1)
+    qa = shapes.question(sc, "describe")
+    ex_f, ex_a = Explainer(ad), Explainer(ad, fast_backward=False)
+    ef = ex_f.explain(sc.image, qa.prompt, targets="all", answer=qa.answer)
+    ea = ex_a.explain(sc.image, qa.prompt, targets="all", answer=qa.answer)
+    assert ex_f.last_backward == "fast", ex_f._fast_off
+    # the truth: autograd on a float64 copy; both float32 backwards round (up to 3e-5 here,
+    # a Grad-CAM sum with cancellation), the hand-written one no worse than autograd
+    ad.model.double()
+    e64 = Explainer(ad, fast_backward=False).explain(sc.image, qa.prompt, targets="all",
+                                                      answer=qa.answer)
+    for g in ef.maps[0]:
+        err_f = np.abs(ef.maps[0][g] - e64.maps[0][g]).max()
+        err_a = np.abs(ea.maps[0][g] - e64.maps[0][g]).max()
+        assert err_f < 1e-4 and err_f <= 4 * err_a + 1e-5, (g, err_f, err_a)
+
+
+def test_fast_backward_argument_is_checked():
+    with pytest.raises(ValueError, match="fast_backward"):
+        Explainer(tiny_llava_anyres(seed=0), fast_backward="yes")
+
+
+def test_no_hook_left_after_fast_calls(img):
+    ad = tiny_llava_anyres(seed=0)
+    with Explainer(ad) as ex:
+        for _ in range(3):
+            ex.explain(img, PROMPT, answer="a red cat", targets="all")
+    for b in ad.blocks():
+        assert not b._forward_hooks and not b._forward_pre_hooks
+    assert torch.is_grad_enabled()
