@@ -556,10 +556,11 @@ class Explainer:
                         "image span (feasibility rule, method.md 1.8)")
                 # scores (B, K): targets, aggregate at column T_b, zeros after -- one gather
                 # of all scored logit rows, then a constant 0/1 matrix sums tokens into targets
+                tokinfo = {}
                 try:
                     S = self._score_matrix(logits if hidden is not None else logit_rows, rows,
                                            infos, prepared, K, agg_only, score, d_id, shift,
-                                           gather, aggregate=not agg_sum)
+                                           gather, aggregate=not agg_sum, keep=tokinfo)
                 except _HeadMismatch:
                     # the LM head is not applied row-wise to what we captured: redo the
                     # forward with the full logits in the graph
@@ -573,7 +574,8 @@ class Explainer:
                     hidden_rows = [hidden[b] for b in range(B)]
                     hook.clear()
                     S = self._score_matrix(logits, rows, infos, prepared, K, agg_only, score,
-                                           d_id, shift, None, aggregate=not agg_sum)
+                                           d_id, shift, None, aggregate=not agg_sum,
+                                           keep=tokinfo)
                 logits = gather = None
                 del logit_rows
                 # backward vectors in chunks of at most backward_chunk; each chunk's gradients
@@ -606,11 +608,13 @@ class Explainer:
 
                 how = []
                 fast = None if cap is None else {"cap": cap, "saved": None, "hidden": hidden,
-                                                 "positions": hook.positions}
+                                                 "positions": hook.positions, "layer": layer,
+                                                 "tok": tokinfo, "g_tok": None, "k0": 0}
                 for k0 in range(0, K, C):
                     k1 = min(K, k0 + C)
                     grads = None
                     if fast is not None:
+                        fast["k0"] = k0
                         grads = self._fast_grads(S[:, k0:k1], k1 - k0, fast, leaves[0])
                     if grads is None:
                         grads = self._backward(S[:, k0:k1], leaves, k1 - k0,
@@ -678,11 +682,13 @@ class Explainer:
 
     @staticmethod
     def _score_matrix(logits, rows, infos, prepared, K, agg_only, score, d_id, shift,
-                      gather=None, aggregate=True):
+                      gather=None, aggregate=True, keep=None):
         """Scores (B, K) of every row: per target the sum of its tokens' scores, the aggregate
         (sum of the target scores) in column T_b (column 0 with ``agg_only``; no aggregate
         column with ``aggregate=False``), zeros after.
-        ``logits`` is the (B, L, V) tensor, or a list of per-row (L_b, V) tensors."""
+        ``logits`` is the (B, L, V) tensor, or a list of per-row (L_b, V) tensors.
+        ``keep`` (a dict): receives the per-token scores ``st`` (N,), the 0/1 matrix ``W``
+        (B*K, N) with S = W @ st, and the tokens' (row, position) pairs ``toks``."""
         dev = logits[0].device
         B = len(rows)
         toks, W_idx, W_val = [], [], []       # token entries, matrix (row, k, entry) = weight
@@ -722,6 +728,8 @@ class Explainer:
         W = np.zeros((B * K, len(toks)), dtype=np.float32)
         for b, k, n in W_idx:
             W[b * K + k, n] += 1.0
+        if keep is not None:
+            keep.update(st=st, W=W, toks=toks)
         return (torch.from_numpy(W).to(device=dev, dtype=st.dtype) @ st).reshape(B, K)
 
     def _head_module(self):
@@ -794,6 +802,59 @@ class Explainer:
             return None
         return fastvjp.BlockCapture(self.adapter.blocks()[layer + 1:])
 
+    def _top_grads(self, S, K, fast, top):
+        """(K, B, L, D) gradients of the K score columns at the last block's output.
+
+        Each scored token's score depends on its own row of ``top`` only when what follows the
+        blocks (final norm, LM head) works row by row -- true of every transformers LM, and
+        checked on the first call per layer against K vmapped backward vectors.  Then one
+        ordinary backward of the summed token scores gives every token's row, and the K
+        vectors are those rows added up per target (S = W @ st)."""
+        layer = fast["layer"]
+        ok = getattr(self, "_rows_local", {}).get(layer)
+        tok = fast["tok"]
+        g = None
+        if ok is not False and "st" in tok:
+            if fast["g_tok"] is None:
+                (fast["g_tok"],) = torch.autograd.grad(tok["st"].sum(), [top],
+                                                       retain_graph=True)
+            g_tok = fast["g_tok"]                                       # (B, L, D)
+            B, L, D = g_tok.shape
+            Kall = tok["W"].shape[0] // B
+            k0 = fast["k0"]
+            rows_b = np.array([b for b, _ in tok["toks"]], dtype=np.int64)
+            rows_p = np.array([p for _, p in tok["toks"]], dtype=np.int64)
+            Wk = tok["W"].reshape(B, Kall, -1)[:, k0:k0 + K]            # (B, K, N)
+            bb, kk, nn = np.nonzero(Wk)
+            keep = rows_b[nn] == bb
+            bb, kk, nn = bb[keep], kk[keep], nn[keep]
+            g = torch.zeros(K, B, L, D, dtype=g_tok.dtype, device=g_tok.device)
+            if len(nn):
+                dev = g_tok.device
+                b_t = torch.as_tensor(bb, device=dev)
+                p_t = torch.as_tensor(rows_p[nn], device=dev)
+                k_t = torch.as_tensor(kk, device=dev)
+                w_t = torch.as_tensor(Wk[bb, kk, nn], dtype=g_tok.dtype, device=dev)
+                g.index_put_((k_t, b_t, p_t), g_tok[b_t, p_t] * w_t[:, None], accumulate=True)
+            if ok:
+                return g
+        outputs = S.sum(0)
+        if K == 1:
+            (ref,) = torch.autograd.grad(outputs[0], [top], retain_graph=True)
+            ref = ref[None]
+        else:
+            eye = torch.eye(K, dtype=outputs.dtype, device=outputs.device)
+            (ref,) = torch.autograd.grad(outputs, [top], grad_outputs=eye, retain_graph=True,
+                                         is_grads_batched=True)
+        if g is not None:           # first call on this layer: is the head row-local?
+            scale = float(ref.abs().max()) if ref.numel() else 0.0
+            same = bool(ref.numel() == 0 or
+                        float((g - ref).abs().max()) <= 1e-5 * max(scale, 1e-30) + 1e-12)
+            if not hasattr(self, "_rows_local"):
+                self._rows_local = {}
+            self._rows_local[layer] = same
+        return ref
+
     def _fast_grads(self, S, K, fast, leaf):
         """Gradients of the K score columns of ``S`` at the hook's leaf positions, (K, B, n, D),
         through the hand-written backward of the captured blocks.  Raises FastMismatch when
@@ -810,14 +871,7 @@ class Explainer:
                 or not torch.equal(x0.detach(), fast["hidden"].detach())):
             raise fastvjp.FastMismatch("the first block above the hook does not receive the "
                                        "hooked block's output")
-        outputs = S.sum(0)
-        if K == 1:
-            (g_top,) = torch.autograd.grad(outputs[0], [top], retain_graph=True)
-            g_top = g_top[None]
-        else:
-            eye = torch.eye(K, dtype=outputs.dtype, device=outputs.device)
-            (g_top,) = torch.autograd.grad(outputs, [top], grad_outputs=eye, retain_graph=True,
-                                           is_grads_batched=True)
+        g_top = self._top_grads(S, K, fast, top)
         if fast["saved"] is None:
             fast["saved"] = fastvjp.prepare(cap)
         G = fastvjp.backward(cap, fast["saved"], g_top)             # (K, B, L, D)

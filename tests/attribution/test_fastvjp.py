@@ -268,6 +268,30 @@ def test_bundled_models_take_the_fast_path(kind):
         assert err_f < 1e-4 and err_f <= 4 * err_a + 1e-5, (g, err_f, err_a)
 
 
+def test_top_gradients_from_one_backward_are_checked(img, monkeypatch):
+    """The K top-block gradients come from one backward of the token scores when the final norm
+    and head work row by row (checked against vmapped vectors on the first call per layer).
+    A model whose final norm mixes rows fails the check and keeps the vmapped vectors: its maps
+    still equal autograd's."""
+    ad = tiny_llava_anyres(seed=0)
+    kw = dict(answer="a red cat on the box", targets="all")
+    ex = Explainer(ad)
+    ex.explain(img, PROMPT, **kw)
+    assert ex._rows_local == {ex.layer: True}
+
+    norm = ad.model.model.norm
+    real = norm.forward
+    monkeypatch.setattr(norm, "forward", lambda h: real(h + 0.5 * h.mean(1, keepdim=True)))
+    ref = Explainer(ad, fast_backward=False).explain(img, PROMPT, **kw)
+    ex = Explainer(ad)
+    got = ex.explain(img, PROMPT, **kw)
+    assert ex._rows_local == {ex.layer: False} and ex.last_backward == "fast"
+    got2 = ex.explain(img, PROMPT, **kw)
+    for g in ref.maps[0]:
+        np.testing.assert_allclose(got.maps[0][g], ref.maps[0][g], atol=2e-5)
+        np.testing.assert_allclose(got2.maps[0][g], ref.maps[0][g], atol=2e-5)
+
+
 def test_fast_backward_argument_is_checked():
     with pytest.raises(ValueError, match="fast_backward"):
         Explainer(tiny_llava_anyres(seed=0), fast_backward="yes")
