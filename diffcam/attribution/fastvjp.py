@@ -166,13 +166,15 @@ def block_forward(block, x, mask, cos, sin, is_causal=None):
     n2, r2 = _rms(h1, block.post_attention_layernorm)
     g = mlp.gate_proj(n2)
     u = mlp.up_proj(n2)
-    sg = torch.sigmoid(g.float())
-    a = (g.float() * sg).to(g.dtype)
-    y = h1 + mlp.down_proj(a * u)
-    f = torch.float32
+    g32 = g.float()
+    sg = torch.sigmoid(g32)
+    a = g32 * sg                                   # silu(g)
+    y = h1 + mlp.down_proj(a.to(g.dtype) * u)
+    # what the backward needs, no more: the MLP's two local derivatives (d/dg of a*u is
+    # u * silu'(g), d/du is a) instead of g, u and the sigmoid
+    gd = sg.mul_(1 + g32 * (1 - sg)).mul_(u.float())
     saved = dict(x=x, r1=r1, q=q.float(), k=k.float(), v=v.float(), p=p.float(),
-                 c=c.float(), s=s.float(), rep=rep, h1=h1, r2=r2, g=g.float(), sg=sg,
-                 a=a.float(), u=u.float(), dtype=f)
+                 c=c.float(), s=s.float(), rep=rep, h1=h1, r2=r2, gd=gd, a=a)
     return y, saved
 
 
@@ -192,10 +194,8 @@ def block_vjp(block, saved, G, rows=None):
     GR = sel(G, 2)                                                 # (K, B, R, D)
     # MLP: y = h1 + down(a * u), a = silu(g)
     dm = GR @ _w(mlp.down_proj, f)                                 # (K, B, R, I)
-    u, a, g, sg = (sel(sv[n], 1) for n in ("u", "a", "g", "sg"))
-    dg = dm * u
-    dg.mul_(sg * (1 + g * (1 - sg)))
-    du = dm.mul_(a)
+    dg = dm * sel(sv["gd"], 1)
+    du = dm.mul_(sel(sv["a"], 1))
     dn2 = dg @ _w(mlp.gate_proj, f)
     dn2 += du @ _w(mlp.up_proj, f)
     dh1 = GR + _rms_bwd(dn2, sel(sv["h1"], 1), block.post_attention_layernorm.weight,
