@@ -108,11 +108,12 @@ def _rms(x, norm):
     return norm.weight * (x32 * r).to(x.dtype), r
 
 
-def _rms_bwd(dy, x, weight, r):
-    """Backward of y = weight * x * r, r = rsqrt(mean(x^2) + eps): dy (K, ..., D) -> dx."""
-    xr = x.float() * r
+def _rms_bwd(dy, xr, weight, r):
+    """Backward of y = weight * x * r, r = rsqrt(mean(x^2) + eps), given xr = x * r:
+    dy (K, ..., D) -> dx = r * (g - xr * mean(g * xr)), g = dy * weight."""
     g = dy * weight.float()
-    return r * (g - xr * ((g * xr).sum(-1, keepdim=True) / x.shape[-1]))
+    t = (g * xr).mean(-1, keepdim=True)
+    return g.addcmul_(xr, t, value=-1.0).mul_(r)
 
 
 def _rot(x):
@@ -120,10 +121,16 @@ def _rot(x):
     return torch.cat((-x[..., h:], x[..., :h]), -1)
 
 
-def _rot_t(u):
-    """Transpose of :func:`_rot` (rotate_half): R^T u = (u2, -u1)."""
-    h = u.shape[-1] // 2
-    return torch.cat((u[..., h:], -u[..., :h]), -1)
+def _signed_sin(s):
+    """sin' with R^T (u * sin) = roll(u, hd/2) * sin' for the rotate_half R: R^T v = (v2, -v1),
+    so R^T (u * s) = (u2 s2, -u1 s1) = (u2, u1) * (s2, -s1)."""
+    h = s.shape[-1] // 2
+    return torch.cat((s[..., h:], -s[..., :h]), -1)
+
+
+def _rope_bwd(d, c, s2):
+    """Backward of q' = q * cos + rotate_half(q) * sin: dq = dq' * cos + R^T (dq' * sin)."""
+    return torch.addcmul(d * c, torch.roll(d, d.shape[-1] // 2, -1), s2)
 
 
 def _mask_add(scores, mask):
@@ -173,8 +180,9 @@ def block_forward(block, x, mask, cos, sin, is_causal=None):
     # what the backward needs, no more: the MLP's two local derivatives (d/dg of a*u is
     # u * silu'(g), d/du is a) instead of g, u and the sigmoid
     gd = sg.mul_(1 + g32 * (1 - sg)).mul_(u.float())
-    saved = dict(x=x, r1=r1, q=q.float(), k=k.float(), v=v.float(), p=p.float(),
-                 c=c.float(), s=s.float(), rep=rep, h1=h1, r2=r2, gd=gd, a=a)
+    saved = dict(xr1=x.float() * r1, r1=r1, q=q.float(), k=k.float(), v=v.float(),
+                 p=p.float(), c=c.float(), s2=_signed_sin(s.float()), rep=rep,
+                 xr2=h1.float() * r2, r2=r2, gd=gd, a=a)
     return y, saved
 
 
@@ -198,7 +206,7 @@ def block_vjp(block, saved, G, rows=None):
     du = dm.mul_(sel(sv["a"], 1))
     dn2 = dg @ _w(mlp.gate_proj, f)
     dn2 += du @ _w(mlp.up_proj, f)
-    dh1 = GR + _rms_bwd(dn2, sel(sv["h1"], 1), block.post_attention_layernorm.weight,
+    dh1 = GR + _rms_bwd(dn2, sel(sv["xr2"], 1), block.post_attention_layernorm.weight,
                         sel(sv["r2"], 1))                          # (K, B, R, D)
     # attention: h1 = x + o_proj(o)
     do = (dh1 @ _w(at.o_proj, f)).view(K, B, R, -1, hd)            # (K, B, R, H, hd)
@@ -229,9 +237,9 @@ def block_vjp(block, saved, G, rows=None):
     if rep > 1:
         dk = dk.view(B, H // rep, rep, K, L, hd).sum(2)
         dv = dv.view(B, H // rep, rep, L, K, hd).sum(2)
-    c, s = sv["c"].unsqueeze(2), sv["s"].unsqueeze(2)              # (B, 1, 1, L, hd)
-    dq = dq * sel(c, 3) + _rot_t(dq * sel(s, 3))
-    dk = dk * c + _rot_t(dk * s)
+    c, s2 = sv["c"].unsqueeze(2), sv["s2"].unsqueeze(2)            # (B, 1, 1, L, hd)
+    dq = _rope_bwd(dq, sel(c, 3), sel(s2, 3))
+    dk = _rope_bwd(dk, c, s2)
     dq = dq.permute(2, 0, 3, 1, 4).reshape(K, B, R, -1)
     dk = dk.permute(2, 0, 3, 1, 4).reshape(K, B, L, -1)
     dv = dv.permute(3, 0, 2, 1, 4).reshape(K, B, L, -1)
@@ -244,7 +252,7 @@ def block_vjp(block, saved, G, rows=None):
     else:
         dn1.index_add_(2, rows, dqn)
         out = torch.zeros(K, B, L, D, dtype=f, device=G.device).index_copy_(2, rows, dh1)
-    out += _rms_bwd(dn1, sv["x"], block.input_layernorm.weight, sv["r1"])
+    out += _rms_bwd(dn1, sv["xr1"], block.input_layernorm.weight, sv["r1"])
     return out
 
 
