@@ -873,7 +873,15 @@ class Explainer:
                                        "hooked block's output")
         g_top = self._top_grads(S, K, fast, top)
         if fast["saved"] is None:
-            fast["saved"] = fastvjp.prepare(cap)
+            # the scored positions: where any top-block gradient can be non-zero
+            toks = fast["tok"].get("toks")
+            rows = None
+            if toks and getattr(self, "_rows_local", {}).get(fast["layer"]):
+                rows = torch.as_tensor(sorted({p for _, p in toks}), dtype=torch.long,
+                                       device=top.device)
+                if len(rows) > top.shape[1] // 2:
+                    rows = None
+            fast["saved"] = fastvjp.prepare(cap, top_rows=rows)
         G = fastvjp.backward(cap, fast["saved"], g_top)             # (K, B, L, D)
         self.last_backward = "fast"
         return [G.index_select(2, pos).to(leaf.dtype)]

@@ -141,12 +141,17 @@ def _mask_add(scores, mask):
     return scores + mask[..., :scores.shape[-1]].to(scores.dtype)
 
 
-def block_forward(block, x, mask, cos, sin, is_causal=None):
+def block_forward(block, x, mask, cos, sin, is_causal=None, keep_rows=None):
     """Re-run ``block`` on ``x`` (B, L, D) with its additive / boolean ``mask`` and rotary
     ``cos``/``sin`` (B, L, head_dim) as the eager implementation does; returns the output and
     what :func:`block_vjp` needs.  Without a mask, a block on the ``sdpa`` implementation is
     causal as torch's SDPA makes it (``is_causal`` from the call, else the attention module's
-    flag); any other implementation attends everywhere."""
+    flag); any other implementation attends everywhere.
+
+    ``keep_rows`` (1-D LongTensor): keep the row-wise tensors (queries, attention rows, MLP)
+    of these positions only -- enough for a gradient that lives on those rows (the top
+    block's), and an H x L x L attention matrix less to hold; :func:`block_vjp` then works on
+    exactly these rows."""
     at, mlp = block.self_attn, block.mlp
     B, L, _ = x.shape
     if mask is None and L > 1 and getattr(getattr(at, "config", None), "_attn_implementation",
@@ -182,37 +187,54 @@ def block_forward(block, x, mask, cos, sin, is_causal=None):
     gd = sg.mul_(1 + g32 * (1 - sg)).mul_(u.float())
     saved = dict(xr1=x.float() * r1, r1=r1, q=q.float(), k=k.float(), v=v.float(),
                  p=p.float(), c=c.float(), s2=_signed_sin(s.float()), rep=rep,
-                 xr2=h1.float() * r2, r2=r2, gd=gd, a=a)
+                 xr2=h1.float() * r2, r2=r2, gd=gd, a=a, rows=None)
+    if keep_rows is not None:
+        for n, dim in _ROW_DIMS.items():
+            saved[n] = saved[n].index_select(dim, keep_rows)
+        saved["rows"] = keep_rows
     return y, saved
+
+
+#: the saved tensors block_vjp reads on the gradient's rows only, and their row dimension
+_ROW_DIMS = {"q": 2, "p": 2, "xr2": 1, "r2": 1, "gd": 1, "a": 1}
 
 
 def block_vjp(block, saved, G, rows=None):
     """Gradient w.r.t. the block's input of K vectors ``G`` (K, B, L, D) given at its output.
 
     ``rows``: a 1-D LongTensor of the sequence positions where ``G`` can be non-zero (None:
-    anywhere); the row-wise parts and the attention queries then run on those rows only."""
+    anywhere); the row-wise parts and the attention queries then run on those rows only.
+    When ``saved`` was made with ``keep_rows``, those rows are used (``rows`` must be None or
+    the same), and ``G`` must vanish outside them."""
     at, mlp = block.self_attn, block.mlp
     f = torch.float32
     G = G.to(f)
     K, B, L, D = G.shape
     hd = at.head_dim
     sv = saved
+    pre = sv.get("rows")
+    if pre is not None:
+        if rows is not None and not torch.equal(rows, pre):
+            raise ValueError("rows differ from the rows the saved tensors were kept for")
+        rows = pre
     sel = (lambda t, dim: t) if rows is None else (lambda t, dim: t.index_select(dim, rows))
+    # the row-wise saved tensors: already on the rows when kept so
+    sel_s = sel if pre is None else (lambda t, dim: t)
     R = L if rows is None else int(rows.numel())
     GR = sel(G, 2)                                                 # (K, B, R, D)
     # MLP: y = h1 + down(a * u), a = silu(g)
     dm = GR @ _w(mlp.down_proj, f)                                 # (K, B, R, I)
-    dg = dm * sel(sv["gd"], 1)
-    du = dm.mul_(sel(sv["a"], 1))
+    dg = dm * sel_s(sv["gd"], 1)
+    du = dm.mul_(sel_s(sv["a"], 1))
     dn2 = dg @ _w(mlp.gate_proj, f)
     dn2 += du @ _w(mlp.up_proj, f)
-    dh1 = GR + _rms_bwd(dn2, sel(sv["xr2"], 1), block.post_attention_layernorm.weight,
-                        sel(sv["r2"], 1))                          # (K, B, R, D)
+    dh1 = GR + _rms_bwd(dn2, sel_s(sv["xr2"], 1), block.post_attention_layernorm.weight,
+                        sel_s(sv["r2"], 1))                        # (K, B, R, D)
     # attention: h1 = x + o_proj(o)
     do = (dh1 @ _w(at.o_proj, f)).view(K, B, R, -1, hd)            # (K, B, R, H, hd)
     H = do.shape[3]
     q, k, v, p = sv["q"], sv["k"], sv["v"], sv["p"]
-    qR, pR = sel(q, 2), sel(p, 2)                                  # (B, H, R, hd), (B, H, R, L)
+    qR, pR = sel_s(q, 2), sel_s(p, 2)                              # (B, H, R, hd), (B, H, R, L)
     do = do.permute(1, 3, 0, 2, 4)                                 # (B, H, K, R, hd)
     # dV = P_R^T dO (the K vectors folded into the columns)
     dv = torch.matmul(pR.transpose(-1, -2), do.permute(0, 1, 3, 2, 4).reshape(B, H, R, K * hd))
@@ -328,18 +350,21 @@ class BlockCapture:
         self.records = [dict() for _ in self.blocks]
 
 
-def prepare(cap: BlockCapture, tol: Optional[float] = None) -> list:
+def prepare(cap: BlockCapture, tol: Optional[float] = None, top_rows=None) -> list:
     """Re-run every captured block (:func:`block_forward`, no graph) and check its output against
     the real one; returns the per-block saved tensors.  Raises :class:`FastMismatch` on any
-    difference above ``tol`` x the output's scale (default 1e-4 for float32, 2e-2 otherwise)."""
+    difference above ``tol`` x the output's scale (default 1e-4 for float32, 2e-2 otherwise).
+    ``top_rows``: the rows where the gradients at the last block's output can be non-zero (the
+    scored positions); the last block then keeps its row-wise tensors for those rows only."""
     cap.check()
     out = []
     with torch.no_grad():
         for i, (blk, r) in enumerate(zip(cap.blocks, cap.records)):
             x = r["x"].detach()
             cos, sin = r["pe"]
+            last = i == len(cap.blocks) - 1
             y, saved = block_forward(blk, x, r["mask"], cos.detach(), sin.detach(),
-                                     r.get("is_causal"))
+                                     r.get("is_causal"), top_rows if last else None)
             ref = r["y"].detach()
             t = tol if tol is not None else (1e-4 if ref.dtype == torch.float32 else 2e-2)
             scale = float(ref.float().abs().max()) if ref.numel() else 0.0
@@ -357,9 +382,12 @@ def backward(cap: BlockCapture, saved: list, G: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         G = G.float()
         for blk, sv in zip(reversed(cap.blocks), reversed(saved)):
-            L = G.shape[2]
-            live = G.abs().amax(dim=(0, 1, 3)) > 0
-            n = int(live.sum())
-            rows = torch.nonzero(live).flatten() if n <= L // 2 else None
+            if sv.get("rows") is not None:
+                rows = None                 # the rows the block was prepared for
+            else:
+                L = G.shape[2]
+                live = G.abs().amax(dim=(0, 1, 3)) > 0
+                n = int(live.sum())
+                rows = torch.nonzero(live).flatten() if n <= L // 2 else None
             G = block_vjp(blk, sv, G, rows)
     return G

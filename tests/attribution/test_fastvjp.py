@@ -96,8 +96,14 @@ def test_sparse_rows_equal_dense(kind):
         sparse = fastvjp.block_vjp(layer, saved, G, rows)
         # the rows argument may list rows where G is zero too (a superset is allowed)
         superset = fastvjp.block_vjp(layer, saved, G, torch.tensor([0, 1, 4, 7, 9, 12]))
+        # the top block's way: the row-wise tensors kept for those rows only
+        _, kept_sv = fastvjp.block_forward(layer, x, mask, cos, sin, keep_rows=rows)
+        kept = fastvjp.block_vjp(layer, kept_sv, G)
+        assert kept_sv["p"].shape[2] == len(rows) and kept_sv["gd"].shape[1] == len(rows)
+        with pytest.raises(ValueError, match="rows differ"):
+            fastvjp.block_vjp(layer, kept_sv, G, torch.tensor([1, 4]))
     tol = dict(rtol=1e-4, atol=1e-5 * float(g_ref.abs().max()))
-    for got in (dense, sparse, superset):
+    for got in (dense, sparse, superset, kept):
         torch.testing.assert_close(got, g_ref, **tol)
 
 
