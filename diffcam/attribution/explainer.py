@@ -87,16 +87,17 @@ class Explainer:
     tune_allocator    True: on the first explanation of a model on the CPU, raise glibc's
                       malloc thresholds for this process (:mod:`diffcam._allocator`: freed
                       multi-MB backward temporaries stay in the heap instead of page-faulting
-                      back in on every call; 1.4-1.6x faster per-token maps on the tiny test
-                      models); False: leave the C library's defaults; None (default): True
+                      back in on every call; 1.4-1.6x faster per-token maps on the tiny
+                      LLaVA-layout test model); False: leave the C library's defaults; None (default): True
                       unless the environment sets ``DIFFCAM_TUNE_MALLOC=0``.  Process-wide;
                       a no-op off Linux/glibc.  Maps are the same either way.
     fast_backward     "auto" (default): on the CPU, per-token maps of models whose blocks above
                       the hook are LLaMA / Qwen2 / Mistral decoder layers use a hand-written
                       batched backward (:mod:`diffcam.attribution.fastvjp`: the blocks re-run
                       from their captured inputs, checked against the real outputs, then the
-                      vector-Jacobian products by hand; 2-3x faster than autograd's vmapped
-                      backward on small models); any other model, device or a failed check uses
+                      vector-Jacobian products by hand; on the tiny test models 1.4-1.5x
+                      faster per-token maps than autograd's vmapped backward, bench/RESULTS.md);
+                      any other model, device or a failed check uses
                       autograd.  True: also on CUDA; False: always autograd.  Same maps (within
                       float32 rounding); ``last_backward`` says which ran ("fast").
 
@@ -792,12 +793,9 @@ class Explainer:
         if layer not in self._fast_off:
             blocks = self.adapter.blocks()[layer + 1:]
             why = None if len(blocks) else "no block above the hook"
-            for j, b in enumerate(blocks):
+            for b in blocks:
                 why = why or fastvjp.unsupported_reason(b)
-            if why is not None:
-                self._fast_off[layer] = why
-            else:
-                self._fast_off[layer] = None
+            self._fast_off[layer] = why
         if self._fast_off[layer] is not None:
             return None
         return fastvjp.BlockCapture(self.adapter.blocks()[layer + 1:])
