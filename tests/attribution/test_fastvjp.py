@@ -298,6 +298,24 @@ def test_top_gradients_from_one_backward_are_checked(img, monkeypatch):
         np.testing.assert_allclose(got2.maps[0][g], ref.maps[0][g], atol=2e-5)
 
 
+@pytest.mark.parametrize("factory", [tiny_llava_anyres, tiny_qwen2vl])
+def test_bfloat16_model(factory, img):
+    """A bfloat16 model: the hand-written backward (float32 inside) is no further from the
+    float32 model's maps than autograd's bfloat16 backward (measured 0.043-0.058 against
+    0.044-0.071)."""
+    ad = factory(seed=0, dtype=torch.bfloat16)
+    kw = dict(answer="a red cat on the box", targets="all")
+    ex = Explainer(ad)
+    ef = ex.explain(img, PROMPT, **kw)
+    ea = Explainer(ad, fast_backward=False).explain(img, PROMPT, **kw)
+    e32 = Explainer(factory(seed=0), fast_backward=False).explain(img, PROMPT, **kw)
+    assert ex.last_backward == "fast"
+    for g in ef.maps[0]:
+        err_f = np.abs(ef.maps[0][g] - e32.maps[0][g]).max()
+        err_a = np.abs(ea.maps[0][g] - e32.maps[0][g]).max()
+        assert err_f <= 1.5 * err_a + 0.02, (g, err_f, err_a)
+
+
 def test_fast_backward_argument_is_checked():
     with pytest.raises(ValueError, match="fast_backward"):
         Explainer(tiny_llava_anyres(seed=0), fast_backward="yes")
