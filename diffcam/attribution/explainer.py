@@ -88,16 +88,17 @@ class Explainer:
                       malloc thresholds for this process (:mod:`diffcam._allocator`: freed
                       multi-MB backward temporaries stay in the heap instead of page-faulting
                       back in on every call; 1.4-1.6x faster per-token maps on the tiny
-                      LLaVA-layout test model); False: leave the C library's defaults; None (default): True
-                      unless the environment sets ``DIFFCAM_TUNE_MALLOC=0``.  Process-wide;
-                      a no-op off Linux/glibc.  Maps are the same either way.
+                      LLaVA-layout test model); False: leave the C library's defaults; None
+                      (default): True unless the environment sets ``DIFFCAM_TUNE_MALLOC=0``.
+                      Process-wide; a no-op off Linux/glibc.  Maps are the same either way.
     fast_backward     "auto" (default): on the CPU, per-token maps of models whose blocks above
-                      the hook are LLaMA / Qwen2 / Mistral decoder layers use a hand-written
-                      batched backward (:mod:`diffcam.attribution.fastvjp`: the blocks re-run
-                      from their captured inputs, checked against the real outputs, then the
-                      vector-Jacobian products by hand; on the tiny test models 1.4-1.5x
-                      faster per-token maps than autograd's vmapped backward, bench/RESULTS.md);
-                      any other model, device or a failed check uses
+                      the hook are LLaMA-style decoder layers (transformers' Llama / Qwen2 /
+                      Mistral layers and subclasses, see :func:`fastvjp.unsupported_reason`)
+                      use a hand-written batched backward (:mod:`diffcam.attribution.fastvjp`:
+                      the blocks re-run from their captured inputs, checked against the real
+                      outputs, then the vector-Jacobian products by hand; on the tiny test
+                      models 1.4-1.5x faster per-token maps than autograd's vmapped backward,
+                      bench/RESULTS.md); any other model, device or a failed check uses
                       autograd.  True: also on CUDA; False: always autograd.  Same maps (within
                       float32 rounding); ``last_backward`` says which ran ("fast").
 

@@ -7,10 +7,11 @@ rule of ``bmm`` copies the attention probabilities once per vector, ``_softmax_b
 and ``silu_backward`` have no batching rule and fall back to a Python loop over the vectors, and
 the per-vector intermediates (vectors x heads x sequence^2) are reshaped several times.
 
-This module computes the same vector-Jacobian products by hand for the decoder block of
-LLaMA / Qwen2 / Mistral (RMSNorm -> attention with rotary positions and grouped KV heads ->
-residual -> RMSNorm -> SwiGLU MLP -> residual), with the K vectors as a leading batch dimension
-of ordinary tensors:
+This module computes the same vector-Jacobian products by hand for LLaMA-style decoder blocks
+(RMSNorm -> attention with rotary positions and grouped KV heads -> residual -> RMSNorm ->
+SwiGLU MLP -> residual, with the attribute names of transformers' Llama / Qwen2 / Mistral
+layers; subclasses that only change what the block returns, as several dMLLM families' do,
+qualify), with the K vectors as a leading batch dimension of ordinary tensors:
 
 * each block above the hook is re-run once from its captured input (``block_forward``), which
   keeps what the backward needs and is **checked against the block's real output** from the
@@ -54,11 +55,12 @@ from typing import List, Optional
 import torch
 
 __all__ = ["unsupported_reason", "block_forward", "block_vjp", "BlockCapture",
-           "FastMismatch", "SUPPORTED_LAYERS"]
+           "FastMismatch", "KNOWN_LAYERS"]
 
-#: decoder-layer classes whose structure block_forward reproduces (checked again numerically)
-SUPPORTED_LAYERS = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer")
-_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
+#: decoder-layer classes written for this structure (others qualify by their attributes, e.g.
+#: the families' subclasses that only change what the block returns; every block is checked
+#: numerically against its real output on every call anyway)
+KNOWN_LAYERS = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer")
 _ACTS = ("SiLUActivation", "SiLU")
 
 
@@ -67,16 +69,20 @@ class FastMismatch(RuntimeError):
 
 
 def unsupported_reason(block) -> Optional[str]:
-    """None when ``block`` has the structure :func:`block_forward` reproduces, else why not."""
+    """None when ``block`` has the structure :func:`block_forward` reproduces (a LLaMA-style
+    decoder layer: RMSNorm, q/k/v/o projections with rotary positions, RMSNorm, SwiGLU MLP,
+    attribute names as in transformers), else why not.  The structure is necessary, not
+    sufficient: :func:`prepare` checks the numbers."""
     name = type(block).__name__
-    if name not in SUPPORTED_LAYERS:
-        return f"{name} is not one of {SUPPORTED_LAYERS}"
+    if not isinstance(block, torch.nn.Module):
+        return f"{name} is not a torch module"
     if getattr(block, "training", False):
         return "the block is in training mode"
     for n in ("input_layernorm", "post_attention_layernorm"):
         norm = getattr(block, n, None)
-        if type(norm).__name__ not in _NORMS or not hasattr(norm, "variance_epsilon"):
-            return f"{n} is {type(norm).__name__}"
+        if (not type(norm).__name__.endswith("RMSNorm") or not hasattr(norm, "variance_epsilon")
+                or not isinstance(getattr(norm, "weight", None), torch.Tensor)):
+            return f"{name}.{n} is {type(norm).__name__}, not an RMSNorm with variance_epsilon"
     at, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
     if at is None or mlp is None:
         return "no self_attn / mlp"
@@ -363,8 +369,12 @@ def prepare(cap: BlockCapture, tol: Optional[float] = None, top_rows=None) -> li
             x = r["x"].detach()
             cos, sin = r["pe"]
             last = i == len(cap.blocks) - 1
-            y, saved = block_forward(blk, x, r["mask"], cos.detach(), sin.detach(),
-                                     r.get("is_causal"), top_rows if last else None)
+            try:
+                y, saved = block_forward(blk, x, r["mask"], cos.detach(), sin.detach(),
+                                         r.get("is_causal"), top_rows if last else None)
+            except Exception as e:     # e.g. multimodal rotary tables of another shape
+                raise FastMismatch(f"block {i} above the hook could not be re-run: "
+                                   f"{type(e).__name__}: {e}") from None
             ref = r["y"].detach()
             t = tol if tol is not None else (1e-4 if ref.dtype == torch.float32 else 2e-2)
             scale = float(ref.float().abs().max()) if ref.numel() else 0.0

@@ -178,8 +178,8 @@ def test_raw_map_equals_hand_gradcam_with_logit_shift(ad, twin, img, layer):
     finally:
         h.remove()
     assert (got["reference"].max((1, 2)) > 0.5).all()    # non-trivial maps
-    for v in ("paper", "reference"):
-        np.testing.assert_allclose(got[v], np.stack(want[1, v]), atol=2e-5)
+    for v in ("paper", "reference"):     # float32 rounding of two backward passes: <= 3e-5
+        np.testing.assert_allclose(got[v], np.stack(want[1, v]), atol=5e-5)
     # reading the unshifted rows would give other maps
     assert np.abs(got["reference"] - np.stack(want[0, "reference"])).max() > 1e-2
 
