@@ -96,9 +96,9 @@ class Explainer:
                       Mistral layers and subclasses, see :func:`fastvjp.unsupported_reason`)
                       use a hand-written batched backward (:mod:`diffcam.attribution.fastvjp`:
                       the blocks re-run from their captured inputs, checked against the real
-                      outputs, then the vector-Jacobian products by hand; on the tiny test
-                      models 1.4-1.5x faster per-token maps than autograd's vmapped backward,
-                      bench/RESULTS.md); any other model, device or a failed check uses
+                      outputs, then the vector-Jacobian products by hand; per-token maps of
+                      the tiny test models 1.1x (Qwen2-VL layout) to 1.5x (LLaVA layout)
+                      faster than autograd's vmapped backward, bench/RESULTS.md); any other model, device or a failed check uses
                       autograd.  True: also on CUDA; False: always autograd.  Same maps (within
                       float32 rounding); ``last_backward`` says which ran ("fast").
 
