@@ -374,3 +374,22 @@ def test_family_twins_per_token_maps(img):
     assert seen["llada-v"] == seen["lavida-llada"] == "fast"
     assert seen["lavida-dream"] == "fast"
     assert all(v in ("fast", "batched") for v in seen.values()), seen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+@pytest.mark.parametrize("factory", [tiny_llava_anyres, tiny_qwen2vl])
+def test_fast_backward_on_cuda(factory, img):
+    """fast_backward=True on a GPU (off by default there, not yet measured): the same maps as
+    autograd on the GPU and as the CPU."""
+    ad = factory(seed=0)
+    kw = dict(answer=["a red cat sitting on the big box", "the dog"], targets="all")
+    cpu = Explainer(ad, fast_backward=False).explain([img, img[::-1].copy()], PROMPT, **kw)
+    ad.model.cuda()
+    ex_f, ex_a = Explainer(ad, fast_backward=True), Explainer(ad)
+    ef = ex_f.explain([img, img[::-1].copy()], PROMPT, **kw)
+    ea = ex_a.explain([img, img[::-1].copy()], PROMPT, **kw)
+    assert ex_f.last_backward == "fast" and ex_a.last_backward == "batched"
+    for f, a, c in zip(ef, ea, cpu):
+        for g in f.maps[0]:
+            np.testing.assert_allclose(f.maps[0][g], a.maps[0][g], atol=5e-5)
+            np.testing.assert_allclose(f.maps[0][g], c.maps[0][g], atol=5e-5)
