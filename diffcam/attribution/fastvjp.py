@@ -259,12 +259,12 @@ def block_vjp(block, saved, G, rows=None):
     dq = torch.matmul(k.transpose(-1, -2), dS.view(B, H, K * R, L).transpose(-1, -2))
     dq = dq.view(B, H, hd, K, R).permute(0, 1, 3, 4, 2).mul(at.scaling)       # (B,H,K,R,hd)
     dk = torch.matmul(qR.transpose(-1, -2).unsqueeze(2), dS)                   # (B,H,K,hd,L)
-    dk = dk.transpose(-1, -2).mul(at.scaling)                                  # (B,H,K,L,hd)
     del dS
     rep = sv["rep"]
-    if rep > 1:
-        dk = dk.view(B, H // rep, rep, K, L, hd).sum(2)
+    if rep > 1:     # grouped KV heads: add up each group's heads (contiguous outer sums)
+        dk = dk.view(B, H // rep, rep, K, hd, L).sum(2)
         dv = dv.view(B, H // rep, rep, L, K, hd).sum(2)
+    dk = dk.transpose(-1, -2).mul(at.scaling)                                  # (B,Hk,K,L,hd)
     c, s2 = sv["c"].unsqueeze(2), sv["s2"].unsqueeze(2)            # (B, 1, 1, L, hd)
     dq = _rope_bwd(dq, sel(c, 3), sel(s2, 3))
     dk = _rope_bwd(dk, c, s2)

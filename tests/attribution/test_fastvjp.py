@@ -311,6 +311,7 @@ def test_bfloat16_model(factory, img):
     ea = Explainer(ad, fast_backward=False).explain(img, PROMPT, **kw)
     e32 = Explainer(factory(seed=0), fast_backward=False).explain(img, PROMPT, **kw)
     assert ex.last_backward == "fast"
+    assert ex._rows_local == {ex.layer: True}      # the one-backward top gradients, also here
     for g in ef.maps[0]:
         err_f = np.abs(ef.maps[0][g] - e32.maps[0][g]).max()
         err_a = np.abs(ea.maps[0][g] - e32.maps[0][g]).max()
