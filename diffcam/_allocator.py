@@ -5,8 +5,9 @@ fresh ``mmap`` once its dynamic threshold is reset, and gives the top of the hea
 kernel as soon as more than ``M_TRIM_THRESHOLD`` bytes are free there.  A backward pass that
 creates and frees many temporaries of a few MB (the per-target attention gradients of a batched
 backward: targets x heads x sequence^2 floats) then touches fresh, zero-filled pages on every
-call, and the page faults cost more than the arithmetic: on the tiny LLaVA-layout test model a
-16-target backward spent about 40 % of its time in them (bench/RESULTS.md, 2026-12-06, session 15).
+call, and the page faults can cost more than the arithmetic: on the tiny LLaVA-layout test
+model a 16-target backward spent about a third of its time in them (bench/RESULTS.md,
+2026-12-06, session 15).
 
 :func:`tune_cpu_allocator` raises the two thresholds once per process (``mallopt``), so freed
 memory stays in the heap for the next call.  The cost is memory the process keeps instead of
