@@ -94,7 +94,14 @@ def _threads():
     torch.set_num_threads(n)
 
 
-MAPS = ["aggregate", "16-per-token", "16-per-token-chunk4"]
+# "-autograd": the same 16 maps through autograd's vmapped backward (fast_backward=False), so
+# both backward paths stay tracked now that the CPU default is the hand-written one
+MAPS = ["aggregate", "16-per-token", "16-per-token-chunk4", "16-per-token-autograd"]
+
+
+def _fast(maps):
+    """``Explainer(fast_backward=...)`` of a case."""
+    return False if maps.endswith("autograd") else "auto"
 
 
 def _chunk(maps):
@@ -108,7 +115,7 @@ def test_attribution_pass_time(benchmark, model, maps):
     ad = MODELS[model](seed=0)
     sample, ids, emb = _full_sequence(ad)
     assert len(ids) == 16
-    ex = Explainer(ad, backward_chunk=_chunk(maps))
+    ex = Explainer(ad, backward_chunk=_chunk(maps), fast_backward=_fast(maps))
     kw = dict(answer=ANSWER, targets="all", aggregate_only=(maps == "aggregate"))
 
     def explain():
@@ -168,7 +175,7 @@ def test_attribution_memory(benchmark, model, maps, monkeypatch):
         return saved
 
     monkeypatch.setattr(fastvjp, "prepare", counting_prepare)
-    ex = Explainer(ad, backward_chunk=_chunk(maps))
+    ex = Explainer(ad, backward_chunk=_chunk(maps), fast_backward=_fast(maps))
     with SavedBytes(params) as attr:
         ex.explain(IMG, PROMPT, answer=ANSWER, targets="all",
                    aggregate_only=(maps == "aggregate"))
