@@ -26,7 +26,6 @@ True
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 import sys
@@ -63,12 +62,10 @@ def _glibc():
     lib, _ = platform.libc_ver()
     if lib != "glibc":
         return None, f"the C library is not glibc ({lib or 'unknown'})"
-    name = ctypes.util.find_library("c") or "libc.so.6"
     try:
-        libc = ctypes.CDLL(name)
-        fn = libc.mallopt
+        fn = ctypes.CDLL(None).mallopt          # the process's own C library, no lookup
     except (OSError, AttributeError) as e:
-        return None, f"mallopt not found in {name}: {e}"
+        return None, f"mallopt not found in the process's C library: {e}"
     fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return fn, ""
 
@@ -77,15 +74,16 @@ def tune_cpu_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 256
     """Raise glibc's mmap and trim thresholds (bytes) once per process; True when they are set
     (now or by an earlier call).  Requests up to ``mmap_threshold`` come from the heap, and up to
     ``trim_threshold`` bytes of free heap are kept for reuse.  A no-op returning False where
-    ``mallopt`` is not glibc's (:func:`allocator_state` says why)."""
+    ``mallopt`` is not glibc's (:func:`allocator_state` says why).  Only the first call acts;
+    later calls return its outcome (the Explainer calls this on every CPU pass)."""
     for name, v in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{name} must be an int (bytes), got {type(v).__name__}")
         if not 0 < v < 2 ** 31:
             raise ValueError(f"{name} must be in (0, 2**31) bytes, got {v}")
     with _lock:
-        if _state["tuned"]:
-            return True
+        if _state["reason"] != "not tried":     # once per process, success or not: the
+            return _state["tuned"]              # platform checks are not for the hot path
         fn, why = _glibc()
         if fn is None:
             _state["reason"] = why

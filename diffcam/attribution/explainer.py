@@ -98,8 +98,8 @@ class Explainer:
                       the blocks re-run from their captured inputs, checked against the real
                       outputs, then the vector-Jacobian products by hand; per-token maps of
                       the tiny test models 1.1x (Qwen2-VL layout) to 1.5x (LLaVA layout)
-                      faster than autograd's vmapped backward, bench/RESULTS.md); any other model, device or a failed check uses
-                      autograd.  True: also on CUDA; False: always autograd.  Same maps (within
+                      faster than autograd's vmapped backward, bench/RESULTS.md); any other
+                      model, device or a failed check uses autograd.  True: also on CUDA; False: always autograd.  Same maps (within
                       float32 rounding); ``last_backward`` says which ran ("fast").
 
     >>> from diffcam.testing import tiny_llava_anyres
@@ -140,6 +140,7 @@ class Explainer:
                              f"{fast_backward!r}")
         self.fast_backward = fast_backward
         self._fast_off = {}     # layer -> why the hand-written backward is not used there
+        self._rows_local = {}   # layer -> whether the final norm + head work row by row
         self._hooks: list = []
         self.last_backward = None      # "batched" or "loop": how the last call got its grads
         self.layer = self._check_layer(layer)
@@ -810,7 +811,7 @@ class Explainer:
         ordinary backward of the summed token scores gives every token's row, and the K
         vectors are those rows added up per target (S = W @ st)."""
         layer = fast["layer"]
-        ok = getattr(self, "_rows_local", {}).get(layer)
+        ok = self._rows_local.get(layer)
         tok = fast["tok"]
         g = None
         if ok is not False and "st" in tok:
@@ -851,8 +852,6 @@ class Explainer:
             tol = 1e-5 if ref.dtype in (torch.float32, torch.float64) else 1e-2
             same = bool(ref.numel() == 0 or
                         float((g - ref).abs().max()) <= tol * max(scale, 1e-30) + 1e-12)
-            if not hasattr(self, "_rows_local"):
-                self._rows_local = {}
             self._rows_local[layer] = same
         return ref
 
@@ -877,7 +876,7 @@ class Explainer:
             # the scored positions: where any top-block gradient can be non-zero
             toks = fast["tok"].get("toks")
             rows = None
-            if toks and getattr(self, "_rows_local", {}).get(fast["layer"]):
+            if toks and self._rows_local.get(fast["layer"]):
                 rows = torch.as_tensor(sorted({p for _, p in toks}), dtype=torch.long,
                                        device=top.device)
                 if len(rows) > top.shape[1] // 2:

@@ -55,12 +55,8 @@ from typing import List, Optional
 import torch
 
 __all__ = ["unsupported_reason", "block_forward", "block_vjp", "BlockCapture",
-           "FastMismatch", "KNOWN_LAYERS"]
+           "FastMismatch"]
 
-#: decoder-layer classes written for this structure (others qualify by their attributes, e.g.
-#: the families' subclasses that only change what the block returns; every block is checked
-#: numerically against its real output on every call anyway)
-KNOWN_LAYERS = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer")
 _ACTS = ("SiLUActivation", "SiLU")
 
 
@@ -391,13 +387,11 @@ def backward(cap: BlockCapture, saved: list, G: torch.Tensor) -> torch.Tensor:
     the input of the first one."""
     with torch.no_grad():
         G = G.float()
-        for blk, sv in zip(reversed(cap.blocks), reversed(saved)):
-            if sv.get("rows") is not None:
-                rows = None                 # the rows the block was prepared for
-            else:
-                L = G.shape[2]
+        for j, (blk, sv) in enumerate(zip(reversed(cap.blocks), reversed(saved))):
+            rows = None      # below the top block attention has spread G over every row
+            if j == 0 and sv.get("rows") is None:       # top block not prepared for its rows
                 live = G.abs().amax(dim=(0, 1, 3)) > 0
-                n = int(live.sum())
-                rows = torch.nonzero(live).flatten() if n <= L // 2 else None
+                if int(live.sum()) <= G.shape[2] // 2:
+                    rows = torch.nonzero(live).flatten()
             G = block_vjp(blk, sv, G, rows)
     return G
