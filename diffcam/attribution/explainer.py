@@ -99,8 +99,16 @@ class Explainer:
                       outputs, then the vector-Jacobian products by hand; per-token maps of
                       the tiny test models 1.1x (Qwen2-VL layout) to 1.5x (LLaVA layout)
                       faster than autograd's vmapped backward, bench/RESULTS.md); any other
-                      model, device or a failed check uses autograd.  True: also on CUDA; False: always autograd.  Same maps (within
-                      float32 rounding); ``last_backward`` says which ran ("fast").
+                      model, device or a failed check uses autograd.  True: also on CUDA;
+                      False: always autograd.  Same maps (within float32 rounding);
+                      ``last_backward`` says which ran ("fast").
+    fast_check        "once" (default): each block above the hook is checked against its real
+                      forward the first time it is called with a new kind of input (dtypes,
+                      devices and ranks of its arguments, which arguments are given, the values
+                      of flags, the identity of its forward and submodules); later calls of a
+                      checked kind run the checked re-implementation in place of the block, so
+                      those blocks run once per call instead of twice.  "always": every call
+                      runs the real blocks and checks the re-run against them.
 
     >>> from diffcam.testing import tiny_llava_anyres
     >>> ex = Explainer(tiny_llava_anyres(seed=0), backward_chunk=4)
@@ -114,7 +122,8 @@ class Explainer:
     def __init__(self, adapter: Adapter, layer: Optional[int] = None,
                  batched_backward: bool = True, head_rows_only: bool = True,
                  backward_chunk: Optional[int] = None,
-                 tune_allocator: Optional[bool] = None, fast_backward="auto"):
+                 tune_allocator: Optional[bool] = None, fast_backward="auto",
+                 fast_check: str = "once"):
         if not isinstance(adapter, Adapter) and not all(
                 hasattr(adapter, a) for a in ("blocks", "prepare", "forward", "embed_tokens")):
             raise TypeError(f"adapter must implement diffcam.adapters.Adapter, got "
@@ -139,6 +148,10 @@ class Explainer:
             raise ValueError(f"fast_backward must be 'auto', True or False, got "
                              f"{fast_backward!r}")
         self.fast_backward = fast_backward
+        if fast_check not in ("once", "always"):
+            raise ValueError(f"fast_check must be 'once' or 'always', got {fast_check!r}")
+        self.fast_check = fast_check
+        self._fast_trusted = {}  # layer -> per block above it: checked kinds of call -> form
         self._fast_off = {}     # layer -> why the hand-written backward is not used there
         self._rows_local = {}   # layer -> whether the final norm + head work row by row
         self._hooks: list = []
@@ -509,7 +522,9 @@ class Explainer:
                 if extras is not _PER_ROW:
                     hook.positions = torch.as_tensor(union, dtype=torch.long, device=dev)
                     head = self._head_module() if self.head_rows_only else None
-                    cap = self._fast_capture(layer, K, dev)
+                    cap = self._fast_capture(layer, K, dev,
+                                             self._scored_rows(rows, infos, prepared, shift,
+                                                               L, layer, dev))
                     try:
                         with cap or contextlib.nullcontext():
                             logits, gather = self._batched_forward(hook, head, embeds,
@@ -786,9 +801,11 @@ class Explainer:
 
         return logits, gather
 
-    def _fast_capture(self, layer, K, dev):
+    def _fast_capture(self, layer, K, dev, top_rows=None):
         """A :class:`fastvjp.BlockCapture` of the blocks above ``layer`` when the hand-written
-        backward applies (see ``fast_backward``), else None."""
+        backward applies (see ``fast_backward``), else None.  With ``fast_check="once"`` the
+        capture runs the checked re-implementation in place of the blocks for the kinds of call
+        already checked on this layer (the last block keeping ``top_rows`` only)."""
         if (self.fast_backward is False or K < 2 or not self.batched_backward
                 or (self.fast_backward == "auto" and dev.type != "cpu")):
             return None
@@ -800,7 +817,28 @@ class Explainer:
             self._fast_off[layer] = why
         if self._fast_off[layer] is not None:
             return None
-        return fastvjp.BlockCapture(self.adapter.blocks()[layer + 1:])
+        blocks = self.adapter.blocks()[layer + 1:]
+        trusted = None
+        if self.fast_check == "once":
+            trusted = self._fast_trusted.get(layer)
+            if trusted is None or len(trusted) != len(blocks):
+                trusted = self._fast_trusted[layer] = [dict() for _ in blocks]
+        return fastvjp.BlockCapture(blocks, trusted=trusted, top_rows=top_rows)
+
+    def _scored_rows(self, rows, infos, prepared, shift, L, layer, dev):
+        """The sequence positions whose logits are scored (as :meth:`_score_matrix` lists
+        them), sorted, when the head is known to work row by row on ``layer`` and they are at
+        most half of the ``L`` positions; else None (the top block then keeps every row)."""
+        if not self._rows_local.get(layer):
+            return None
+        pos = set()
+        for i, _, _ in rows:
+            P = prepared[i].prompt_length
+            for t in infos[i][3]:
+                pos.update(P + j - shift for j in t.tokens)
+        if not pos or len(pos) > L // 2:
+            return None
+        return torch.as_tensor(sorted(pos), dtype=torch.long, device=dev)
 
     def _top_grads(self, S, K, fast, top):
         """(K, B, L, D) gradients of the K score columns at the last block's output.

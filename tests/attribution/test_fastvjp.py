@@ -328,8 +328,10 @@ def test_no_hook_left_after_fast_calls(img):
     with Explainer(ad) as ex:
         for _ in range(3):
             ex.explain(img, PROMPT, answer="a red cat", targets="all")
+    assert ex.last_backward == "fast" and ex._fast_trusted[ex.layer]
     for b in ad.blocks():
         assert not b._forward_hooks and not b._forward_pre_hooks
+        assert "forward" not in b.__dict__              # the in-place forward is undone
     assert torch.is_grad_enabled()
 
 
@@ -394,3 +396,138 @@ def test_fast_backward_on_cuda(factory, img):
         for g in f.maps[0]:
             np.testing.assert_allclose(f.maps[0][g], a.maps[0][g], atol=5e-5)
             np.testing.assert_allclose(f.maps[0][g], c.maps[0][g], atol=5e-5)
+
+
+# ------------------------------------------------------------------ checked once per kind of call
+def _count_real_calls(blocks):
+    """Wrap each block's forward (an instance attribute, as a user's patch would be) to count
+    the calls that reach the real block."""
+    calls = [0] * len(blocks)
+    for n, b in enumerate(blocks):
+        real = b.forward
+
+        def fwd(*a, _n=n, _real=real, **k):
+            calls[_n] += 1
+            return _real(*a, **k)
+        b.forward = fwd
+    return calls
+
+
+@pytest.mark.parametrize("factory", [tiny_llava_anyres, tiny_qwen2vl])
+def test_checked_kind_of_call_runs_in_place_of_the_blocks(factory, img):
+    """fast_check="once": the first call runs the real blocks above the hook and checks the
+    re-run against them; later calls of the same kind run the re-implementation instead (the
+    real blocks are not called) and still give autograd's maps.  "always" runs them every
+    call."""
+    ad = factory(seed=0)
+    kw = dict(answer="a red cat on the box", targets="all")
+    ref = Explainer(ad, fast_backward=False).explain(img, PROMPT, **kw)
+    ex = Explainer(ad)
+    above = ad.blocks()[ex.layer + 1:]
+    calls = _count_real_calls(above)
+    outs = [ex.explain(img, PROMPT, **kw) for _ in range(3)]
+    assert calls == [1] * len(above) and ex.last_backward == "fast"
+    assert [len(d) for d in ex._fast_trusted[ex.layer]] == [1] * len(above)
+    for got in outs:
+        for g in ref.maps[0]:
+            np.testing.assert_allclose(got.maps[0][g], ref.maps[0][g], atol=2e-5)
+    ex2 = Explainer(ad, fast_check="always")
+    for _ in range(3):
+        ex2.explain(img, PROMPT, **kw)
+    assert calls == [4] * len(above) and ex2._fast_trusted == {}
+
+
+def test_a_new_kind_of_call_is_checked_again(img):
+    """A batch with padding hands the blocks an attention mask the single calls did not have:
+    the real blocks run and are checked again, once; the maps stay autograd's."""
+    ad = tiny_llava_anyres(seed=0)
+    one = dict(answer="a red cat on the box", targets="all")
+    two = dict(answer=["a red cat sitting on the big box", "the dog"], targets="all")
+    img2 = img[::-1].copy()
+    ex = Explainer(ad)
+    calls = _count_real_calls(ad.blocks()[ex.layer + 1:])
+    ex.explain(img, PROMPT, **one)
+    ex.explain(img, PROMPT, **one)
+    assert calls == [1, 1]
+    got = [ex.explain([img, img2], PROMPT, **two) for _ in range(2)]
+    assert calls == [2, 2] and ex.last_backward == "fast"
+    assert [len(d) for d in ex._fast_trusted[ex.layer]] == [2, 2]
+    ref = Explainer(ad, fast_backward=False).explain([img, img2], PROMPT, **two)
+    for run in got:
+        for a, b in zip(run, ref):
+            for g in b.maps[0]:
+                np.testing.assert_allclose(a.maps[0][g], b.maps[0][g], atol=2e-5)
+
+
+def test_a_swapped_submodule_or_changed_weights_after_the_check(img):
+    """The check vouches for the block's structure, not its numbers: weights changed in place
+    are read afresh (no new check needed, maps follow the new weights), a replaced projection
+    makes the next call a new kind (checked again)."""
+    ad = tiny_qwen2vl(seed=0)
+    kw = dict(answer="a red cat on the box", targets="all")
+    ex = Explainer(ad)
+    top = ad.blocks()[-1]
+    calls = _count_real_calls(ad.blocks()[ex.layer + 1:])
+    ex.explain(img, PROMPT, **kw)
+    with torch.no_grad():
+        top.self_attn.o_proj.weight.mul_(-1.5)
+    got = ex.explain(img, PROMPT, **kw)
+    assert calls == [1] * len(calls)                       # no new check
+    ref = Explainer(ad, fast_backward=False).explain(img, PROMPT, **kw)
+    for g in ref.maps[0]:
+        np.testing.assert_allclose(got.maps[0][g], ref.maps[0][g], atol=2e-5)
+    n = list(calls)
+    lin = top.mlp.up_proj
+    new = torch.nn.Linear(lin.in_features, lin.out_features, bias=False)
+    torch.nn.init.normal_(new.weight, std=0.2, generator=torch.Generator().manual_seed(3))
+    top.mlp.up_proj = new
+    got = ex.explain(img, PROMPT, **kw)
+    assert calls[-1] == n[-1] + 1 and ex.last_backward == "fast"
+    ref = Explainer(ad, fast_backward=False).explain(img, PROMPT, **kw)
+    for g in ref.maps[0]:
+        np.testing.assert_allclose(got.maps[0][g], ref.maps[0][g], atol=2e-5)
+
+
+def test_always_catches_what_once_trusts(img, monkeypatch):
+    """What "once" gives up: a re-implementation that goes wrong after its kind was checked is
+    not caught (here: block_forward patched to add 0.1 after the first call); "always" catches
+    it on every call and falls back to autograd."""
+    ad = tiny_qwen2vl(seed=0)
+    kw = dict(answer="a red cat on the box", targets="all")
+    ex = Explainer(ad, fast_check="always")
+    ex.explain(img, PROMPT, **kw)
+    real = fastvjp.block_forward
+    monkeypatch.setattr(fastvjp, "block_forward",
+                        lambda *a: (real(*a)[0] + 0.1, real(*a)[1]))
+    ex.explain(img, PROMPT, **kw)
+    assert ex.last_backward == "batched" and "differs" in ex._fast_off[ex.layer]
+
+
+def test_fast_check_argument_is_checked():
+    with pytest.raises(ValueError, match="fast_check"):
+        Explainer(tiny_llava_anyres(seed=0), fast_check="never")
+
+
+def test_blocks_restored_when_a_substituted_pass_raises(img):
+    """An exception inside a forward whose blocks run the re-implementation leaves no patched
+    forward, no hook and gradient mode as it was."""
+    ad = tiny_llava_anyres(seed=0)
+    ex = Explainer(ad)
+    kw = dict(answer="a red cat", targets="all")
+    ex.explain(img, PROMPT, **kw)
+    top = ad.blocks()[-1]
+
+    def boom(module, args, out):
+        raise RuntimeError("boom")
+    h = top.register_forward_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        ex.explain(img, PROMPT, **kw)
+    h.remove()
+    for b in ad.blocks():
+        assert "forward" not in b.__dict__
+        assert not b._forward_hooks and not b._forward_pre_hooks
+    assert torch.is_grad_enabled()
+    got = ex.explain(img, PROMPT, **kw)
+    ref = Explainer(ad, fast_backward=False).explain(img, PROMPT, **kw)
+    for g in ref.maps[0]:
+        np.testing.assert_allclose(got.maps[0][g], ref.maps[0][g], atol=2e-5)
