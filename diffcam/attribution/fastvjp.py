@@ -17,7 +17,10 @@ qualify), with the K vectors as a leading batch dimension of ordinary tensors:
   keeps what the backward needs and is **checked against the block's real output** from the
   attribution forward -- any difference (an unsupported variant: other norms, sliding windows,
   soft-capping, another rotary layout, another mask semantics) makes the caller fall back to
-  autograd, so a model this code does not understand still gets autograd's gradients;
+  autograd, so a model this code does not understand still gets autograd's gradients.  With
+  ``BlockCapture(trusted=...)`` the check is made once per kind of call (argument kinds and the
+  block's structure); later calls of a checked kind run ``block_forward`` in place of the
+  block's forward, so the blocks above the hook run once per pass instead of twice;
 * ``block_vjp`` pushes the (K, B, L, D) gradient through the block: matrix products with the
   K vectors folded into rows or columns, the softmax backward written out
   (dS = P * (dP - rowsum(dP * P))), and the rotary backward as the transposed rotation;
