@@ -652,12 +652,17 @@ class Explainer:
                         Gb = G_rows[b][:n_valid]
                         if agg_sum:
                             part = Gb.sum(0)
+                            if k0 == 0 and k1 == K:
+                                # one pass: the aggregate goes last in the same Grad-CAM call
+                                add_maps(b, torch.cat([Gb, part[None]]))
+                                continue
                             G_agg[b] = part if G_agg[b] is None else G_agg[b] + part
                         add_maps(b, Gb)
                     del G_rows
                 if agg_sum:     # the aggregate map, last (index T_b) as without agg_sum
                     for b in range(B):
-                        add_maps(b, G_agg[b][None])
+                        if G_agg[b] is not None:       # None: made in the single pass
+                            add_maps(b, G_agg[b][None])
                     del G_agg
                 # "batched", "loop", or e.g. "batched+loop" when the passes differed
                 self.last_backward = "+".join(dict.fromkeys(how))
