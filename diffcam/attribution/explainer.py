@@ -116,7 +116,10 @@ class Explainer:
     4
 
     Hooks exist only inside an explain call (the context manager form guarantees cleanup of
-    anything left by an interrupted call); no autograd graph survives a call.
+    anything left by an interrupted call); no autograd graph survives a call.  The maps need
+    gradients at the hooked activations only: parameters that require grad (a model fresh from
+    ``from_pretrained``) are switched off for the attribution pass and back on after it, so
+    autograd records nothing below the hook and keeps nothing for weight gradients.
     """
 
     def __init__(self, adapter: Adapter, layer: Optional[int] = None,
@@ -466,15 +469,16 @@ class Explainer:
 
     # ------------------------------------------------------------------ forward + backward
     def _attribute(self, prepared, infos, rows, layer, score, d_id, shift, gradcam):
-        try:
-            return self._attribute_once(prepared, infos, rows, layer, score, d_id, shift,
-                                        gradcam)
-        except fastvjp.FastMismatch as e:
-            # the hand-written backward does not fit this model (its forward ran without a
-            # graph above the hook): note why, and redo the call with autograd
-            self._fast_off[layer] = str(e)
-            return self._attribute_once(prepared, infos, rows, layer, score, d_id, shift,
-                                        gradcam)
+        with _weights_frozen(getattr(self.adapter, "model", None)):
+            try:
+                return self._attribute_once(prepared, infos, rows, layer, score, d_id, shift,
+                                            gradcam)
+            except fastvjp.FastMismatch as e:
+                # the hand-written backward does not fit this model (its forward ran without a
+                # graph above the hook): note why, and redo the call with autograd
+                self._fast_off[layer] = str(e)
+                return self._attribute_once(prepared, infos, rows, layer, score, d_id, shift,
+                                            gradcam)
 
     def _attribute_once(self, prepared, infos, rows, layer, score, d_id, shift, gradcam):
         ad = self.adapter
@@ -961,6 +965,25 @@ class Explainer:
 
 class _PerRow:
     pass
+
+
+@contextlib.contextmanager
+def _weights_frozen(model):
+    """The maps need gradients at the hooked activations only.  A parameter that requires grad
+    (a model loaded with ``from_pretrained`` and not frozen) would make autograd record the
+    blocks *below* the hook and save the inputs of every linear layer above it for a weight
+    gradient nobody asks for: switch ``requires_grad`` off for the pass, and back on after it
+    (also when it raises)."""
+    live = []
+    if isinstance(model, torch.nn.Module):
+        live = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in live:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in live:
+            p.requires_grad_(True)
 
 
 class _HeadMismatch(Exception):
