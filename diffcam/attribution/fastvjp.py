@@ -298,14 +298,15 @@ def _kind(v):
 
 def _structure(block, fwd):
     """What a check of ``block`` vouches for besides the arguments: the identity of the forward
-    function and of every submodule block_forward calls, the attention implementation and the
-    training flags (a swapped projection or norm, another forward, dropout switched on: checked
-    again)."""
+    function and of every submodule block_forward calls, the attention implementation, the
+    attention's causal flag, the weights' dtype and the training flags (a swapped projection or
+    norm, another forward, a causal switch, dropout switched on: checked again)."""
     at, mlp = block.self_attn, block.mlp
     mods = (at, at.q_proj, at.k_proj, at.v_proj, at.o_proj, mlp, mlp.gate_proj, mlp.up_proj,
             mlp.down_proj, mlp.act_fn, block.input_layernorm, block.post_attention_layernorm)
     impl = getattr(getattr(at, "config", None), "_attn_implementation", None)
     return (id(getattr(fwd, "__func__", fwd)), tuple(id(m) for m in mods), impl,
+            getattr(at, "is_causal", None), at.q_proj.weight.dtype,
             tuple(bool(m.training) for m in (block,) + mods))
 
 

@@ -486,6 +486,11 @@ def test_a_swapped_submodule_or_changed_weights_after_the_check(img):
     ref = Explainer(ad, fast_backward=False).explain(img, PROMPT, **kw)
     for g in ref.maps[0]:
         np.testing.assert_allclose(got.maps[0][g], ref.maps[0][g], atol=2e-5)
+    n = list(calls)
+    top.self_attn.is_causal = not top.self_attn.is_causal        # a flag flipped: checked again
+    ex.explain(img, PROMPT, **kw)
+    ex.explain(img, PROMPT, **kw)
+    assert calls[-1] == n[-1] + 1 and ex.last_backward == "fast"
 
 
 def test_always_catches_what_once_trusts(img, monkeypatch):
