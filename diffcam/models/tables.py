@@ -172,13 +172,18 @@ def collect_split(adapter_or_factory, split: str, n: int, kinds: Sequence[str] =
     stats.setdefault("cached", 0)
     stats.setdefault("explained", 0)
     t0 = time.perf_counter()
+    if cache_dir and layer is None:
+        # key the cache by the block actually hooked: a changed adapter default must not hit
+        # maps made at another block
+        adapter = adapter_or_factory() if callable(adapter_or_factory) and not hasattr(
+            adapter_or_factory, "prepare") else adapter_or_factory
+        layer = int(adapter.default_layer)
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
         path = None
         if cache_dir:
             tag = "-".join(kinds) + ("_gold" if gold_if_wrong else "")
-            name = f"{split}_{lo:06d}-{hi:06d}_{tag}_L{layer if layer is not None else 'd'}" \
-                   f"_{fingerprint or 'nofp'}.npz"
+            name = f"{split}_{lo:06d}-{hi:06d}_{tag}_L{layer}_{fingerprint or 'nofp'}.npz"
             path = os.path.join(os.path.expanduser(cache_dir), name)
             if os.path.isfile(path):
                 recs, meta = load_records(path, with_meta=True)
@@ -614,6 +619,14 @@ def _accuracy(records: Sequence[MapRecord]) -> Dict[str, Tuple[int, int]]:
     return {k: (v[0], v[1]) for k, v in acc.items()}
 
 
+def _layer_text(report) -> str:
+    layer = report.get("layer")
+    if layer is None:
+        return "the adapter default"
+    return f"block {layer}" + (" (the adapter default)" if report.get("layer_is_default")
+                               else "")
+
+
 def run_benchmark(val: int = 150, test: int = 200, kinds: Sequence[str] = DEFAULT_KINDS,
                   cache_dir: Optional[str] = None, weights: Optional[str] = None,
                   layer: Optional[int] = None, n_boot: int = 1000, progress: bool = False,
@@ -632,6 +645,7 @@ def run_benchmark(val: int = 150, test: int = 200, kinds: Sequence[str] = DEFAUL
     t_start = time.perf_counter()
     fp = ""
     cache_stats: Dict[str, dict] = {}
+    layer_is_default = False
     if records is None:
         fp = weights_fingerprint(weights)
 
@@ -641,6 +655,13 @@ def run_benchmark(val: int = 150, test: int = 200, kinds: Sequence[str] = DEFAUL
             return diffcam.load("bundled", weights)
 
         source = adapter if adapter is not None else factory
+        if layer is None:
+            # the number, not "the default": the cache is keyed by it, and a changed default
+            # must not hit maps made at another block
+            if adapter is None:
+                source = adapter = factory()
+            layer = int(adapter.default_layer)
+            layer_is_default = True
         records = {}
         timings = {}
         for split, n in (("val", val), ("test", test)):
@@ -718,6 +739,7 @@ def run_benchmark(val: int = 150, test: int = 200, kinds: Sequence[str] = DEFAUL
         "fingerprint": fp,
         "kinds": list(kinds),
         "layer": layer,
+        "layer_is_default": layer_is_default,
         "n_boot": n_boot,
         "splits": {s: {"scenes": p.n_scenes, "answers": len(p.records),
                        "correct": sum(r.correct for r in p.records), "maps": p.n_maps,
@@ -807,7 +829,7 @@ def render_markdown(report: dict) -> str:
           f"- model: {report['weights']}, `model.safetensors` sha256 "
           f"`{report['fingerprint'] or 'n/a'}...`",
           f"- questions per scene: {', '.join(report['kinds'])}; hooked layer: "
-          f"{report['layer'] if report['layer'] is not None else 'the adapter default'}; "
+          f"{_layer_text(report)}; "
           "answers from the model's default generation settings",
           f"- map cache: `{report.get('cache_dir') or 'none'}` (keyed by split, scenes, "
           "question kinds, layer and weights hash; delete it after changing the attribution "

@@ -173,13 +173,17 @@ class RefineConfig:
 
         The SICD weights ``w_rep``/``w_out`` and the gate are not given by the paper; they
         were chosen on the validation split of the bundled benchmark by a grid search of 650
-        points (``diffcam eval``, docs/benchmark.md, 2026-12-06, run L + fine-tune LA, the
-        weights shipped since 2026-12-06): w_rep = 1, w_out = 0, gated (SICD applied only to
-        maps whose std exceeds 0.35 or whose skewness exceeds 0.5).  The best points of the
-        grid lie within a few hundredths of an F3 point of each other: earlier weights selected
+        points (``diffcam eval``, 2026-12-06, run L + fine-tune LA, the weights shipped since
+        2026-12-06, block 1 hooked): w_rep = 1, w_out = 0, gated (SICD applied only to maps
+        whose std exceeds 0.35 or whose skewness exceeds 0.5).  The best points of the grid
+        lie within a few hundredths of an F3 point of each other: earlier weights selected
         w_rep = 2 without a gate (fine-tune G) and w_rep = 128 (the weights shipped
-        2026-12-05).  On that benchmark's test split neither these constants nor SICD itself
-        raise F3 significantly over the raw map (docs/benchmark.md).  lambda* makes only the ratio of w_rep and w_out matter while
+        2026-12-05), and with block 0 hooked (the bundled adapter's default since 2026-12-07)
+        the search picks w_rep = w_out = 0, i.e. SICD switched off (ten points within 0.01 F3
+        points), which is not adopted: SICD would then ignore the interference maps a caller
+        passes (docs/bundled_model.md, "SICD's constants").  On that benchmark's test split
+        neither these constants nor SICD itself raise F3 significantly over the raw map
+        (docs/benchmark.md).  lambda* makes only the ratio of w_rep and w_out matter while
         lambda* < lambda_max; with the uniform fallback of M_rep a large w_rep lets SICD
         subtract up to the map's mean.
 

@@ -63,23 +63,34 @@ def test_collect_split_uses_the_cache(tmp_path):
 
     made = []
 
+    class FakeAdapter:
+        default_layer = 1
+
     def factory():
         made.append(1)
-        return object()
+        return FakeAdapter()
 
     a = tables.collect_split(factory, "val", 7, ("describe",), str(tmp_path), "fp", chunk=3,
-                             collect=fake_collect)
+                             collect=fake_collect, layer=1)
     assert calls == [("val", 0, 3), ("val", 3, 3), ("val", 6, 1)] and len(made) == 1
     stats = {}
     b = tables.collect_split(factory, "val", 7, ("describe",), str(tmp_path), "fp", chunk=3,
-                             collect=fake_collect, stats=stats)
+                             collect=fake_collect, stats=stats, layer=1)
     assert len(calls) == 3 and len(made) == 1          # all from the cache, no model loaded
     assert stats["cached"] == 7 and stats["explained"] == 0 and stats["cached_seconds"] >= 0
     assert [r.index for r in a] == [r.index for r in b] == list(range(7))
     assert all(np.array_equal(x.raw, y.raw) for x, y in zip(a, b))
-    tables.collect_split(factory, "val", 7, ("describe",), str(tmp_path), "other", chunk=3,
-                         collect=fake_collect)          # other weights: a miss
+    # layer=None: the adapter's default block keys the cache (here block 1: the same files)
+    tables.collect_split(factory, "val", 7, ("describe",), str(tmp_path), "fp", chunk=3,
+                         collect=fake_collect)
+    assert len(calls) == 3 and len(made) == 2          # loaded once to learn the default
+    FakeAdapter.default_layer = 0                      # a changed default must not hit them
+    tables.collect_split(factory, "val", 7, ("describe",), str(tmp_path), "fp", chunk=3,
+                         collect=fake_collect)
     assert len(calls) == 6
+    tables.collect_split(factory, "val", 7, ("describe",), str(tmp_path), "other", chunk=3,
+                         collect=fake_collect, layer=1)   # other weights: a miss
+    assert len(calls) == 9
 
     gold = []
 
@@ -88,7 +99,7 @@ def test_collect_split_uses_the_cache(tmp_path):
         return fake_collect(adapter, split, n, start, kinds, layer)
 
     tables.collect_split(factory, "val", 3, ("describe",), str(tmp_path), "fp", chunk=3,
-                         collect=fake_gold, gold_if_wrong=True)   # its own cache entry
+                         collect=fake_gold, gold_if_wrong=True, layer=1)   # its own entry
     assert gold == [True]
 
 
