@@ -91,14 +91,16 @@ class Explainer:
                       LLaVA-layout test model); False: leave the C library's defaults; None
                       (default): True unless the environment sets ``DIFFCAM_TUNE_MALLOC=0``.
                       Process-wide; a no-op off Linux/glibc.  Maps are the same either way.
-    fast_backward     "auto" (default): on the CPU, per-token maps of models whose blocks above
-                      the hook are LLaMA-style decoder layers (transformers' Llama / Qwen2 /
-                      Mistral layers and subclasses, see :func:`fastvjp.unsupported_reason`)
-                      use a hand-written batched backward (:mod:`diffcam.attribution.fastvjp`:
-                      the blocks re-run from their captured inputs, checked against the real
-                      outputs, then the vector-Jacobian products by hand; per-token maps of
-                      the tiny test models 1.1x (Qwen2-VL layout) to 1.5x (LLaVA layout)
-                      faster than autograd's vmapped backward, bench/RESULTS.md); any other
+    fast_backward     "auto" (default): on the CPU, the maps (per-token and aggregate) of
+                      models whose blocks above the hook are LLaMA-style decoder layers
+                      (transformers' Llama / Qwen2 / Mistral layers and subclasses, see
+                      :func:`fastvjp.unsupported_reason`) use a hand-written batched backward
+                      (:mod:`diffcam.attribution.fastvjp`: the blocks re-run from their
+                      captured inputs, checked against the real outputs, then the
+                      vector-Jacobian products by hand; 16 per-token maps of the tiny test
+                      models 1.3x (Qwen2-VL layout) to 1.8x (LLaVA layout) faster than
+                      autograd's vmapped backward, the aggregate map alone 3-4 % faster with a
+                      third less graph memory, bench/RESULTS.md); any other
                       model, device or a failed check uses autograd.  True: also on CUDA;
                       False: always autograd.  Same maps (within float32 rounding);
                       ``last_backward`` says which ran ("fast").
@@ -815,7 +817,7 @@ class Explainer:
         backward applies (see ``fast_backward``), else None.  With ``fast_check="once"`` the
         capture runs the checked re-implementation in place of the blocks for the kinds of call
         already checked on this layer (the last block keeping ``top_rows`` only)."""
-        if (self.fast_backward is False or K < 2 or not self.batched_backward
+        if (self.fast_backward is False or not self.batched_backward
                 or (self.fast_backward == "auto" and dev.type != "cpu")):
             return None
         if layer not in self._fast_off:

@@ -97,7 +97,7 @@ def test_backward_chunks_give_the_same_maps(request, img, img2, model, chunk, ba
     # `chunk`, a 1-vector pass loops (autograd) or runs the hand-written backward (fast)
     K = len(part[0].targets)
     sizes = [min(chunk, K - k0) for k0 in range(0, K, chunk)]
-    fast_on = fast and batched and K > 1
+    fast_on = fast and batched
     expect = ["fast" if fast_on else "batched" if (batched and n > 1) else "loop"
               for n in sizes]
     assert ex.last_backward == "+".join(dict.fromkeys(expect))

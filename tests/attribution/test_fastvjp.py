@@ -220,14 +220,32 @@ def test_explainer_fast_on_another_layer_and_trajectory(img):
             np.testing.assert_allclose(ef.maps[0][g], ea.maps[0][g], atol=2e-5)
 
 
-def test_explainer_top_layer_and_aggregate_use_autograd(img):
+def test_explainer_top_layer_uses_autograd(img):
     ad = tiny_llava_anyres(seed=0)
     ex = Explainer(ad, layer=-1)                    # no block above the hook
     ex.explain(img, PROMPT, answer="a red cat", targets="all")
     assert ex.last_backward == "batched" and "no block above" in ex._fast_off[3]
+
+
+@pytest.mark.parametrize("factory", [tiny_llava_anyres, tiny_qwen2vl])
+def test_aggregate_map_takes_the_fast_path(factory, img):
+    """One backward vector (aggregate_only) also goes through the hand-written backward (no
+    autograd graph above the hook: 3-4 % faster, graph memory 0.33-0.39 of a whole-model
+    backward instead of 0.52, bench/RESULTS.md) and gives autograd's map, also in a batch."""
+    ad = factory(seed=0)
+    kw = dict(answer=["a red cat on the box", "the dog"], targets="all", aggregate_only=True)
+    img2 = img[::-1].copy()
     ex = Explainer(ad)
-    ex.explain(img, PROMPT, answer="a red cat", targets="all", aggregate_only=True)
-    assert ex.last_backward == "loop"               # one vector: a plain backward
+    for _ in range(2):                  # checked, then run in place of the blocks
+        got = ex.explain([img, img2], PROMPT, **kw)
+        assert ex.last_backward == "fast"
+    ea = Explainer(ad, fast_backward=False)
+    ref = ea.explain([img, img2], PROMPT, **kw)
+    assert ea.last_backward == "loop"               # one vector: a plain backward
+    for a, b in zip(got, ref):
+        for g in b.maps[0]:
+            assert a.maps[0][g].shape[0] == 1
+            np.testing.assert_allclose(a.maps[0][g], b.maps[0][g], atol=2e-5)
 
 
 def test_explainer_falls_back_when_the_check_fails(img, monkeypatch):
