@@ -97,11 +97,12 @@ class Explainer:
                       :func:`fastvjp.unsupported_reason`) use a hand-written batched backward
                       (:mod:`diffcam.attribution.fastvjp`: the blocks re-run from their
                       captured inputs, checked against the real outputs, then the
-                      vector-Jacobian products by hand; 16 per-token maps of the tiny test
-                      models 1.3x (Qwen2-VL layout) to 1.8x (LLaVA layout) faster than
-                      autograd's vmapped backward, the aggregate map alone 3-4 % faster with a
-                      third less graph memory, bench/RESULTS.md); any other
-                      model, device or a failed check uses autograd.  True: also on CUDA;
+                      vector-Jacobian products by hand; 16 per-token maps of the tiny
+                      LLaVA-layout test model 1.8x faster than autograd's vmapped backward,
+                      of the 33-position Qwen2-VL-layout one up to 1.2x; the aggregate map
+                      alone 3-4 % faster with a third less graph memory, bench/RESULTS.md);
+                      any other model, device or a failed check uses autograd.  True: also
+                      on CUDA;
                       False: always autograd.  Same maps (within float32 rounding);
                       ``last_backward`` says which ran ("fast").
     fast_check        "once" (default): each block above the hook is checked against its real
