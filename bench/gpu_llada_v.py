@@ -25,6 +25,10 @@ generation plus backward):
   8 and 4 (``--chunks``); target <= 150 ms and peak GPU memory <= 20 GB (weights included);
 * the same at ``--extra-layers`` (default 24, see the estimate below), and the aggregate map
   alone (one backward vector);
+* the aggregate and the one-pass 16 maps again with ``Explainer(fast_backward=True)``
+  (``--fast-backward both``, the default): the hand-written backward of
+  ``diffcam.attribution.fastvjp`` (the CPU default, never run on a GPU yet; its blocks are
+  checked against the real ones, a mismatch falls back to autograd and shows in ``backward``);
 * a plain no-grad forward of the full sequence (the reference the pass is compared with);
 * **generation** of 64 tokens in 32 steps with LaViDa's prefix KV cache
   (``diffcam.adapters.lavida.prefix_cache_generate``): target <= 350 ms; for LLaDA-V, whose
@@ -34,8 +38,8 @@ generation plus backward):
   GB = 1e9 bytes; "base" is what was allocated before the case: the weights).
 
 Reading the output: the table (case, median and min ms, peak GB, peak above the weights,
-``backward`` -- ``Explainer.last_backward``: "batched" is one vmapped backward, "loop (...)" the
-fallback after an error --, target, met?); the JSON adds every time, the wall-clock medians,
+``backward`` -- ``Explainer.last_backward``: "batched" is one vmapped backward, "fast" the
+hand-written one, "loop (...)" the fallback after an error --, target, met?); the JSON adds every time, the wall-clock medians,
 the map shapes and finiteness, the warnings each case raised (e.g. a vmap "performance drop"
 warning names an op without a batching rule, such as an SDPA backward kernel), the build times,
 the estimate, and a ``torch.profiler`` table of one 16-map call per family.  The attribution
@@ -177,6 +181,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunks", default=None,
                    help="comma list of Explainer(backward_chunk=...) values for the 16-map pass "
                         "('none' = one pass; default 'none,8,4')")
+    p.add_argument("--fast-backward", default="both", choices=("auto", "both"),
+                   help="'both' (default): also time the aggregate and the one-pass 16-map "
+                        "attribution with Explainer(fast_backward=True), the hand-written "
+                        "backward of diffcam.attribution.fastvjp (checked against the real "
+                        "blocks; 'auto' uses it on the CPU only); 'auto': the defaults only")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-profile", action="store_true",
@@ -580,8 +589,8 @@ def run_family(family: str, a, device, dtype, layout: dict, cuda: bool, log) -> 
         case("prepare (template + tokenizer + splice of random image features)", "prepare",
              lambda: ad.prepare([image], prompt))
 
-        def explainer_case(name, layer_, chunk, agg, target=True):
-            ex = Explainer(ad, layer=layer_, backward_chunk=chunk)
+        def explainer_case(name, layer_, chunk, agg, target=True, fast="auto"):
+            ex = Explainer(ad, layer=layer_, backward_chunk=chunk, fast_backward=fast)
 
             def run():
                 return ex.explain(image, prompt, answer=answer, targets=targets,
@@ -596,7 +605,7 @@ def run_family(family: str, a, device, dtype, layout: dict, cuda: bool, log) -> 
                         target_ms=TARGET_PASS_MS if target else None,
                         target_gb=TARGET_PASS_GB if target else None,
                         info={"layer": layer_, "backward_chunk": chunk, "aggregate_only": agg,
-                              "expected_maps": 1 if agg else T + 1},
+                              "fast_backward": fast, "expected_maps": 1 if agg else T + 1},
                         on_out=on_out), run
 
         explainer_case(f"attribution, aggregate map, layer {layer}", layer, None, True)
@@ -606,6 +615,12 @@ def run_family(family: str, a, device, dtype, layout: dict, cuda: bool, log) -> 
                                     f"backward_chunk={chunk}", layer, chunk, False)
             if prof_fn is None:
                 prof_fn = run
+        if a.fast_backward == "both":
+            explainer_case(f"attribution, aggregate map, layer {layer}, hand-written backward",
+                           layer, None, True, fast=True)
+            explainer_case(f"attribution, {T} per-token maps, layer {layer}, "
+                           "backward_chunk=None, hand-written backward", layer, None, False,
+                           fast=True)
         for extra in _int_list(a.extra_layers):
             if not 0 <= extra < a.layers or extra == layer:
                 log(f"  (extra layer {extra} skipped: the model has {a.layers} blocks)")

@@ -71,8 +71,15 @@ def test_every_case_present_with_finite_positive_times(tiny_run, family):
     assert kinds.count("forward") == 1 and kinds.count("prepare") == 1
     assert kinds.count("generation") == 1
     attr = [c for c in cases if c["kind"] == "attribution"]
-    assert sorted(c["aggregate_only"] for c in attr) == [False] * len(CHUNKS) + [True]
-    assert [c["backward_chunk"] for c in attr if not c["aggregate_only"]] == list(CHUNKS)
+    # the defaults (aggregate, one 16-map pass per chunk size), then the same aggregate and
+    # one-pass 16 maps with Explainer(fast_backward=True) (--fast-backward both, the default)
+    auto = [c for c in attr if c["fast_backward"] == "auto"]
+    fast = [c for c in attr if c["fast_backward"] is True]
+    assert len(auto) + len(fast) == len(attr)
+    assert sorted(c["aggregate_only"] for c in auto) == [False] * len(CHUNKS) + [True]
+    assert [c["backward_chunk"] for c in auto if not c["aggregate_only"]] == list(CHUNKS)
+    assert sorted(c["aggregate_only"] for c in fast) == [False, True]
+    assert all(c["backward_chunk"] is None and c["backward"] == "fast" for c in fast)
     table = [line for line in out.splitlines() if line.startswith("| ")]
     for c in cases:
         assert c["error"] is None, c["error"]
