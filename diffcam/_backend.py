@@ -114,6 +114,30 @@ class _NumpyBackend:
         return self._ref.localization(maps, masks)
 
 
+def _installed_elsewhere(ext: str) -> str | None:
+    """The folder of an installed diffcam that has the compiled extension ``ext`` when the
+    package imported now is another copy without it (typically the source tree, when Python
+    runs in the repository's root: the current directory comes first on ``sys.path`` and
+    shadows the installed package), else None."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        from importlib import metadata
+
+        dist = metadata.distribution("diffcam")
+        files = dist.files or ()
+    except Exception:
+        return None
+    for f in files:
+        parts = f.parts
+        if len(parts) == 2 and parts[0] == "diffcam" and parts[1].startswith(ext + ".") \
+                and parts[1].endswith((".so", ".pyd")):
+            path = os.path.abspath(str(dist.locate_file(f)))
+            folder = os.path.dirname(path)
+            if os.path.exists(path) and os.path.normcase(folder) != os.path.normcase(here):
+                return folder
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _probe(name: str):
     """(module or None, reason)."""
@@ -136,6 +160,14 @@ def _probe(name: str):
                 "numba": ("numba is not installed" if getattr(exc, "name", "") == "numba"
                           else "the Numba kernels could not be imported"),
                 "cuda": "the CUDA extension diffcam._cuda is not installed"}[name]
+        other = {"native": "_core", "cuda": "_cuda"}.get(name)
+        other = _installed_elsewhere(other) if other else None
+        if other is not None:
+            here = os.path.dirname(os.path.abspath(__file__))
+            return None, (f"{what} next to the diffcam imported now ({here}), which shadows the "
+                          f"installed one in {other} (it has the extension): Python found this "
+                          "copy first on sys.path (the current directory?); run from another "
+                          "directory, or install in place with pip install -e .")
         return None, f"{what} ({exc})"
     except Exception as exc:  # a broken build must not take the package down
         return None, f"{type(exc).__name__}: {exc}"
@@ -178,7 +210,7 @@ def resolve_backend_name(backend: str | None = None, on_gpu: bool = False) -> st
             mod, reason = _probe(name)
             if mod is not None:
                 return name
-            if name == "native" and "not installed" not in reason:
+            if name == "native" and ("not installed" not in reason or "shadows" in reason):
                 warnings.warn(f"diffcam: the native backend is installed but cannot be used "
                               f"({reason}); falling back to a slower backend", RuntimeWarning,
                               stacklevel=3)

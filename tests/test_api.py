@@ -303,3 +303,65 @@ def test_import_is_light():
     r = _run("import sys, diffcam; print(sorted(m for m in ('torch', 'transformers', 'numba', "
              "'scipy') if m in sys.modules))")
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+class _FakeDist:
+    """An installed diffcam whose files include the compiled extension, in ``root``."""
+
+    def __init__(self, root, names):
+        from importlib.metadata import PackagePath
+
+        self.root = root
+        self.files = [PackagePath(f"diffcam/{n}") for n in names]
+
+    def locate_file(self, f):
+        return os.path.join(self.root, str(f))
+
+
+def test_source_tree_shadowing_the_installed_package_is_named(tmp_path, monkeypatch):
+    """Python run in the repository's root imports the source tree (no compiled extension)
+    instead of the installed package: the reason says so and where the installed one is, and
+    the automatic fallback warns instead of silently taking the slower backend."""
+    import importlib
+    import importlib.metadata
+    import warnings
+
+    from diffcam import _backend
+
+    so = "_core.cpython-311-x86_64-linux-gnu.so"
+    (tmp_path / "diffcam").mkdir()
+    (tmp_path / "diffcam" / so).write_bytes(b"")
+    monkeypatch.setattr(importlib.metadata, "distribution",
+                        lambda name: _FakeDist(str(tmp_path), ["__init__.py", so]))
+    real = importlib.import_module
+
+    def no_core(name, *a, **k):
+        if name == "diffcam._core":
+            raise ImportError("No module named 'diffcam._core'")
+        return real(name, *a, **k)
+    monkeypatch.setattr(importlib, "import_module", no_core)
+    monkeypatch.delenv("DIFFCAM_BACKEND", raising=False)
+    monkeypatch.delenv("DIFFCAM_DISABLE_EXTENSIONS", raising=False)
+    _backend._probe.cache_clear()
+    try:
+        reason = diffcam.backends()["native"].reason
+        assert "shadows the installed one in " + str(tmp_path / "diffcam") in reason
+        with pytest.raises(BackendUnavailableError, match="shadows"):
+            diffcam.refine(np.zeros((4, 4), np.float32), backend="native")
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            _backend.resolve_backend_name(None)
+        assert any("shadows" in str(x.message) for x in w)
+        # no installed copy with the extension: the plain reason, no warning
+        monkeypatch.setattr(importlib.metadata, "distribution",
+                            lambda name: _FakeDist(str(tmp_path), ["__init__.py"]))
+        _backend._probe.cache_clear()
+        reason = diffcam.backends()["native"].reason
+        assert "not installed" in reason and "shadows" not in reason
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            _backend.resolve_backend_name(None)
+        assert not w
+    finally:
+        monkeypatch.undo()
+        _backend._probe.cache_clear()
