@@ -554,3 +554,36 @@ def test_blocks_restored_when_a_substituted_pass_raises(img):
     ref = Explainer(ad, fast_backward=False).explain(img, PROMPT, **kw)
     for g in ref.maps[0]:
         np.testing.assert_allclose(got.maps[0][g], ref.maps[0][g], atol=2e-5)
+
+
+@pytest.mark.parametrize("factory", [tiny_llava_anyres, tiny_qwen2vl])
+def test_checked_once_over_a_random_sequence_of_calls(factory, img):
+    """One Explainer through a random sequence of calls that change what the blocks above the
+    hook see (batch size, padding, answer length, layer, per-token or aggregate maps): every
+    call's maps equal autograd's, whether its kind was new (real blocks, checked) or already
+    checked (re-implementation in place of the blocks)."""
+    ad, ad_ref = factory(seed=2), factory(seed=2)
+    rng = np.random.default_rng(5)
+    words = "a red cat and the dog on big box near tree".split()
+    imgs = [img, img[::-1].copy(), img[:, ::-1].copy()]
+    ex = Explainer(ad)
+    ref_ex = Explainer(ad_ref, fast_backward=False)
+    calls = _count_real_calls(ad.blocks())
+    kinds_seen = []
+    for _ in range(8):
+        n = int(rng.integers(1, 4))
+        answers = [" ".join(rng.choice(words, int(rng.integers(1, 7)))) for _ in range(n)]
+        kw = dict(answer=answers, targets="all", layer=int(rng.integers(0, 2)),
+                  aggregate_only=bool(rng.random() < 0.3))
+        got = ex.explain(imgs[:n], PROMPT, **kw)
+        ref = ref_ex.explain(imgs[:n], PROMPT, **kw)
+        assert ex.last_backward == "fast"
+        for a, b in zip(got, ref):
+            for g in b.maps[0]:
+                np.testing.assert_allclose(a.maps[0][g], b.maps[0][g], atol=3e-5)
+        kinds_seen.append(sum(len(d) for v in ex._fast_trusted.values() for d in v))
+    assert kinds_seen[-1] >= 2                 # more than one kind of call was checked
+    # the top block (above the hook at layers 0 and 1) ran for real once per kind checked
+    # (per layer), and the other calls ran the re-implementation in its place
+    checked = sum(len(v[-1]) for v in ex._fast_trusted.values())
+    assert calls[-1] == checked < 8, (calls, checked)
