@@ -407,6 +407,7 @@ class Explainer:
                     "answer_given": answers is not None,
                     "generation": None if answers is not None else dict(vars(generation)),
                     "logit_shift": shift, "backward": self.last_backward,
+                    "fast_check": self.fast_check,
                     "aggregate_only": self._aggregate_only,
                     "backward_chunk": self.backward_chunk,
                     "allocator_tuned": allocator_state()["tuned"],

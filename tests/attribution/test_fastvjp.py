@@ -453,6 +453,7 @@ def test_checked_kind_of_call_runs_in_place_of_the_blocks(factory, img):
     for _ in range(3):
         ex2.explain(img, PROMPT, **kw)
     assert calls == [4] * len(above) and ex2._fast_trusted == {}
+    assert outs[0].settings["fast_check"] == "once"
 
 
 def test_a_new_kind_of_call_is_checked_again(img):
