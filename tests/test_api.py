@@ -365,3 +365,44 @@ def test_source_tree_shadowing_the_installed_package_is_named(tmp_path, monkeypa
     finally:
         monkeypatch.undo()
         _backend._probe.cache_clear()
+
+
+def test_default_call_shortcut_equals_the_general_path(monkeypatch):
+    """refine(maps) with every default skips the argument plumbing for valid float32 NumPy maps
+    when the native backend is the automatic choice: bit-identical to the general path (the
+    same call with the config passed explicitly), for one map and a batch; anything else --
+    other dtypes, layouts, invalid values, a DIFFCAM_BACKEND choice -- takes the general path
+    with its errors."""
+    from diffcam.refine import pipeline
+
+    rng = np.random.default_rng(3)
+    maps = [make_map(rng, 27, 27, kind) for kind in ("peaks", "sparse", "uniform", "levels")]
+    taken = []
+    real = pipeline._default_call
+
+    def spy(m):
+        out = real(m)
+        taken.append(out is not None)
+        return out
+    monkeypatch.setattr(pipeline, "_default_call", spy)
+    native = diffcam.backends()["native"].available
+    for m in maps + [np.stack(maps), np.zeros((5, 5), np.float32), np.ones((3, 4), np.float32)]:
+        m = np.ascontiguousarray(m, dtype=np.float32)
+        got = diffcam.refine(m)
+        want = diffcam.refine(m, config=RefineConfig.paper())
+        assert got.dtype == np.float32 and got.shape == m.shape
+        np.testing.assert_array_equal(got, want)
+    assert taken and all(t == native for t in taken)
+    taken.clear()
+    m = np.ascontiguousarray(maps[0], dtype=np.float32)
+    diffcam.refine(m.astype(np.float64))                   # another dtype
+    diffcam.refine(np.asfortranarray(np.stack([m, m]).transpose(1, 2, 0)).transpose(2, 0, 1))
+    assert taken == [False, False]
+    for bad, match in ((np.full((4, 4), np.nan, np.float32), "NaN"),
+                       (-m, "negative"), (m + 2, "above")):
+        with pytest.raises(ValueError, match=match):
+            diffcam.refine(bad)
+    monkeypatch.setenv("DIFFCAM_BACKEND", "numpy")
+    taken.clear()
+    np.testing.assert_allclose(diffcam.refine(m), diffcam.refine(m, backend="numpy"), atol=0)
+    assert taken == [False]

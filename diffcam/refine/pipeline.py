@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .. import _backend
 from . import _common
 from ._arrays import as_batch
 from .config import BRANCH_NAMES
@@ -85,6 +88,11 @@ def refine(maps, config=None, tokens=None, interference=None, backend=None, retu
     >>> diffcam.refine(np.stack([m, m]), config="reference").shape
     (2, 27, 27)
     """
+    if (config is None and tokens is None and interference is None and backend is None
+            and not return_info and not normalize and threads is None):
+        out = _default_call(maps)
+        if out is not None:
+            return out
     cfg = _common.config_or_default(config)
     nthreads = _common.check_threads(threads)
     batch = as_batch(maps, "maps", max_value=1.0, normalize=normalize)
@@ -107,6 +115,35 @@ def refine(maps, config=None, tokens=None, interference=None, backend=None, retu
     )
     return result, info
 
+
+
+_ZERO = np.zeros(1, dtype=np.float64)
+
+
+def _default_call(maps):
+    """``refine(maps)`` with every default, for a valid C-contiguous float32 NumPy map or batch
+    when the native backend is the automatic choice: the same kernel call as the general path
+    without its argument plumbing (about 5 us less per call, which is a third of a single
+    token-grid map's time).  None for anything else (other types, dtypes or layouts, a
+    DIFFCAM_BACKEND choice, values the checks would reject), which then takes the general
+    path and its errors."""
+    if (type(maps) is not np.ndarray or maps.dtype != np.float32 or maps.ndim not in (2, 3)
+            or not maps.flags.c_contiguous or maps.size == 0):
+        return None
+    env = os.environ.get("DIFFCAM_BACKEND", "").strip().lower()
+    if env not in ("", "auto", "native"):
+        return None
+    mod = _backend._probe("native")[0]
+    value_range = getattr(mod, "value_range", None)
+    if value_range is None:
+        return None
+    lo, hi = value_range(maps)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo >= 0 and hi <= 1.0 + 1e-6):
+        return None
+    batch = maps[None] if maps.ndim == 2 else maps
+    zeros = _ZERO if batch.shape[0] == 1 else np.zeros(batch.shape[0], dtype=np.float64)
+    out = mod.refine(batch, None, zeros, _common._PAPER.to_params(), threads=0)[0]
+    return out[0] if maps.ndim == 2 else out
 
 
 def _backend_name(mod) -> str:
