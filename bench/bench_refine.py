@@ -7,8 +7,11 @@ would write) and ``scipy`` (scipy.ndimage.rank_filter, a speed reference point f
 only; it computes a plain median, not the rank-weighted filter).
 
 Modules: ``filter`` (AKD's rank-weighted Gaussian filter with a fixed k), ``dacg``, ``cba``,
-``sicd``, ``pipeline`` (``diffcam.refine``, the public API with its input validation) and
-``pipeline_kernel`` (the backend's ``refine`` kernel called directly: the cost without the API).
+``sicd``, ``pipeline`` (``diffcam.refine`` with the config, backend and threads passed: the
+public API with its input validation), ``pipeline_default`` (``diffcam.refine(maps)`` with every
+default, the automatic backend and all cores; timed under ``native``, which it picks where
+available: the API's shortcut for valid float32 NumPy maps) and ``pipeline_kernel`` (the
+backend's ``refine`` kernel called directly: the cost without the API).
 
 Threads: single token-grid maps run on one thread (threads=1: the "one map on one core"
 target); every other case uses all cores (threads=0).  naive / numpy / scipy are single-threaded.
@@ -34,13 +37,13 @@ TOKEN_BATCHES = [1, 1024]
 IMAGE_KS = [3, 7, 11]
 TOKEN_K = 3                       # what AKD picks on token grids (F_size = H / 512 is tiny)
 BACKENDS = ["native", "numba", "numpy", "naive", "scipy"]
-MODULES = ["filter", "dacg", "cba", "sicd", "pipeline", "pipeline_kernel"]
+MODULES = ["filter", "dacg", "cba", "sicd", "pipeline", "pipeline_default", "pipeline_kernel"]
 
 #: The paper's per-map CPU time of each module (ms).
 PAPER_BUDGET_MS = {"filter": 12.7, "dacg": 6.9, "cba": 5.6, "sicd": 10.2, "pipeline": 35.4,
-                   "pipeline_kernel": 35.4}
+                   "pipeline_default": 35.4, "pipeline_kernel": 35.4}
 PAPER_MODULE = {"filter": "AKD", "dacg": "DACG", "cba": "CBA", "sicd": "SICD",
-                "pipeline": "total", "pipeline_kernel": "total"}
+                "pipeline": "total", "pipeline_default": "total", "pipeline_kernel": "total"}
 CFG = RefineConfig.paper()
 PARAMS = CFG.to_params()
 
@@ -83,6 +86,8 @@ def _structural_skip(module, backend, shape, n, k):
         return "scipy.ndimage.rank_filter is only a reference point for the filter"
     if module == "pipeline_kernel" and backend not in ("native", "numba"):
         return "kernel-level pipeline only for the compiled backends"
+    if module == "pipeline_default" and backend != "native":
+        return "refine(maps) with every default picks its backend itself: timed as native"
     token = shape in TOKEN_SHAPES
     if backend == "numpy" and not (token and n == 1):
         return "the float64 reference is timed on single token-grid maps only (seconds per call)"
@@ -103,7 +108,7 @@ CASES = [c for c in _cases() if _structural_skip(*c) is None]
 
 def _quick(case):
     module, backend, shape, n, k = case
-    if module in ("pipeline", "pipeline_kernel") and shape == (27, 27):
+    if module in ("pipeline", "pipeline_default", "pipeline_kernel") and shape == (27, 27):
         return True
     return module == "filter" and shape == (1024, 1024) and k == 7
 
@@ -146,6 +151,8 @@ def _make_call(module, backend, maps, k, threads):
         return lambda: causal_debiasing(x, CFG, **kw)
     if module == "pipeline":
         return lambda: refine_api(x, CFG, **kw)
+    if module == "pipeline_default":          # every default: what most callers write
+        return lambda: refine_api(x)
     if module == "pipeline_kernel":
         mod = _backend.get_backend(backend)
         data = np.ascontiguousarray(maps)
@@ -179,7 +186,7 @@ def test_refine(benchmark, bench_options, bench_record, case):
     benchmark.group = f"{module} {h}x{w} n={n}" + (f" k={k}" if k else "")
     benchmark(_make_call(module, backend, maps, k, threads))
 
-    used = _threads_used(backend, threads)
+    used = _threads_used(backend, 0 if module == "pipeline_default" else threads)
     info = {"module": module, "paper_module": PAPER_MODULE[module], "backend": backend,
             "shape": f"{h}x{w}", "pixels": h * w, "batch": n, "k": k, "threads": used,
             "threads_arg": threads if backend in ("native", "numba") else None,

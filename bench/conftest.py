@@ -58,7 +58,7 @@ def bench_record(request):
 
 
 def _key(r):
-    module = "pipeline" if r["module"] == "pipeline_kernel" else r["module"]
+    module = "pipeline" if r["module"] in ("pipeline_kernel", "pipeline_default") else r["module"]
     return (module, r["shape"], r["batch"], r.get("k"))
 
 
@@ -67,7 +67,8 @@ def _table(records):
     lines = ["| module | shape | batch | k | backend | threads | median/call | us/map | maps/s "
              "| x naive | x paper budget | rounds |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    order = {"filter": 0, "dacg": 1, "cba": 2, "sicd": 3, "pipeline": 4, "pipeline_kernel": 5}
+    order = {"filter": 0, "dacg": 1, "cba": 2, "sicd": 3, "pipeline": 4, "pipeline_default": 5,
+             "pipeline_kernel": 6}
     border = {b: i for i, b in enumerate(ALL_BACKENDS)}
     for r in sorted(records, key=lambda r: (order.get(r["module"], 9), r["batch"],
                                             r["pixels"], r["shape"], r.get("k") or 0,
