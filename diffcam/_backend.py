@@ -12,8 +12,10 @@ Backends, fastest first:
 Selection: an explicit ``backend=`` argument wins; else the environment variable
 ``DIFFCAM_BACKEND``; else ``cuda`` for GPU arrays and the first available of native / numba /
 numpy for host arrays.  Asking for a backend that is not available raises
-:class:`BackendUnavailableError` with the reason and how to get it; a compiled backend that is
-present but broken only produces a warning when it is picked automatically.
+:class:`BackendUnavailableError` with the reason and how to get it.  When the automatic choice
+falls back from the native kernels (extension missing, broken, or shadowed by a copy of the
+package without it), a ``RuntimeWarning`` says why and what the fallback costs, once per process
+and reason; not when ``DIFFCAM_DISABLE_EXTENSIONS`` hides them on purpose.
 
 Example
 -------
@@ -206,14 +208,15 @@ def resolve_backend_name(backend: str | None = None, on_gpu: bool = False) -> st
             return backend
         if on_gpu:
             return "cuda"
+        why = None
         for name in HOST_ORDER:
             mod, reason = _probe(name)
             if mod is not None:
+                if why is not None:
+                    _warn_fallback(name, why)
                 return name
-            if name == "native" and ("not installed" not in reason or "shadows" in reason):
-                warnings.warn(f"diffcam: the native backend is installed but cannot be used "
-                              f"({reason}); falling back to a slower backend", RuntimeWarning,
-                              stacklevel=3)
+            if name == "native":
+                why = reason
         return "numpy"  # pragma: no cover - numpy is always there
     name = _check_name(backend, "backend")
     if on_gpu and name != "cuda":
@@ -221,6 +224,22 @@ def resolve_backend_name(backend: str | None = None, on_gpu: bool = False) -> st
             f"backend={backend!r} runs on the host but the maps live on a GPU; use "
             "backend='cuda' or move the maps to the host (tensor.cpu())")
     return name
+
+
+_WARNED: set = set()
+
+
+def _warn_fallback(name: str, why: str) -> None:
+    """Say once per process and reason that the automatic choice fell back from the native
+    kernels (not when the user hid them with DIFFCAM_DISABLE_EXTENSIONS)."""
+    if why.startswith("disabled by") or why in _WARNED:
+        return
+    _WARNED.add(why)
+    jit = (" Its first call of each kernel compiles it (up to ~20 s; cached on disk "
+           "afterwards)." if name == "numba" else "")
+    warnings.warn(f"diffcam: the native kernels cannot be used ({why}); using the {name} "
+                  f"backend, which is slower.{jit} Set DIFFCAM_BACKEND={name} to choose it "
+                  "explicitly (and silence this).", RuntimeWarning, stacklevel=4)
 
 
 def get_backend(backend: str | None = None, on_gpu: bool = False):

@@ -348,11 +348,14 @@ def test_source_tree_shadowing_the_installed_package_is_named(tmp_path, monkeypa
         assert "shadows the installed one in " + str(tmp_path / "diffcam") in reason
         with pytest.raises(BackendUnavailableError, match="shadows"):
             diffcam.refine(np.zeros((4, 4), np.float32), backend="native")
+        monkeypatch.setattr(_backend, "_WARNED", set())
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             _backend.resolve_backend_name(None)
-        assert any("shadows" in str(x.message) for x in w)
-        # no installed copy with the extension: the plain reason, no warning
+            _backend.resolve_backend_name(None)
+        assert len(w) == 1 and "shadows" in str(w[0].message)       # once per reason
+        # no installed copy with the extension: the plain reason, and the fallback says what
+        # its first call costs
         monkeypatch.setattr(importlib.metadata, "distribution",
                             lambda name: _FakeDist(str(tmp_path), ["__init__.py"]))
         _backend._probe.cache_clear()
@@ -360,6 +363,20 @@ def test_source_tree_shadowing_the_installed_package_is_named(tmp_path, monkeypa
         assert "not installed" in reason and "shadows" not in reason
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
+            name = _backend.resolve_backend_name(None)
+        if name == "numba":
+            assert len(w) == 1 and "compiles" in str(w[0].message)
+            assert "DIFFCAM_BACKEND=numba" in str(w[0].message)
+        # extensions hidden on purpose, or a backend chosen explicitly: no warning
+        monkeypatch.setenv("DIFFCAM_DISABLE_EXTENSIONS", "1")
+        _backend._probe.cache_clear()
+        monkeypatch.setattr(_backend, "_WARNED", set())
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            _backend.resolve_backend_name(None)
+            monkeypatch.delenv("DIFFCAM_DISABLE_EXTENSIONS")
+            _backend._probe.cache_clear()
+            monkeypatch.setenv("DIFFCAM_BACKEND", "numpy")
             _backend.resolve_backend_name(None)
         assert not w
     finally:
