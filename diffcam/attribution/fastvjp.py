@@ -305,9 +305,10 @@ def _structure(block, fwd):
     mods = (at, at.q_proj, at.k_proj, at.v_proj, at.o_proj, mlp, mlp.gate_proj, mlp.up_proj,
             mlp.down_proj, mlp.act_fn, block.input_layernorm, block.post_attention_layernorm)
     impl = getattr(getattr(at, "config", None), "_attn_implementation", None)
-    return (id(getattr(fwd, "__func__", fwd)), tuple(id(m) for m in mods), impl,
-            getattr(at, "is_causal", None), at.q_proj.weight.dtype,
-            tuple(bool(m.training) for m in (block,) + mods))
+    # the objects themselves (hashed by identity), not their id(): a replaced module that was
+    # freed could hand its id to a new one
+    return (getattr(fwd, "__func__", fwd), mods, impl, getattr(at, "is_causal", None),
+            at.q_proj.weight.dtype, tuple(bool(m.training) for m in (block,) + mods))
 
 
 class BlockCapture:
