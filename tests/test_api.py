@@ -414,7 +414,9 @@ def test_default_call_shortcut_equals_the_general_path(monkeypatch):
     m = np.ascontiguousarray(maps[0], dtype=np.float32)
     diffcam.refine(m.astype(np.float64))                   # another dtype
     diffcam.refine(np.asfortranarray(np.stack([m, m]).transpose(1, 2, 0)).transpose(2, 0, 1))
-    assert taken == [False, False]
+    big = np.ascontiguousarray(np.repeat(m[None], 100, axis=0))      # above the size limit
+    np.testing.assert_array_equal(diffcam.refine(big), diffcam.refine(big, RefineConfig.paper()))
+    assert taken == [False, False, False]
     for bad, match in ((np.full((4, 4), np.nan, np.float32), "NaN"),
                        (-m, "negative"), (m + 2, "above")):
         with pytest.raises(ValueError, match=match):

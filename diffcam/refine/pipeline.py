@@ -118,6 +118,9 @@ def refine(maps, config=None, tokens=None, interference=None, backend=None, retu
 
 
 _ZERO = np.zeros(1, dtype=np.float64)
+#: the shortcut's size limit: beyond it the general path's cost is noise next to the kernels'
+#: (and NumPy's vectorised range check beats the native one-pass scan, _arrays.host_range)
+_SHORTCUT_MAX = 1 << 16
 
 
 def _default_call(maps):
@@ -128,7 +131,7 @@ def _default_call(maps):
     DIFFCAM_BACKEND choice, values the checks would reject), which then takes the general
     path and its errors."""
     if (type(maps) is not np.ndarray or maps.dtype != np.float32 or maps.ndim not in (2, 3)
-            or not maps.flags.c_contiguous or maps.size == 0):
+            or not maps.flags.c_contiguous or not 0 < maps.size <= _SHORTCUT_MAX):
         return None
     env = os.environ.get("DIFFCAM_BACKEND", "").strip().lower()
     if env not in ("", "auto", "native"):
