@@ -8,10 +8,10 @@
 
 It is an ordinary :class:`~diffcam.adapters.generic.GenericAdapter`: LLaDA-V packing (placeholder
 -200 -> 4x4 base grid + 12x12 grid with a newline column), blocks at ``model.layers``, logit
-shift 0, hooked at block 0 (:data:`DIFFUSION_DEFAULT_LAYER`).  The autoregressive twin has causal attention and next-token logits (logit shift 1: row
-j - 1 scores token j); its ``generate`` decodes greedily left to right (one token per step, so
-its trajectory unmasks position s at step s), and it explains given answers (``answer=...``)
-like any adapter.
+shift 0, hooked at block 0 (:data:`DIFFUSION_DEFAULT_LAYER`).  The autoregressive twin has
+causal attention and next-token logits (logit shift 1: row j - 1 scores token j); its
+``generate`` decodes greedily left to right (one token per step, so its trajectory unmasks
+position s at step s), and it explains given answers (``answer=...``) like any adapter.
 """
 
 from __future__ import annotations

@@ -102,9 +102,8 @@ class Explainer:
                       of the 33-position Qwen2-VL-layout one up to 1.2x; the aggregate map
                       alone 3-4 % faster with a third less graph memory, bench/RESULTS.md);
                       any other model, device or a failed check uses autograd.  True: also
-                      on CUDA;
-                      False: always autograd.  Same maps (within float32 rounding);
-                      ``last_backward`` says which ran ("fast").
+                      on CUDA; False: always autograd.  Same maps (within float32
+                      rounding); ``last_backward`` says which ran ("fast").
     fast_check        "once" (default): each block above the hook is checked against its real
                       forward the first time it is called with a new kind of input (dtypes,
                       devices and ranks of its arguments, which arguments are given, the values
@@ -527,12 +526,14 @@ class Explainer:
             self._hooks.append(hook)
             try:
                 gather = None
+                scored = None
                 if extras is not _PER_ROW:
                     hook.positions = torch.as_tensor(union, dtype=torch.long, device=dev)
                     head = self._head_module() if self.head_rows_only else None
-                    cap = self._fast_capture(layer, K, dev,
-                                             self._scored_rows(rows, infos, prepared, shift,
-                                                               L, layer, dev))
+                    if self.fast_backward is not False:
+                        scored = self._scored_rows(rows, infos, prepared, shift, L, dev)
+                    cap = self._fast_capture(
+                        layer, dev, scored if self._rows_local.get(layer) else None)
                     try:
                         with cap or contextlib.nullcontext():
                             logits, gather = self._batched_forward(hook, head, embeds,
@@ -635,7 +636,8 @@ class Explainer:
                 how = []
                 fast = None if cap is None else {"cap": cap, "saved": None, "hidden": hidden,
                                                  "positions": hook.positions, "layer": layer,
-                                                 "tok": tokinfo, "g_tok": None, "k0": 0}
+                                                 "tok": tokinfo, "g_tok": None, "k0": 0,
+                                                 "scored": scored}
                 for k0 in range(0, K, C):
                     k1 = min(K, k0 + C)
                     grads = None
@@ -814,7 +816,7 @@ class Explainer:
 
         return logits, gather
 
-    def _fast_capture(self, layer, K, dev, top_rows=None):
+    def _fast_capture(self, layer, dev, top_rows=None):
         """A :class:`fastvjp.BlockCapture` of the blocks above ``layer`` when the hand-written
         backward applies (see ``fast_backward``), else None.  With ``fast_check="once"`` the
         capture runs the checked re-implementation in place of the blocks for the kinds of call
@@ -838,12 +840,12 @@ class Explainer:
                 trusted = self._fast_trusted[layer] = [dict() for _ in blocks]
         return fastvjp.BlockCapture(blocks, trusted=trusted, top_rows=top_rows)
 
-    def _scored_rows(self, rows, infos, prepared, shift, L, layer, dev):
+    @staticmethod
+    def _scored_rows(rows, infos, prepared, shift, L, dev):
         """The sequence positions whose logits are scored (as :meth:`_score_matrix` lists
-        them), sorted, when the head is known to work row by row on ``layer`` and they are at
-        most half of the ``L`` positions; else None (the top block then keeps every row)."""
-        if not self._rows_local.get(layer):
-            return None
+        them: where a top-block gradient can be non-zero), sorted, when they are at most half
+        of the ``L`` positions; else None (the top block then keeps every row).  They are used
+        only where the head is known to work row by row (``_rows_local``)."""
         pos = set()
         for i, _, _ in rows:
             P = prepared[i].prompt_length
@@ -924,14 +926,7 @@ class Explainer:
                                        "hooked block's output")
         g_top = self._top_grads(S, K, fast, top)
         if fast["saved"] is None:
-            # the scored positions: where any top-block gradient can be non-zero
-            toks = fast["tok"].get("toks")
-            rows = None
-            if toks and self._rows_local.get(fast["layer"]):
-                rows = torch.as_tensor(sorted({p for _, p in toks}), dtype=torch.long,
-                                       device=top.device)
-                if len(rows) > top.shape[1] // 2:
-                    rows = None
+            rows = fast["scored"] if self._rows_local.get(fast["layer"]) else None
             fast["saved"] = fastvjp.prepare(cap, top_rows=rows)
         G = fastvjp.backward(cap, fast["saved"], g_top)             # (K, B, L, D)
         self.last_backward = "fast"

@@ -172,11 +172,16 @@ def collect_split(adapter_or_factory, split: str, n: int, kinds: Sequence[str] =
     stats.setdefault("cached", 0)
     stats.setdefault("explained", 0)
     t0 = time.perf_counter()
+
+    def get_adapter():
+        if callable(adapter_or_factory) and not hasattr(adapter_or_factory, "prepare"):
+            return adapter_or_factory()
+        return adapter_or_factory
+
     if cache_dir and layer is None:
         # key the cache by the block actually hooked: a changed adapter default must not hit
         # maps made at another block
-        adapter = adapter_or_factory() if callable(adapter_or_factory) and not hasattr(
-            adapter_or_factory, "prepare") else adapter_or_factory
+        adapter = get_adapter()
         layer = int(adapter.default_layer)
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
@@ -193,8 +198,7 @@ def collect_split(adapter_or_factory, split: str, n: int, kinds: Sequence[str] =
                     stats["cached_seconds"] = stats.get("cached_seconds", 0.0) + meta["seconds"]
                 continue
         if adapter is None:
-            adapter = adapter_or_factory() if callable(adapter_or_factory) and not hasattr(
-                adapter_or_factory, "prepare") else adapter_or_factory
+            adapter = get_adapter()
         t1 = time.perf_counter()
         extra = {"gold_if_wrong": True} if gold_if_wrong else {}
         recs = collect(adapter, split, n=hi - lo, start=lo, kinds=kinds, layer=layer, **extra)
