@@ -321,20 +321,28 @@ def alignment_loss(model, tok, pixels, col, shp):
     return F.mse_loss(feats[:, keep], tgt[:, keep])
 
 
-def loss_stage1_embeds(model, embeds, n_img, batch):
-    """:func:`loss_stage1` with the image tokens given (``embeds``: (B, n_img, D)) instead of
-    pixels: the proxy warm-up's loss."""
+def loss_stage1_embeds(model, embeds, n_img, batch, objective: str = "mdm"):
+    """The proxy warm-up's loss: :func:`loss_stage1` (``objective="mdm"``: the whole response
+    masked, cross-entropy on the answer words) or :func:`loss_ar` (``"ar"``: teacher-forced
+    next-token cross-entropy on the answer and its ``<eos>``) with the image tokens given
+    (``embeds``: (B, n_img, D)) instead of pixels.  Returns (loss, answer-word accuracy)."""
+    if objective not in ("mdm", "ar"):
+        raise ValueError(f"objective must be 'mdm' or 'ar', got {objective!r}")
     _, ids, att, starts, lens = batch[:5]
     resp = _response_mask(ids, starts, lens)
-    noisy = torch.where(resp, torch.full_like(ids, model.config.mask_token_id), ids)
+    inp = ids if objective == "ar" else \
+        torch.where(resp, torch.full_like(ids, model.config.mask_token_id), ids)
     emb = model.model.embed_tokens
-    x = torch.cat([emb(noisy[:, :1]), embeds, emb(noisy[:, 2:])], dim=1)
+    x = torch.cat([emb(inp[:, :1]), embeds, emb(inp[:, 2:])], dim=1)
     att_e = torch.cat([att[:, :1], att.new_ones(att.shape[0], n_img), att[:, 2:]], dim=1)
     h = model.model(inputs_embeds=x, attention_mask=att_e, use_cache=False).last_hidden_state
-    lg, tgt = model.lm_head(h[:, n_img + 1:]), ids[:, 2:]
-    w = (resp[:, 2:] & (tgt != model.config.eos_token_id)).to(lg.dtype)
+    # ids[:, j >= 2] sits at position j + n_img - 1: scored there (mdm) or one before (ar)
+    start = n_img + 1 if objective == "mdm" else n_img
+    lg, tgt = model.lm_head(h[:, start:start + ids.shape[1] - 2]), ids[:, 2:]
+    words = (resp[:, 2:] & (tgt != model.config.eos_token_id)).to(lg.dtype)
+    w = resp[:, 2:].to(lg.dtype) if objective == "ar" else words
     ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none")
-    acc = ((lg.argmax(-1) == tgt).to(lg.dtype) * w).sum() / w.sum().clamp(min=1)
+    acc = ((lg.argmax(-1) == tgt).to(lg.dtype) * words).sum() / words.sum().clamp(min=1)
     return (ce.reshape(tgt.shape) * w).sum() / w.sum().clamp(min=1), float(acc)
 
 
@@ -353,14 +361,14 @@ def parse_schedule(text: str) -> list:
 
 
 def pretrain_proxy(model, tok, schedule, batch: int = 32, lr: float = 2e-3,
-                   offset: int = 4_000_000, log=print) -> list:
+                   offset: int = 4_000_000, log=print, objective: str = "mdm") -> list:
     """Proxy warm-up of the language model (docs/bundled_model.md, "Why the lookup does not
     emerge"): stage-1 training on shapes-world questions whose image is replaced by
     :func:`proxy_image_tokens`, the grid growing as ``schedule`` says ([(grid, steps), ...]; a
     stage on the model's own grid uses the real layout).  On the full-size grid from the start
     the lookup questions stay at chance; learned on 4x4 first they carry over to larger grids.
-    Trains everything the proxy touches (language model, embeddings, newline).  Returns the
-    history."""
+    Trains everything the proxy touches (language model, embeddings, newline), with the loss of
+    ``objective`` (:func:`loss_stage1_embeds`).  Returns the history."""
     params = [p for n, p in model.named_parameters()
               if not n.startswith(("vision_tower", "mm_projector", "base_pos", "hires_pos"))]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -375,9 +383,9 @@ def pretrain_proxy(model, tok, schedule, batch: int = 32, lr: float = 2e-3,
             lo = offset + step * batch
             pairs = list(shapes.samples("train", lo, lo + batch, kinds=kinds, weights=w))
             col, shp = label_grids([sc for sc, _ in pairs], g, proxy_labels)
-            b = make_batch(tok, pairs, "mdm", with_pixels=False)
+            b = make_batch(tok, pairs, objective, with_pixels=False)
             img = proxy_image_tokens(model, tok, col, shp, real)
-            loss, acc = loss_stage1_embeds(model, img, img.shape[1], b)
+            loss, acc = loss_stage1_embeds(model, img, img.shape[1], b, objective)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -800,12 +808,11 @@ def main(argv=None):
     if args.tie_plurals:     # before the language model trains (warm-up or fine-tune)
         tie_plurals(model, tok)
     if args.proxy:
-        if args.objective != "mdm":
-            raise SystemExit("--proxy is for the masked-diffusion objective")
         proxy_lr = args.lr if args.proxy_lr is None else args.proxy_lr
         log["proxy_history"] = pretrain_proxy(model, tok, parse_schedule(args.proxy),
                                               batch=args.batch, lr=proxy_lr,
-                                              log=lambda m: print(m, flush=True))
+                                              log=lambda m: print(m, flush=True),
+                                              objective=args.objective)
     if args.projector == "label_bottleneck" and not args.init_model:   # (loaded with the rest)
         set_projector_table(model, tok)
     if args.align_steps:

@@ -428,9 +428,10 @@ def test_pretrain_proxy_trains_the_language_side_on_a_growing_grid(monkeypatch):
     shapes_seen = []
     orig = train.loss_stage1_embeds
 
-    def spy(m, embeds, n_img, batch):
+    def spy(m, embeds, n_img, batch, objective):
         shapes_seen.append((tuple(embeds.shape), n_img, batch[0]))
-        return orig(m, embeds, n_img, batch)
+        assert objective == "mdm"
+        return orig(m, embeds, n_img, batch, objective)
 
     monkeypatch.setattr(train, "loss_stage1_embeds", spy)
     hist = train.pretrain_proxy(model, tok, [(4, 2), (12, 2)], batch=4, log=lambda m: None)
@@ -482,12 +483,60 @@ def test_training_run_with_proxy_warm_up_and_alignment(tmp_path):
     assert len(ad.blocks()) == 2 and ad.model.config.text_config.hidden_size == 32
 
 
-def test_proxy_needs_the_masked_diffusion_objective(tmp_path):
-    with pytest.raises(SystemExit, match="masked-diffusion"):
-        train.main(["--steps", "1", "--batch", "4", "--hidden", "32", "--layers", "1",
-                    "--heads", "2", "--vision-steps", "0", "--objective", "ar",
-                    "--proxy", "4:1", "--out", str(tmp_path / "w")])
-    assert not (tmp_path / "w").exists()
+def test_proxy_loss_of_the_ar_objective_is_the_teacher_forced_loss():
+    """With the model's own image tokens in the real layout, the proxy warm-up's loss is exactly
+    the training loss of its objective: loss_ar for the causal twin (answer and <eos> scored
+    from the row before) and loss_stage1 for masked diffusion."""
+    tok = build_tokenizer()
+    pairs = list(shapes.samples("val", 0, 4))
+    for objective, ref in (("ar", train.loss_ar), ("mdm", train.loss_stage1)):
+        model = train.build_model(tok, objective, 32, 1, 2, seed=0, vision_extra_layers=2,
+                                  end_positions=0)
+        train.reinit_language_model(model, 0.08, 1.0)     # far from uniform logits
+        b = train.make_batch(tok, pairs, objective)
+        feats = model.image_features(b[0])
+        got, acc = train.loss_stage1_embeds(model, feats, feats.shape[1], b, objective)
+        want = ref(model, b)[0]
+        assert got.item() == pytest.approx(want.item(), rel=1e-5), objective
+        assert 0 <= acc <= 1
+    # the causal loss really is next-token: shifting the targets by one changes it
+    model = train.build_model(tok, "ar", 32, 1, 2, seed=0, vision_extra_layers=2)
+    train.reinit_language_model(model, 0.08, 1.0)
+    b = train.make_batch(tok, pairs, "ar")
+    feats = model.image_features(b[0])
+    ar = train.loss_stage1_embeds(model, feats, feats.shape[1], b, "ar")[0]
+    mdm_rows = train.loss_stage1_embeds(model, feats, feats.shape[1], b, "mdm")[0]
+    assert abs(ar.item() - mdm_rows.item()) > 1e-3
+    with pytest.raises(ValueError, match="objective"):
+        train.loss_stage1_embeds(model, feats, feats.shape[1], b, "causal")
+
+
+def test_training_run_of_the_twin_with_proxy_warm_up(tmp_path, monkeypatch):
+    """--proxy also warms up the causal twin (with the next-token loss), after which a
+    label-bottleneck projector's table points at the twin's own word embeddings."""
+    seen = []
+    orig, orig_table = train.loss_stage1_embeds, train.set_projector_table
+
+    def spy(m, embeds, n_img, batch, objective):
+        seen.append(objective)
+        return orig(m, embeds, n_img, batch, objective)
+
+    def spy_table(m, tok):
+        orig_table(m, tok)
+        ct, st = train._label_tables(m, tok)
+        seen.append(torch.equal(m.mm_projector.table.weight.T, torch.cat([ct, st])))
+
+    monkeypatch.setattr(train, "loss_stage1_embeds", spy)
+    monkeypatch.setattr(train, "set_projector_table", spy_table)
+    out = tmp_path / "w"
+    log = train.main(["--steps", "2", "--batch", "4", "--hidden", "32", "--layers", "2",
+                      "--heads", "2", "--eval-every", "2", "--vision-steps", "0",
+                      "--objective", "ar", "--projector", "label_bottleneck",
+                      "--proxy", "4:2,12:1", "--out", str(out)])
+    assert seen == ["ar"] * 3 + [True] and log["steps_done"] == 2   # table set after the proxy
+    assert [(h["step"], h["grid"]) for h in log["proxy_history"]] == [(3, 12)]
+    m = diffcam.load("bundled", str(out)).model
+    assert m.config.causal and m.config.projector_type == "label_bottleneck"
 
 
 # ---------------------------------------------------------------- label-bottleneck projector
@@ -593,7 +642,7 @@ def test_label_grids_stack_each_scenes_labels():
 def test_proxy_lr_defaults_to_lr(monkeypatch, tmp_path, extra, want):
     seen = []
 
-    def spy(model, tok, schedule, batch, lr, log):
+    def spy(model, tok, schedule, batch, lr, log, objective):
         seen.append(lr)
         return []
 
