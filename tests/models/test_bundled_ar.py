@@ -21,24 +21,25 @@ from diffcam.models.bundled import weights_dir
 AR_DIR = weights_dir("autoregressive")
 DIFF_DIR = weights_dir("diffusion")
 N_ACC = 30        # test scenes 0..29 for the answer floors (one question of every kind each)
-N_MAPS = 5        # test scenes 500..504 for the map-localization check
+N_MAPS = 10       # test scenes 500..509 for the map-localization checks
 
 #: Exact-match accuracy floors on test scenes 0..N_ACC-1 (greedy decoding,
-#: ``evaluate.answer_accuracy``).  Measured on the shipped weights (3150 steps, 25 min, on the
-#: tower of the 2026-12-05 diffusion model):
+#: ``evaluate.answer_accuracy``).  Measured on the shipped weights (2026-12-07: label-bottleneck
+#: projector, proxy warm-up, 4415 steps, 55 min):
 #:
 #:   kind       test 0-99   test 100-199   test 0-29 (this test)   best constant answer (0-199)
-#:   describe   0.85        0.81           0.70  (21/30)           0.02  ('a orange star .')
-#:   colour     0.637       0.585          0.68  (19/28)           0.21  ('yellow'; 0.26 per prompt)
-#:   count      0.716       0.764          0.72  (23/32)           0.35  ('one';    0.41 per prompt)
-#:   presence   0.50        0.54           0.57  (17/30)           0.51  ('no': 198 of 200 answers)
+#:   describe   0.87        0.87           0.87  (26/30)           0.02  ('a orange star .')
+#:   colour     0.714       0.660          0.54  (15/28)           0.21  ('yellow'; 0.26 per prompt)
+#:   count      0.945       0.981          0.91  (29/32)           0.35  ('one';    0.41 per prompt)
+#:   presence   0.99        0.97           1.00  (30/30)           0.51  ('no')
 #:
 #: (colour questions whose shape repeats fall back to count questions, hence 28 / 32.)  Each
-#: floor is the 200-scene accuracy minus 15-20 points, and stays well above the best constant
-#: answer (even one chosen per prompt text).  Presence has no floor: the twin answers "no" to
-#: almost every presence question, i.e. the constant baseline (see test_presence_beats_chance).
-FLOORS = {"describe": 0.65, "colour": 0.45, "count": 0.55}
-CONSTANT_BASELINE = {"describe": 0.02, "colour": 0.26, "count": 0.41}
+#: floor is about the 200-scene accuracy minus 15-20 points, and stays well above the best
+#: constant answer (even one chosen per prompt text).  The colour floor is low: the twin often
+#: names the colour of another object (purple -> green, yellow -> orange), see
+#: docs/bundled_model.md.
+FLOORS = {"describe": 0.70, "colour": 0.45, "count": 0.75, "presence": 0.80}
+CONSTANT_BASELINE = {"describe": 0.02, "colour": 0.26, "count": 0.41, "presence": 0.51}
 
 
 @pytest.fixture(scope="module")
@@ -150,13 +151,14 @@ def test_answers_are_well_formed(answers):
             assert "<" not in ans, (idx, prompt, ans)                 # no special tokens
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="the shipped twin answers 'no' to 198 of 200 presence questions (the "
-                   "constant baseline); remove the marker when retrained weights pass")
 def test_presence_beats_chance(answers):
+    """The twin before 2026-12-07 (no proxy warm-up) answered "no" to 198 of 200 presence
+    questions; the shipped one answers both ways and far above the constant answer."""
     acc, recs = answers
     gold = Counter(r[3] for r in recs if r[1] == "presence")
+    said = Counter(r[4] for r in recs if r[1] == "presence")
     constant = max(gold.values()) / sum(gold.values())
+    assert said["yes"] > 0 and said["no"] > 0, said
     assert acc["presence"] >= constant + 0.10, (acc["presence"], gold)
 
 
@@ -219,36 +221,41 @@ def _describe_maps(adapter, lo, n, gradcam="paper"):
     return recs
 
 
+@pytest.fixture(scope="module")
+def twin_maps(adapter):
+    """Raw maps (paper aggregation) of the gold descriptions of test 500..509, of the twin and
+    of a copy with every weight re-initialised (``evaluate.randomised_copy``, seed 0)."""
+    return (_describe_maps(adapter, 500, N_MAPS),
+            _describe_maps(evaluate.randomised_copy(adapter, 0), 500, N_MAPS))
+
+
+def test_maps_beat_noise_and_a_randomised_copy(twin_maps):
+    """Teacher-forced maps of the colour and shape words of 10 gold descriptions overlap the
+    named objects far more than uniform noise maps and than the maps of the same model with
+    re-initialised weights (a bare "beats noise" check would not tell a trained model from an
+    untrained one).  Measured Obj-IoU on test 500..509: 0.101 (500..529: 0.096, its 5-scene
+    windows 0.060-0.131); noise 0.029 on 500..529; randomised copies, seeds 0 / 1: 0.032 / 0.033.
+    The twin shipped until 2026-12-05 gave 0.053 on 500..529, no better than its randomised
+    copies (0.067-0.074): its maps localized only under the reference aggregation."""
+    recs, rand = twin_maps
+    raw = evaluate.score_maps(recs, "raw")
+    rnd = evaluate.score_maps(recs, "random")
+    untrained = evaluate.score_maps(rand, "raw")
+    assert raw["n_maps"] == rnd["n_maps"] == untrained["n_maps"] == \
+        2 * sum(shapes.scene("test", r.index).n_named for r in recs)
+    assert raw["obj_iou"] > 2.5 * rnd["obj_iou"], (raw, rnd)
+    assert raw["obj_iou"] > 2 * untrained["obj_iou"], (raw, untrained)
+
+
 @pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 5: with the paper's Grad-CAM aggregation the maps of the twin "
-                   "trained on the 2026-12-05 tower do not localize (raw Obj-IoU 0.053 on test "
-                   "500..529, a randomised copy 0.067-0.074); remove the marker when they do")
-def test_maps_localize_better_than_random(adapter):
-    """Teacher-forced maps of the colour and shape words of 5 gold descriptions should overlap
-    the named objects far more than uniform noise maps.  The twin shipped until 2026-12-05 (on
-    the 600-step tower) gave Obj-IoU 0.226 on test 500..504 (noise 0.030; the same model with
-    re-initialised weights, ``evaluate.randomised_copy`` seeds 0 / 1: 0.067 / 0.074, so a bare
-    "beats noise" check would not tell a trained model from an untrained one).  Today's twin
-    (3150 steps on the 1500-step tower): 0.096 on 500..504, 0.008-0.096 on the 5-scene windows
-    of 500..529, 0.053 on all 30 (hooking block 0 / 2 instead: 0.069 / 0.070; the 4x4 base
-    grid's maps 0.017): no better than an untrained model.  The grounding is there, the
-    aggregation hides it: see test_reference_aggregation_localizes."""
-    recs = _describe_maps(adapter, 500, N_MAPS)
+                   reason="issue 5: the twin's maps localize (3x noise) but at Obj-IoU 0.10 on "
+                   "test 500..509, far below the diffusion model's 0.25 under the same "
+                   "protocol; remove the marker when a retrained twin reaches 0.15")
+def test_maps_localize_like_the_diffusion_models(twin_maps):
+    """The same maps as the diffusion model's: with the paper's aggregation the shipped
+    diffusion model reaches Obj-IoU 0.255 on the gold descriptions of test 500..529 (block 0,
+    teacher forced, no ``<eos>`` padding), the twin 0.096 (block 1, chosen on val scenes 0-39:
+    0.090 against 0.067 at block 0 and 0.067 at block 2)."""
+    recs, _ = twin_maps
     raw = evaluate.score_maps(recs, "raw")
-    rnd = evaluate.score_maps(recs, "random")
-    assert raw["n_maps"] == rnd["n_maps"] == 2 * sum(shapes.scene("test", r.index).n_named
-                                                     for r in recs)
-    assert raw["obj_iou"] > 0.15 and raw["obj_iou"] > 4 * rnd["obj_iou"], (raw, rnd)
-
-
-def test_reference_aggregation_localizes(adapter):
-    """The released code's Grad-CAM aggregation (``gradcam="reference"``: positive gradients,
-    ReLU per channel, mean over channels) does localize on the twin, so its image tokens at the
-    hooked block carry the objects and the paper's aggregation (channel weights = gradient
-    averaged over the grid) is what washes them out.  Measured Obj-IoU on test 500..509: 0.156
-    (5-scene windows of 500..529: 0.100-0.226; noise maps 0.024-0.031; randomised copies, seeds
-    0 / 1, same aggregation: 0.082 / 0.087, so the floor 0.12 tells trained from untrained)."""
-    recs = _describe_maps(adapter, 500, 10, gradcam="reference")
-    raw = evaluate.score_maps(recs, "raw")
-    rnd = evaluate.score_maps(recs, "random")
-    assert raw["obj_iou"] > 0.12 and raw["obj_iou"] > 4 * rnd["obj_iou"], (raw, rnd)
+    assert raw["obj_iou"] > 0.15, raw
