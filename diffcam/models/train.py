@@ -1,8 +1,9 @@
 """Train the bundled model on the shapes world (seeded, CPU).
 
     python -m diffcam.models.train                       # the masked-diffusion model
-    python -m diffcam.models.train --objective ar --max-minutes 30 \
-        --init-vision diffcam/models/weights/diffusion   # the autoregressive twin
+    python -m diffcam.models.train --objective ar --projector label_bottleneck \
+        --init-vision diffcam/models/weights/diffusion --proxy 4:400,8:300,12:900 ...
+                                                         # the autoregressive twin
 
 Masked diffusion: after ``--stage1-steps`` warm-up steps (the whole response masked, the loss
 on the answer words only: :func:`loss_stage1`), LLaDA's SFT recipe: each training answer is
@@ -10,8 +11,10 @@ padded with ``<eos>`` to ``gen_length`` tokens; a masking ratio ``t ~ U(eps, 1)`
 sample, every response token is masked with probability ``t``, and the loss is the
 cross-entropy on the masked positions weighted by ``1 / t`` and averaged over the response
 length.  The prompt (with the image) is never masked.  The autoregressive twin shares the
-diffusion model's (frozen) vision tower and uses causal attention and next-token cross-entropy
-on the answer and one ``<eos>``.
+diffusion model's (frozen) vision tower (and, with ``--projector label_bottleneck``, its
+projector's classifier) and uses causal attention and next-token cross-entropy on the answer
+and one ``<eos>``, also in the proxy warm-up.  The exact commands of the shipped weights are in
+docs/bundled_model.md.
 
 Fine-tuning a trained model (``--init-model``): every weight is loaded from that folder and the
 pre-training stages are skipped; ``--kind-weights`` changes the question mix,
