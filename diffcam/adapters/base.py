@@ -22,13 +22,33 @@ Grad-CAM; an adapter never keeps an autograd graph alive.
 from __future__ import annotations
 
 import abc
+import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 if TYPE_CHECKING:  # no runtime import: diffcam.attribution imports this module (import cycle)
     from ..attribution.layout import ImageLayout
 
-__all__ = ["Adapter", "PreparedSample", "GenerationConfig", "GenerationResult"]
+__all__ = ["Adapter", "PreparedSample", "GenerationConfig", "GenerationResult",
+           "cache_kwarg"]
+
+
+def cache_kwarg(fn) -> str:
+    """The keyword under which a transformers callable takes its KV cache: ``"cache"`` where
+    the installed transformers has renamed it (``past_key_values`` is deprecated there and goes
+    in 5.40), ``"past_key_values"`` in older releases.  Adapters pass a cache as
+    ``fn(**{cache_kwarg(fn): cache})`` so they work on both sides of the rename.
+
+    >>> def old(x, past_key_values=None): ...
+    >>> def new(x, cache=None): ...
+    >>> cache_kwarg(old), cache_kwarg(new)
+    ('past_key_values', 'cache')
+    """
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):          # a builtin or C callable: the old name
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 @dataclass

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from .generic import GenericAdapter
-from .base import Adapter, GenerationConfig, GenerationResult, PreparedSample
+from .base import Adapter, GenerationConfig, GenerationResult, PreparedSample, cache_kwarg
 
 __all__ = ["DiffusionGemmaAdapter", "load", "CHECKPOINTS", "MIN_TRANSFORMERS"]
 
@@ -197,12 +197,13 @@ class DiffusionGemmaAdapter(Adapter):
         tt = extras["mm_token_type_ids"].to(inputs_embeds.device)
         if tt.shape[0] != B:
             tt = tt.expand(B, -1)
-        masks = self.encoder.create_masks_for_generate(
-            config=self.config, inputs_embeds=inputs_embeds, attention_mask=None,
-            past_key_values=None, position_ids=pos, mm_token_type_ids=tt)
+        make_masks, lm = self.encoder.create_masks_for_generate, self.encoder.language_model
+        masks = make_masks(config=self.config, inputs_embeds=inputs_embeds, attention_mask=None,
+                           position_ids=pos, mm_token_type_ids=tt,
+                           **{cache_kwarg(make_masks): None})
         cache = DynamicCache()
-        self.encoder.language_model(inputs_embeds=inputs_embeds, attention_mask=masks,
-                                    position_ids=pos, past_key_values=cache)
+        lm(inputs_embeds=inputs_embeds, attention_mask=masks, position_ids=pos,
+           **{cache_kwarg(lm.forward): cache})
         return cache
 
     def _prefix_cache(self, full, upto: int):
@@ -234,8 +235,9 @@ class DiffusionGemmaAdapter(Adapter):
             ids = torch.full((B, C), self.pad_token_id, dtype=torch.long, device=canvas.device)
             pos = torch.arange(lo, lo + C, device=canvas.device)[None]
             with self._canvas_embeddings(canvas):
-                out = self.decoder(decoder_input_ids=ids, past_key_values=self._prefix_cache(full, lo),
-                                   decoder_position_ids=pos)
+                out = self.decoder(decoder_input_ids=ids, decoder_position_ids=pos,
+                                   **{cache_kwarg(self.decoder.forward):
+                                      self._prefix_cache(full, lo)})
             hidden.append(out.last_hidden_state[:, :min(C, L - lo)])
         return self._head(torch.cat(hidden, 1))
 

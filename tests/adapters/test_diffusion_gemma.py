@@ -12,6 +12,7 @@ from PIL import Image
 
 import diffcam
 from transformers import LogitsProcessor, LogitsProcessorList
+from diffcam.adapters.base import cache_kwarg
 from diffcam.adapters.diffusion_gemma import DiffusionGemmaAdapter
 from diffcam.testing.twins.diffusion_gemma import GEMMA_IDS, diffusion_gemma_twin
 
@@ -191,12 +192,13 @@ def test_raw_map_equals_hand_gradcam_through_the_encoder(ad, twin, img, layer):
             cache = DynamicCache(config=model.config.get_text_config())
             masks = enc.create_masks_for_generate(
                 config=model.config, inputs_embeds=x, attention_mask=torch.ones(1, P).bool(),
-                past_key_values=cache, position_ids=pos,
-                mm_token_type_ids=s.extras["mm_token_type_ids"])
-            enc(inputs_embeds=x, attention_mask=masks, position_ids=pos, past_key_values=cache)
+                position_ids=pos, mm_token_type_ids=s.extras["mm_token_type_ids"],
+                **{cache_kwarg(enc.create_masks_for_generate): cache})
+            enc(inputs_embeds=x, attention_mask=masks, position_ids=pos,
+                **{cache_kwarg(enc.forward): cache})
             canvas = torch.tensor([ans + [GEMMA_IDS["pad"]] * (C - len(ans))])
-            logits = model(past_key_values=cache, decoder_input_ids=canvas,
-                           decoder_position_ids=torch.arange(P, P + C)[None]).logits[0]
+            logits = model(decoder_input_ids=canvas, decoder_position_ids=torch.arange(P, P + C)[None],
+                           **{cache_kwarg(model.forward): cache}).logits[0]
             sc = [sum(logits[j, ans[j]] for j in t) for t in ([0], [1, 2])]
             sc.append(sc[0] + sc[1])
             A = store["a"]
@@ -273,3 +275,21 @@ def test_trajectory_from_argmax_drafts():
                      [0, 0, 0, 0, 0, 0, 0, 0]], bool)
     np.testing.assert_array_equal(r.masked.numpy(), want)
     assert r.steps == 3 and r.hidden_has_image.tolist() == [True, False, False, False]
+
+
+def test_no_deprecated_cache_keyword(ad, img):
+    """The adapter hands transformers' DiffusionGemma classes their KV cache under the keyword
+    the installed release takes (``cache`` since the rename; ``past_key_values`` is deprecated
+    there and goes in transformers 5.40), so a forward and a generation raise no deprecation
+    warning about it."""
+    import warnings
+
+    s = ad.prepare([img], PROMPT)
+    x = torch.cat([s.inputs_embeds, ad.embed_tokens(torch.tensor([5, 6, 7]))])[None]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            ad.generate(s, diffcam.GenerationConfig(steps=2, gen_length=C))
+            ad.forward(x, None, ad.extend_extras(s, x.shape[1]))
+    msgs = [str(w.message) for w in seen if "past_key_values" in str(w.message)]
+    assert msgs == [], msgs

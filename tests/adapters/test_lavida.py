@@ -325,3 +325,20 @@ def test_load_errors(twins, monkeypatch):
         diffcam.load("lavida", "jacklishufan/lavida-llada-v1.0-instruct", check_versions=False)
     assert "NOT_ALWASY_DO_2DPOOL" not in os.environ            # LaViDa: pooling on
     assert lavida.CHECKPOINTS["dream"] == ("jacklishufan/lavida-dream-v1.0-instruct",)
+
+
+@pytest.mark.parametrize("backbone", ["llada", "dream"])
+def test_twin_blocks_take_the_cache_under_the_current_keyword(adapters, backbone):
+    """The twins' blocks are transformers' Llama / Qwen2 decoder layers; they get the KV cache
+    of the prefix-cache sampler under the keyword the installed release takes (``cache``
+    since transformers renamed it; ``past_key_values`` is deprecated there and goes in 5.40),
+    so a cached generation raises no deprecation warning about it."""
+    import warnings
+
+    ad = adapters[backbone]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        res = ad.generate(ad.prepare([IMG], PROMPT), GenerationConfig(steps=2, gen_length=4))
+    assert res.hidden_has_image.tolist() == [True, False, False]    # the cache was used
+    msgs = [str(w.message) for w in seen if "past_key_values" in str(w.message)]
+    assert msgs == [], msgs

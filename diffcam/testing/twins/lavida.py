@@ -45,6 +45,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ...adapters.base import cache_kwarg
+
 from .llada_v import (LLADA_SPECIAL_IDS, LLADA_VOCAB, LlavaMetaForCausalLMTwin, LlavaMetaModelTwin,
                       Twin, TwinImageProcessor, TwinTokenizer, _finalize, _focus_head,
                       _llama_config, _size_overrides, llada_chat, process_images)
@@ -102,16 +104,24 @@ def _block_classes():
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
+    # the KV cache goes to transformers' layers under the name the installed release uses
+    # (``past_key_values`` became ``cache``)
+    llama_kv, qwen2_kv = cache_kwarg(LlamaDecoderLayer.forward), cache_kwarg(Qwen2DecoderLayer.forward)
+
     class LLaDALlamaBlock(LlamaDecoderLayer):
         """LLaDA's block: returns ``(hidden_states, cache)``."""
 
-        def forward(self, *args, **kwargs):
+        def forward(self, *args, past_key_values=None, **kwargs):
+            if past_key_values is not None:      # (the checkpointed call passes it by position)
+                kwargs[llama_kv] = past_key_values
             return super().forward(*args, **kwargs), None
 
     class DreamDecoderLayer(Qwen2DecoderLayer):
         """Dream's decoder layer: returns ``(hidden_states,)``."""
 
-        def forward(self, *args, **kwargs):
+        def forward(self, *args, past_key_values=None, **kwargs):
+            if past_key_values is not None:      # (the checkpointed call passes it by position)
+                kwargs[qwen2_kv] = past_key_values
             return (super().forward(*args, **kwargs),)
 
     return LLaDALlamaBlock, DreamDecoderLayer
