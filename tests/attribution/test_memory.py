@@ -114,3 +114,24 @@ def test_weights_that_require_grad_add_nothing_to_the_graph(img):
     finally:
         h.remove()
     assert [p.requires_grad for p in live.model.parameters()] == flags
+
+
+def test_params_requiring_grad_matches_module_parameters():
+    """The walk that _weights_frozen runs on every call lists exactly what
+    ``model.parameters()`` lists with requires_grad set, each parameter once: tied weights,
+    a module reachable twice and a None submodule included."""
+    from diffcam.attribution.explainer import _params_requiring_grad
+
+    lin = torch.nn.Linear(3, 3)
+    m = torch.nn.Sequential(lin, torch.nn.ReLU(), torch.nn.Linear(3, 3), lin)
+    m.tied = torch.nn.Linear(3, 3)
+    m.tied.weight = m[2].weight                       # one parameter in two modules
+    m.register_module("nothing", None)
+    m[2].bias.requires_grad_(False)
+    m.extra = torch.nn.Parameter(torch.zeros(2))
+    got = _params_requiring_grad(m)
+    want = [p for p in m.parameters() if p.requires_grad]
+    assert len(got) == len(want) == len({id(p) for p in want})
+    assert {id(p) for p in got} == {id(p) for p in want}
+    m.requires_grad_(False)
+    assert _params_requiring_grad(m) == []
