@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,8 +132,7 @@ def _default_call(maps):
     if (type(maps) is not np.ndarray or maps.dtype != np.float32 or maps.ndim not in (2, 3)
             or not maps.flags.c_contiguous or not 0 < maps.size <= _SHORTCUT_MAX):
         return None
-    env = os.environ.get("DIFFCAM_BACKEND", "").strip().lower()
-    if env not in ("", "auto", "native"):
+    if _backend.resolve_backend_name() != "native":     # DIFFCAM_BACKEND, availability
         return None
     mod = _backend._probe("native")[0]
     value_range = getattr(mod, "value_range", None)
