@@ -53,7 +53,7 @@ class EmptyAnswerError(ValueError):
 
 
 SCORES = ("logit", "logprob", "vocab_sum")
-METHODS = ("diffusion-cam", "grad-cam")
+METHODS = ("diffusion-cam", "grad-cam", "llava-cam", "tam")
 GRADCAM_VARIANTS = ("paper", "reference")
 
 
@@ -111,6 +111,13 @@ class Explainer:
                       checked kind run the checked re-implementation in place of the block, so
                       those blocks run once per call instead of twice.  "always": every call
                       runs the real blocks and checks the re-run against them.
+    llava_cam_norm    ``method="llava-cam"`` hooks this attribute of block ``layer`` (a dotted
+                      path allowed); None (default): the norm that feeds the block's MLP
+                      (:func:`diffcam.baselines.mlp_input_norm`)
+    llava_cam_threshold  LLaVA-CAM's threshold on the max-normalised map (default 0.5; None:
+                      no threshold)
+    tam_kernel        the rank Gaussian filter's window of ``method="tam"`` (default 3, odd,
+                      3 to 31; None: no filter)
 
     >>> from diffcam.testing import tiny_llava_anyres
     >>> ex = Explainer(tiny_llava_anyres(seed=0), backward_chunk=4)
@@ -128,7 +135,8 @@ class Explainer:
                  batched_backward: bool = True, head_rows_only: bool = True,
                  backward_chunk: Optional[int] = None,
                  tune_allocator: Optional[bool] = None, fast_backward="auto",
-                 fast_check: str = "once"):
+                 fast_check: str = "once", llava_cam_norm: Optional[str] = None,
+                 llava_cam_threshold: Optional[float] = 0.5, tam_kernel: Optional[int] = 3):
         if not isinstance(adapter, Adapter) and not all(
                 hasattr(adapter, a) for a in ("blocks", "prepare", "forward", "embed_tokens")):
             raise TypeError(f"adapter must implement diffcam.adapters.Adapter, got "
@@ -156,6 +164,21 @@ class Explainer:
         if fast_check not in ("once", "always"):
             raise ValueError(f"fast_check must be 'once' or 'always', got {fast_check!r}")
         self.fast_check = fast_check
+        if llava_cam_norm is not None and not isinstance(llava_cam_norm, str):
+            raise TypeError(f"llava_cam_norm must be an attribute name or None, got "
+                            f"{type(llava_cam_norm).__name__}")
+        self.llava_cam_norm = llava_cam_norm
+        if llava_cam_threshold is not None and not (
+                isinstance(llava_cam_threshold, (int, float)) and
+                0.0 <= float(llava_cam_threshold) <= 1.0):
+            raise ValueError(f"llava_cam_threshold must be in [0, 1] or None, got "
+                             f"{llava_cam_threshold!r}")
+        self.llava_cam_threshold = llava_cam_threshold
+        if tam_kernel is not None and (isinstance(tam_kernel, bool) or not isinstance(
+                tam_kernel, (int, np.integer)) or tam_kernel % 2 == 0 or not 3 <= tam_kernel <= 31):
+            raise ValueError(f"tam_kernel must be an odd int in [3, 31] or None, got "
+                             f"{tam_kernel!r}")
+        self.tam_kernel = None if tam_kernel is None else int(tam_kernel)
         self._fast_trusted = {}  # layer -> per block above it: checked kinds of call -> form
         self._fast_off = {}     # layer -> why the hand-written backward is not used there
         self._rows_local = {}   # layer -> whether the final norm + head work row by row
@@ -268,8 +291,13 @@ class Explainer:
         states      "final" and/or step numbers s (trajectory maps, method.md 1.2)
         score       "logit" | "logprob" | "vocab_sum"
         contrast    a token id or single-token word d: score = score_t - score_d
-        method      "diffusion-cam" (raw maps here; refine with ``Explanation.refined()``) or
-                    "grad-cam" (the same raw maps, recorded as the baseline)
+        method      "diffusion-cam" (raw maps here; refine with ``Explanation.refined()``),
+                    "grad-cam" (the same raw maps, recorded as the baseline), or the baselines
+                    of method.md 4: "llava-cam" (gradients at the norm feeding block
+                    ``layer``'s MLP, :func:`diffcam.baselines.llava_cam`) and "tam" (Token
+                    Activation Map: no gradients, final-layer logit lens with estimated causal
+                    inference, :mod:`diffcam.baselines.tam`; ``layer``, ``score``, ``contrast``
+                    and ``gradcam`` do not apply to it)
         answer      explain this text instead of generating (a str, or one per sample)
         generation  GenerationConfig of the sampler (default: ``adapter.default_generation``,
                     else ``GenerationConfig()``)
@@ -290,6 +318,10 @@ class Explainer:
             raise ValueError("contrast has no meaning with score='vocab_sum' (the vocabulary sum "
                              "does not depend on the token)")
         layer = self.layer if layer is None else self._check_layer(layer)
+        if method == "llava-cam":       # fail before generating: the block must have the norm
+            from ..baselines import mlp_input_norm
+
+            mlp_input_norm(self.adapter.blocks()[layer], self.llava_cam_norm)
         state_list = self._states(states)
         if generation is None:
             generation = getattr(self.adapter, "default_generation", None) or GenerationConfig()
@@ -396,7 +428,11 @@ class Explainer:
                     r = torch.where(m, torch.full_like(ids, int(ad.mask_token_id)), ids)
                 rows.append((i, s, r))
 
-        maps_rows = self._attribute(prepared, infos, rows, layer, score, d_id, shift, gradcam)
+        if method == "tam":
+            maps_rows = self._tam(prepared, infos, rows, special)
+        else:
+            maps_rows = self._attribute(prepared, infos, rows, layer, score, d_id, shift,
+                                        gradcam, method)
 
         versions = _versions()
         settings = {"layer": layer, "score": score, "contrast": contrast, "contrast_id": d_id,
@@ -471,24 +507,24 @@ class Explainer:
         return tg
 
     # ------------------------------------------------------------------ forward + backward
-    def _attribute(self, prepared, infos, rows, layer, score, d_id, shift, gradcam):
+    def _attribute(self, prepared, infos, rows, layer, score, d_id, shift, gradcam,
+                   method="diffusion-cam"):
         with _weights_frozen(getattr(self.adapter, "model", None)):
             try:
                 return self._attribute_once(prepared, infos, rows, layer, score, d_id, shift,
-                                            gradcam)
+                                            gradcam, method)
             except fastvjp.FastMismatch as e:
                 # the hand-written backward does not fit this model (its forward ran without a
                 # graph above the hook): note why, and redo the call with autograd
                 self._fast_off[layer] = str(e)
                 return self._attribute_once(prepared, infos, rows, layer, score, d_id, shift,
-                                            gradcam)
+                                            gradcam, method)
 
-    def _attribute_once(self, prepared, infos, rows, layer, score, d_id, shift, gradcam):
+    def _row_batch(self, prepared, rows):
+        """The padded (B, L, D) embeddings of ``rows`` ([prompt | response state] each), their
+        lengths, the attention mask argument (None without padding) and the extras."""
         ad = self.adapter
-        block = ad.blocks()[layer]
         dev = prepared[0].inputs_embeds.device
-        if dev.type == "cpu" and tuning_enabled(self.tune_allocator):
-            tune_cpu_allocator()
         dtype = prepared[0].inputs_embeds.dtype
         seqs, lengths = [], []
         for i, s, r in rows:
@@ -507,6 +543,30 @@ class Explainer:
         del seqs
         attn_arg = None if all(n == L for n in lengths) else attn
         extras_list = [ad.extend_extras(prepared[i], L) for i, _, _ in rows]
+        return embeds, lengths, attn_arg, extras_list
+
+    def _attribute_once(self, prepared, infos, rows, layer, score, d_id, shift, gradcam,
+                        method="diffusion-cam"):
+        ad = self.adapter
+        block = ad.blocks()[layer]
+        where = f"block {layer}"
+        if method == "llava-cam":
+            from ..baselines import llava_cam, mlp_input_norm
+
+            name, block = mlp_input_norm(block, self.llava_cam_norm)
+            where = f"block {layer}.{name}"
+            thr = self.llava_cam_threshold
+
+            def cam(a, g):
+                return llava_cam(a, g, threshold=thr)
+        else:
+            def cam(a, g):
+                return grad_cam(a, g, variant=gradcam)
+        dev = prepared[0].inputs_embeds.device
+        if dev.type == "cpu" and tuning_enabled(self.tune_allocator):
+            tune_cpu_allocator()
+        embeds, lengths, attn_arg, extras_list = self._row_batch(prepared, rows)
+        B, L = embeds.shape[:2]
         extras = self._collate(extras_list, getattr(ad, "broadcast_extras", False))
 
         agg_only = getattr(self, "_aggregate_only", False)
@@ -522,7 +582,7 @@ class Explainer:
                                                   for lay in prepared[i].layouts
                                                   for g in lay.grids])) for i, _, _ in rows]
             union = np.unique(np.concatenate(pos_sets))
-            hook = BlockHook(block, f"block {layer}")
+            hook = BlockHook(block, where)
             self._hooks.append(hook)
             try:
                 gather = None
@@ -530,9 +590,10 @@ class Explainer:
                 if extras is not _PER_ROW:
                     hook.positions = torch.as_tensor(union, dtype=torch.long, device=dev)
                     head = self._head_module() if self.head_rows_only else None
-                    if self.fast_backward is not False:
+                    if self.fast_backward is not False and method != "llava-cam":
                         scored = self._scored_rows(rows, infos, prepared, shift, L, dev)
-                    cap = self._fast_capture(
+                    # the hand-written backward starts at a block's output: not LLaVA-CAM's norm
+                    cap = None if method == "llava-cam" else self._fast_capture(
                         layer, dev, scored if self._rows_local.get(layer) else None)
                     try:
                         with cap or contextlib.nullcontext():
@@ -572,13 +633,13 @@ class Explainer:
                                            f"sequence of {lengths[b]} positions")
                 if gather is None and not logit_rows[0].requires_grad:
                     raise RuntimeError(
-                        f"gradients cannot flow from the logits to block {layer}: the logits do "
+                        f"gradients cannot flow from the logits to {where}: the logits do "
                         "not depend on the hooked output with autograd (the adapter's forward "
                         "runs under torch.no_grad / inference_mode, detaches, or the blocks "
                         "above the hook are not differentiable)")
                 if hidden_rows[0].shape[0] < lengths[0]:
                     raise ValueError(
-                        f"block {layer} saw {hidden_rows[0].shape[0]} positions but the sequence "
+                        f"{where} saw {hidden_rows[0].shape[0]} positions but the sequence "
                         f"has {lengths[0]}: the hooked hidden sequence does not contain the whole "
                         "image span (feasibility rule, method.md 1.8)")
                 # scores (B, K): targets, aggregate at column T_b, zeros after -- one gather
@@ -630,7 +691,7 @@ class Explainer:
                 def add_maps(b, G):     # Grad-CAM of gradients G (n, n_leaf, D) on row b's grids
                     for d in cells[b]:
                         for a, p_leaf, maps in d.values():
-                            m = grad_cam(a, G[:, p_leaf], variant=gradcam)   # (n, h, w)
+                            m = cam(a, G[:, p_leaf])                          # (n, h, w)
                             maps.append(m.cpu().numpy().astype(np.float32))
 
                 how = []
@@ -693,6 +754,81 @@ class Explainer:
                 hook.clear()
                 if hook in self._hooks:
                     self._hooks.remove(hook)
+        return result
+
+    def _tam(self, prepared, infos, rows, special):
+        """Token Activation Maps (method.md 4, :mod:`diffcam.baselines.tam`) of every row: one
+        forward without gradients and without hooks, then per row the logit lens at the image
+        positions for the scored classes and the context tokens' classes only."""
+        from ..baselines.tam import tam_group_scores
+        from ..refine import rank_gaussian_filter
+
+        ad = self.adapter
+        embeds, lengths, attn_arg, extras_list = self._row_batch(prepared, rows)
+        B = embeds.shape[0]
+        extras = self._collate(extras_list, getattr(ad, "broadcast_extras", False))
+        agg_only = getattr(self, "_aggregate_only", False)
+        img_tok = int(getattr(ad, "image_token_id", -1))
+        with torch.no_grad():
+            if extras is not _PER_ROW:
+                logits = ad.forward(embeds, attn_arg, extras)
+                z_rows = [logits[b] for b in range(B)]
+            else:
+                z_rows = [ad.forward(embeds[b:b + 1, :lengths[b]], None, extras_list[b])[0]
+                          for b in range(B)]
+        del embeds
+        result = {}
+        for b, (i, s, r) in enumerate(rows):
+            sample = prepared[i]
+            ids, strings, words, tg = infos[i]
+            P = sample.prompt_length
+            seq = [int(t) for t in torch.as_tensor(sample.input_ids).tolist()] + \
+                [int(t) for t in r.tolist()]
+            in_span = np.zeros(len(seq), dtype=bool)
+            for lay in sample.layouts:
+                in_span[lay.span_start:lay.span_end] = True
+            ctx_pos = [q for q, t in enumerate(seq) if not in_span[q] and t >= 0
+                       and t not in special and t != img_tok]
+            ctx_ids = [seq[q] for q in ctx_pos]
+            ctx_strings = list(ad.token_strings(ctx_ids)) if ctx_ids else []
+            tokens, groups = [], []
+            for t in tg:
+                groups.append([])
+                for j in t.tokens:
+                    groups[-1].append(len(tokens))
+                    tokens.append((P + j, ids[j], strings[j]))
+            groups.append(list(range(len(tokens))))         # the aggregate, last
+            if agg_only:
+                groups = groups[-1:]
+            img_pos = np.unique(np.concatenate([g.positions(lay.span_start).ravel()
+                                                for lay in sample.layouts for g in lay.grids]))
+            Z = z_rows[b]
+            need = max(int(img_pos.max()), max(p for p, _, _ in tokens))
+            if Z.shape[0] <= need:
+                raise RuntimeError(f"the adapter returned {Z.shape[0]} logit rows; TAM reads "
+                                   f"the logit lens up to position {need}")
+            # only the columns TAM reads: the scored classes and the context tokens' classes
+            cls = sorted({c for _, c, _ in tokens} | set(ctx_ids))
+            col = {c: k for k, c in enumerate(cls)}
+            Zs = Z[:, torch.as_tensor(cls, dtype=torch.long, device=Z.device)]
+            scores, _ = tam_group_scores(
+                Zs, torch.as_tensor(img_pos, dtype=torch.long, device=Z.device), ctx_pos,
+                [col[c] for c in ctx_ids], ctx_strings,
+                [(p, col[c], st) for p, c, st in tokens], groups)
+            scores = scores.float().cpu().numpy()                          # (G, n_img)
+            per_image = []
+            for lay in sample.layouts:
+                d = {}
+                for g in lay.grids:
+                    idx = np.searchsorted(img_pos, g.positions(lay.span_start))
+                    m = np.ascontiguousarray(scores[:, idx], dtype=np.float32)   # (G, h, w)
+                    if self.tam_kernel is not None:
+                        m = np.asarray(rank_gaussian_filter(m, self.tam_kernel),
+                                       dtype=np.float32)
+                    d[g.name] = m
+                per_image.append(d)
+            result[(i, self._state_pos(rows, b))] = per_image
+        self.last_backward = None
         return result
 
     @staticmethod
