@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from contextlib import contextmanager
 
 import numpy as np
@@ -78,15 +79,25 @@ _SERIAL_WORK = 1 << 18
 
 @contextmanager
 def _threads(threads: int, work: int | None = None):
+    """Run numba's parallel kernels on ``n`` threads, then restore numba's and torch's counts.
+
+    numba's OpenMP threading layer and a CPU torch build share libgomp, so starting numba's
+    pool (its first parallel launch) resets the OpenMP thread count torch reads: a caller who
+    had set ``torch.set_num_threads(1)`` got torch back on every core after one refine call.
+    """
     n = _resolve_threads(threads)
     if work is not None and work < _SERIAL_WORK:
         n = 1
+    torch = sys.modules.get("torch")
+    t_old = torch.get_num_threads() if torch is not None else None
     old = numba.get_num_threads()
     numba.set_num_threads(n)
     try:
         yield n
     finally:
         numba.set_num_threads(old)
+        if t_old is not None and torch.get_num_threads() != t_old:
+            torch.set_num_threads(t_old)
 
 
 def _f32(maps) -> np.ndarray:
