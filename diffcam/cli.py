@@ -6,6 +6,8 @@
     diffcam bench [--quick] [--backend NAME] [--json PATH]
     diffcam eval [--val N] [--test N] [--cache DIR] [--out docs/benchmark.md]
                                               the paper's tables on the bundled benchmark
+    diffcam compare [--test N] [--models diffusion,autoregressive] [--out docs/baselines.md]
+                                              Diffusion-CAM against Grad-CAM, LLaVA-CAM, TAM
 """
 
 from __future__ import annotations
@@ -112,6 +114,52 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _compare_command(args) -> str:
+    """The canonical command line that reproduces a ``compare`` run."""
+    import shlex
+
+    parts = ["diffcam", "compare", "--test", str(args.test), "--models", ",".join(args.models),
+             "--kinds", ",".join(args.kinds), "--sanity", str(args.sanity), "--cache",
+             args.cache, "--out", args.out, "--boot", str(args.boot)]
+    if args.threads is not None:
+        parts += ["--threads", str(args.threads)]
+    return shlex.join(parts)
+
+
+def _cmd_compare(args) -> int:
+    import os
+    import time
+
+    from diffcam.data import shapes
+    from diffcam.models import compare
+
+    bad = [k for k in args.kinds if k not in shapes.KINDS]
+    if bad:
+        raise ValueError(f"unknown question kind(s) {bad}; expected some of {shapes.KINDS}")
+    if args.sanity < 0:
+        raise ValueError("--sanity must be >= 0")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    report = compare.run(models=args.models, test=args.test, kinds=args.kinds,
+                         cache_dir=args.cache, n_boot=args.boot, sanity=args.sanity,
+                         progress=not args.quiet, command=_compare_command(args))
+    text = compare.render_markdown(report)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, args.out)
+    for kind, rep in report["models"].items():
+        for row, _ in rep["rows"]:
+            print(f"  {kind:<14} {row.label:<30} F3 {100 * row.f3:6.2f} %  "
+                  f"Obj-IoU {100 * row.obj_iou:6.2f} %  ({row.n_maps} maps)")
+    print(f"wrote {args.out} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="diffcam", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,6 +215,25 @@ def main(argv=None) -> int:
                         "default) or on the 12x12 token grid")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("compare", help="Diffusion-CAM against Grad-CAM, LLaVA-CAM and TAM on "
+                                       "the bundled benchmark (writes docs/baselines.md)")
+    p.add_argument("--test", type=int, default=200, help="test scenes")
+    p.add_argument("--models", type=lambda s: tuple(k for k in s.split(",") if k),
+                   default=("diffusion", "autoregressive"),
+                   help="shipped models compared, comma-separated")
+    p.add_argument("--kinds", type=lambda s: tuple(k for k in s.split(",") if k),
+                   default=("describe", "colour", "presence", "count"),
+                   help="question kinds asked of every scene, comma-separated")
+    p.add_argument("--sanity", type=int, default=20,
+                   help="test scenes of the randomisation check (0: skip it)")
+    p.add_argument("--cache", default="~/.cache/diffcam/eval",
+                   help="folder of the cached maps (reruns are instant)")
+    p.add_argument("--out", default="docs/baselines.md", help="markdown file written")
+    p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_cmd_compare)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:          # the benchmark runner parses its own options

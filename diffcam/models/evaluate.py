@@ -133,8 +133,14 @@ def grounding_for(sc, qa) -> List[tuple]:
 def collect_maps(adapter, split: str = "test", n: int = 60, start: int = 0,
                  kinds: Sequence[str] = ("describe",), layer: Optional[int] = None,
                  generation=None, progress: bool = False,
-                 gold_if_wrong: bool = False) -> List[MapRecord]:
+                 gold_if_wrong: bool = False, method: str = "diffusion-cam",
+                 explainer_kwargs: Optional[dict] = None) -> List[MapRecord]:
     """Generate, check and explain ``n`` scenes (one question of each of ``kinds`` per scene).
+
+    ``method``: the Explainer's method (``"diffusion-cam"``: the raw Grad-CAM maps, refined
+    later by :func:`score_maps`; ``"llava-cam"`` / ``"tam"``: the baselines' maps, which
+    ``score_maps(records, "raw")`` scores as they are, min-max normalised);
+    ``explainer_kwargs``: more arguments of :class:`~diffcam.Explainer` (e.g. ``tam_kernel``).
 
     ``gold_if_wrong``: when the generated answer is wrong, explain the correct answer instead
     (teacher forcing, padded with ``<eos>`` like a generated one) so that its words can still be
@@ -144,14 +150,15 @@ def collect_maps(adapter, split: str = "test", n: int = 60, start: int = 0,
 
     recs: List[MapRecord] = []
     t0 = time.perf_counter()
-    with Explainer(adapter, layer=layer) as ex:
+    with Explainer(adapter, layer=layer, **(explainer_kwargs or {})) as ex:
         for i in range(start, start + n):
             sc = shapes.scene(split, i)
             for kind in kinds:
                 qa = shapes.question(sc, kind)
                 ground = grounding_for(sc, qa)
                 try:
-                    exp = ex.explain(sc.image, qa.prompt, targets="all", generation=generation)
+                    exp = ex.explain(sc.image, qa.prompt, targets="all", generation=generation,
+                                     method=method)
                 except EmptyAnswerError:
                     # the model generated nothing but <eos>: a wrong (empty) answer
                     exp, text = None, ""
@@ -167,7 +174,7 @@ def collect_maps(adapter, split: str = "test", n: int = 60, start: int = 0,
                     pad = n_gen - len(qa.answer.split())
                     eos = adapter.tokenizer.eos_token
                     exp = ex.explain(sc.image, qa.prompt, targets="all",
-                                     answer=qa.answer + (" " + eos) * max(0, pad))
+                                     answer=qa.answer + (" " + eos) * max(0, pad), method=method)
                 words = [w.text for w in exp.words]
                 gold = qa.answer.split()
                 if words[:len(gold)] != gold:
@@ -292,14 +299,16 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def randomisation_check(adapter, records: Sequence[MapRecord], config="paper",
-                        seed: int = 0, refine_at: str = "image") -> dict:
+                        seed: int = 0, refine_at: str = "image", method: str = "diffusion-cam",
+                        layer: Optional[int] = None) -> dict:
     """Mean Spearman correlation between the maps of the trained model and those of a randomised
-    copy, explaining the *same* answers (teacher forcing) for the same target words."""
+    copy, explaining the *same* answers (teacher forcing) for the same target words with the
+    same ``method`` (the records' own method) at ``layer`` (default: the adapter's)."""
     from ..attribution import Explainer
 
     rand = randomised_copy(adapter, seed)
     corr = []
-    with Explainer(rand) as ex:
+    with Explainer(rand, layer=layer) as ex:
         for r in records:
             if r.raw is None:
                 continue
@@ -307,7 +316,7 @@ def randomisation_check(adapter, records: Sequence[MapRecord], config="paper",
             eos = adapter.tokenizer.eos_token
             pad = len(r.token_ids) - len(r.answer.split())
             exp = ex.explain(sc.image, r.prompt, targets="all",
-                             answer=r.answer + (" " + eos) * pad)
+                             answer=r.answer + (" " + eos) * pad, method=method)
             qa = shapes.question(sc, r.kind)
             idx = [w for w, _ in grounding_for(sc, qa)]
             raw_r = exp.maps[0]["hires"][idx, 0]
@@ -318,4 +327,6 @@ def randomisation_check(adapter, records: Sequence[MapRecord], config="paper",
             a = refine_record(r, config, refine_at)
             b = refine_record(fake, config, refine_at)
             corr.extend(rank_correlation(x, y) for x, y in zip(a, b))
-    return {"mean_rank_correlation": float(np.mean(corr)), "n_maps": len(corr)}
+    # no scored map (every answer wrong): no correlation to report, and no warning
+    return {"mean_rank_correlation": float(np.mean(corr)) if corr else float("nan"),
+            "n_maps": len(corr)}

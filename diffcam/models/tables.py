@@ -149,7 +149,8 @@ def collect_split(adapter_or_factory, split: str, n: int, kinds: Sequence[str] =
                   cache_dir: Optional[str] = None, fingerprint: str = "", chunk: int = 25,
                   layer: Optional[int] = None, progress: bool = False,
                   collect: Optional[Callable] = None, stats: Optional[dict] = None,
-                  gold_if_wrong: bool = False) -> List[MapRecord]:
+                  gold_if_wrong: bool = False,
+                  method: str = "diffusion-cam") -> List[MapRecord]:
     """Records of scenes ``0..n-1`` of ``split`` (one question of each of ``kinds`` per scene).
 
     With ``cache_dir`` the records are cached in chunks of ``chunk`` scenes, one ``.npz`` per
@@ -161,6 +162,8 @@ def collect_split(adapter_or_factory, split: str, n: int, kinds: Sequence[str] =
     seconds spent explaining them (``"explained_seconds"``, and ``"cached_seconds"``: the time
     the cached chunks took when they were made).  ``gold_if_wrong`` also explains the correct
     answer of a wrongly answered question (see ``collect_maps``; a separate cache entry).
+    ``method``: the Explainer method whose maps the records keep (``"llava-cam"`` and ``"tam"``
+    get cache entries of their own; ``"diffusion-cam"`` keeps the original names).
     """
     from . import evaluate
 
@@ -188,6 +191,8 @@ def collect_split(adapter_or_factory, split: str, n: int, kinds: Sequence[str] =
         path = None
         if cache_dir:
             tag = "-".join(kinds) + ("_gold" if gold_if_wrong else "")
+            if method not in ("diffusion-cam", "grad-cam"):      # the same raw maps
+                tag += "_" + method
             name = f"{split}_{lo:06d}-{hi:06d}_{tag}_L{layer}_{fingerprint or 'nofp'}.npz"
             path = os.path.join(os.path.expanduser(cache_dir), name)
             if os.path.isfile(path):
@@ -201,6 +206,8 @@ def collect_split(adapter_or_factory, split: str, n: int, kinds: Sequence[str] =
             adapter = get_adapter()
         t1 = time.perf_counter()
         extra = {"gold_if_wrong": True} if gold_if_wrong else {}
+        if method not in ("diffusion-cam", "grad-cam"):
+            extra["method"] = method
         recs = collect(adapter, split, n=hi - lo, start=lo, kinds=kinds, layer=layer, **extra)
         dt = time.perf_counter() - t1
         stats["explained_seconds"] = stats.get("explained_seconds", 0.0) + dt

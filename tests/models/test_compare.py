@@ -1,0 +1,92 @@
+"""``diffcam compare`` (diffcam.models.compare): every method on the same answers, on a few test
+scenes of the shipped diffusion model."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from diffcam.models import compare, evaluate, tables  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    rep = compare.compare_model("diffusion", test=4, kinds=("describe", "count"),
+                                cache_dir=str(cache), n_boot=50, sanity=2)
+    return rep, str(cache)
+
+
+def test_rows_are_the_methods_on_the_same_answers(report):
+    rep, cache = report
+    labels = [r.label for r, _ in rep["rows"]]
+    assert labels == [label for label, _, _ in compare.ROWS]
+    n = {r.n_maps for r, _ in rep["rows"]}
+    assert n == {rep["maps"]} and rep["maps"] > 0
+    # Grad-CAM's row is the raw score of the records, its difference to itself zero
+    recs = tables.collect_split(None, "test", 4, ("describe", "count"), cache, rep["fingerprint"],
+                                layer=rep["layer"])        # all cached: no adapter needed
+    raw = evaluate.score_maps(recs, "raw")
+    gc = rep["rows"][1][0]
+    assert abs(gc.obj_iou - raw["obj_iou"]) < 1e-9 and abs(gc.f3 - raw["f3_of_means"]) < 1e-9
+    assert rep["rows"][1][1] == (0.0, 0.0, 0.0)
+    # the baselines' records are their own maps, for the same words
+    for method in ("llava-cam", "tam"):
+        other = tables.collect_split(None, "test", 4, ("describe", "count"), cache,
+                                     rep["fingerprint"], layer=rep["layer"], method=method)
+        scored = [(a, b) for a, b in zip(recs, other) if a.raw is not None]
+        assert scored and all(a.words == b.words and a.answer == b.answer for a, b in scored)
+        assert not all(np.allclose(a.raw, b.raw) for a, b in scored)
+    # every row's scores are proper numbers; the floor is below Grad-CAM on these maps
+    for r, (d, lo, hi) in rep["rows"]:
+        assert np.isfinite([r.obj_iou, r.f3, d]).all() and 0 <= r.obj_iou <= 1
+    assert rep["rows"][0][0].f3 < gc.f3
+    assert {k for k in rep["by_kind"]} == {"describe", "count"}
+    assert [s[0] for s in rep["sanity"]] == labels[1:]
+    assert all(-1 <= s[1] <= 1 and s[2] > 0 for s in rep["sanity"])
+
+
+def test_markdown_and_cli(report, tmp_path, monkeypatch):
+    from diffcam import cli
+
+    rep, cache = report
+    full = {"command": "diffcam compare --test 4", "models": {"diffusion": rep},
+            "kinds": ["describe", "count"], "n_boot": 50, "date": "today", "machine": "here",
+            "total_s": 1.0}
+    text = compare.render_markdown(full)
+    for label, _, _ in compare.ROWS:
+        assert f"| {label} |" in text
+    assert "diffcam compare --test 4" in text and "randomisation" in text
+
+    seen = {}
+
+    def fake_run(**kw):
+        seen.update(kw)
+        return dict(full, command=kw["command"])
+
+    monkeypatch.setattr(compare, "run", fake_run)
+    out = tmp_path / "b.md"
+    rc = cli.main(["compare", "--test", "4", "--models", "diffusion", "--kinds", "describe,count",
+                   "--cache", cache, "--out", str(out), "--quiet", "--sanity", "2"])
+    assert rc == 0 and out.is_file() and not (tmp_path / "b.md.tmp").exists()
+    assert seen["models"] == ("diffusion",) and seen["test"] == 4 and seen["sanity"] == 2
+    assert "diffcam compare --test 4 --models diffusion --kinds describe,count --sanity 2" \
+        in out.read_text()
+    assert cli.main(["compare", "--kinds", "nonsense", "--out", str(out)]) == 2
+    assert cli.main(["compare", "--sanity", "-1", "--out", str(out)]) == 2
+
+
+def test_run_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown model"):
+        compare.run(models=("gpt",), test=1)
+    with pytest.raises(ValueError, match="at least one scene"):
+        compare.run(models=("diffusion",), test=0)
