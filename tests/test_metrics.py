@@ -71,3 +71,63 @@ def test_bad_masks():
         metrics.localization(m, np.zeros((3, 8, 8)))
     with pytest.raises(ValueError, match="masks"):
         metrics.localization(m[0], np.zeros((1, 0, 8)))
+
+
+# ------------------------------------------------------------------------------ pointing game
+def _pointing_ref(m, masks, tol):
+    """Brute force: the resized map's first maximum, and its distance to every object pixel."""
+    from diffcam.refine.resize import resize_stack
+
+    obj = np.asarray(masks, bool).reshape(-1, *np.shape(masks)[-2:]).any(axis=0)
+    r = resize_stack(np.asarray(m, np.float32), obj.shape).astype(np.float64)
+    if r.max() <= r.min():
+        return False
+    y, x = divmod(int(np.argmax(r)), r.shape[1])
+    ys, xs = np.nonzero(obj)
+    return bool(len(ys)) and bool(((ys - y) ** 2 + (xs - x) ** 2).min() <= tol * tol)
+
+
+@pytest.mark.parametrize("tol", [0.0, 1.0, 2.5, 6.0])
+def test_pointing_game_against_brute_force(tol):
+    from diffcam.metrics import pointing_game
+
+    rng = np.random.default_rng(int(tol * 10))
+    maps, masks = [], []
+    for i in range(60):
+        h, w = rng.integers(1, 14, 2)
+        m = rng.random((h, w)).astype(np.float32)
+        if i % 7 == 0:
+            m[:] = 0.25                          # no peak
+        if i % 5 == 1:
+            m = (m > 0.8).astype(np.float32)     # plateaus: the first maximum decides
+        mk = np.zeros((int(rng.integers(1, 3)), 24, 20), bool)
+        for c in range(mk.shape[0]):
+            y, x = rng.integers(0, 20, 2)
+            mk[c, y:y + int(rng.integers(1, 12)), x:x + int(rng.integers(1, 12))] = True
+        maps.append(m)
+        masks.append(mk)
+    want = [_pointing_ref(m, mk, tol) for m, mk in zip(maps, masks)]
+    got = [pointing_game(m, mk, tolerance=tol) for m, mk in zip(maps, masks)]
+    assert got == want
+    assert 0 < sum(want) < len(want)             # both outcomes occur
+    same = [i for i, m in enumerate(maps) if m.shape == (6, 5)] or [0]
+    batch = pointing_game(np.stack([maps[i] for i in same]), [masks[i] for i in same], tol)
+    assert isinstance(batch, np.ndarray) and batch.tolist() == [want[i] for i in same]
+
+
+def test_pointing_game_edges():
+    from diffcam.metrics import pointing_game
+
+    m = np.zeros((8, 8), np.float32)
+    m[7, 7] = 1
+    mask = np.zeros((8, 8), bool)
+    mask[5, 5] = True
+    assert not pointing_game(m, mask)
+    assert not pointing_game(m, mask, tolerance=2.8)      # distance 2 * sqrt(2) = 2.83
+    assert pointing_game(m, mask, tolerance=2.9)
+    assert not pointing_game(m, np.zeros((8, 8), bool), tolerance=100)   # empty object
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="tolerance"):
+            pointing_game(m, mask, tolerance=bad)
+    with pytest.raises(ValueError):
+        pointing_game(np.full((4, 4), np.nan, np.float32), mask)

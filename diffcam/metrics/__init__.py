@@ -11,6 +11,7 @@
 
 from .localization import (HIGHER_IS_BETTER, LocalizationScores, f3_score, localization,
                            otsu_threshold, summarize)
+from .pointing import pointing_game
 
 __all__ = ["localization", "LocalizationScores", "otsu_threshold", "f3_score", "summarize",
-           "HIGHER_IS_BETTER"]
+           "HIGHER_IS_BETTER", "pointing_game"]

@@ -92,7 +92,14 @@ def compare_model(kind: str = "diffusion", test: int = 200, kinds: Sequence[str]
     for m in methods[1:]:
         if not np.array_equal(preps[m].cluster, base.cluster):
             raise RuntimeError(f"{m}'s scored maps do not line up with {methods[0]}'s")
-    rows = [tables.score(preps[m], cfg, label) for label, m, cfg in ROWS]
+    from ..metrics import pointing_game
+
+    rows, pointing = [], []
+    for label, m, cfg in ROWS:
+        r = tables.score(preps[m], cfg, label, keep_maps=True)
+        pointing.append(float(np.mean(pointing_game(r.maps, preps[m].masks))))
+        r.maps = None
+        rows.append(r)
     raw = rows[1]
     deltas = [tables.paired_delta(base, r, raw, n_boot) for r in rows]
     by_kind = {}
@@ -116,6 +123,7 @@ def compare_model(kind: str = "diffusion", test: int = 200, kinds: Sequence[str]
     for r in rows:
         r.maps = None
     return {"kind": kind, "layer": layer, "fingerprint": fp, "rows": list(zip(rows, deltas)),
+            "pointing": pointing,
             "by_kind": by_kind, "sanity": sanity_rows, "sanity_scenes": sanity,
             "n_scenes": base.n_scenes, "answers": len(ref),
             "correct": sum(r.correct for r in ref), "maps": base.n_maps,
@@ -161,7 +169,8 @@ def render_markdown(report: dict) -> str:
         f"({', '.join(report['kinds'])}) per scene, answered by the model itself; each grounded "
         "word of a correct answer is a target, scored against the pixel-exact mask of the "
         "object(s) it names (Obj-IoU, contrast, concentration, F3 of the means as in the paper, "
-        "and the mean per-map F3).  All maps are min-max normalised before scoring; "
+        "the mean per-map F3, and the pointing game: the share of maps whose peak lies on the "
+        "object, `diffcam.metrics.pointing_game`).  All maps are min-max normalised before scoring; "
         "Diffusion-CAM refines the raw map with the `paper` preset at the image's resolution "
         "(as docs/benchmark.md).  LLaVA-CAM hooks the norm that feeds the MLP of the same block "
         "as Grad-CAM; TAM needs no block.  F3 - Grad-CAM: difference of F3 of the means with a "
@@ -175,9 +184,11 @@ def render_markdown(report: dict) -> str:
               f"Hooked block {rep['layer']}; {rep['n_scenes']} scenes, {rep['correct']} of "
               f"{rep['answers']} answers correct, {rep['maps']} scored maps; weights "
               f"{rep['fingerprint'] or '(given adapter)'}.", ""]
-        L += tables._table([r for r, _ in rep["rows"]], ["F3 - Grad-CAM (95 % CI)"],
-                           lambda r, _d=dict((id(r), d) for r, d in rep["rows"]):
-                           [tables._ci(_d[id(r)])])
+        extra = {id(r): [tables._pct(p), tables._ci(d)]
+                 for (r, d), p in zip(rep["rows"], rep["pointing"])}
+        L += tables._table([r for r, _ in rep["rows"]],
+                           ["pointing game %", "F3 - Grad-CAM (95 % CI)"],
+                           lambda r: extra[id(r)])
         L += ["", "F3 of the means per question kind:", "",
               "| kind | maps | " + " | ".join(r.label for r, _ in rep["rows"]) + " |",
               "|---|---:|" + "---:|" * len(rep["rows"])]

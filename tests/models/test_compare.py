@@ -51,6 +51,7 @@ def test_rows_are_the_methods_on_the_same_answers(report):
         assert np.isfinite([r.obj_iou, r.f3, d]).all() and 0 <= r.obj_iou <= 1
     assert rep["rows"][0][0].f3 < gc.f3
     assert {k for k in rep["by_kind"]} == {"describe", "count"}
+    assert len(rep["pointing"]) == len(rep["rows"]) and all(0 <= p <= 1 for p in rep["pointing"])
     assert [s[0] for s in rep["sanity"]] == labels[1:]
     assert all(-1 <= s[1] <= 1 and s[2] > 0 for s in rep["sanity"])
 
@@ -66,6 +67,7 @@ def test_markdown_and_cli(report, tmp_path, monkeypatch):
     for label, _, _ in compare.ROWS:
         assert f"| {label} |" in text
     assert "diffcam compare --test 4" in text and "randomisation" in text
+    assert "pointing game %" in text
 
     seen = {}
 
