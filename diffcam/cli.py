@@ -119,7 +119,8 @@ def _compare_command(args) -> str:
     import shlex
 
     parts = ["diffcam", "compare", "--test", str(args.test), "--models", ",".join(args.models),
-             "--kinds", ",".join(args.kinds), "--sanity", str(args.sanity), "--cache",
+             "--kinds", ",".join(args.kinds), "--sanity", str(args.sanity), "--faith",
+             str(args.faith), "--faith-steps", str(args.faith_steps), "--cache",
              args.cache, "--out", args.out, "--boot", str(args.boot)]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
@@ -136,8 +137,10 @@ def _cmd_compare(args) -> int:
     bad = [k for k in args.kinds if k not in shapes.KINDS]
     if bad:
         raise ValueError(f"unknown question kind(s) {bad}; expected some of {shapes.KINDS}")
-    if args.sanity < 0:
-        raise ValueError("--sanity must be >= 0")
+    if args.sanity < 0 or args.faith < 0:
+        raise ValueError("--sanity and --faith must be >= 0")
+    if args.faith_steps < 1:
+        raise ValueError("--faith-steps must be >= 1")
     if args.threads:
         import torch
 
@@ -145,7 +148,8 @@ def _cmd_compare(args) -> int:
     t0 = time.perf_counter()
     report = compare.run(models=args.models, test=args.test, kinds=args.kinds,
                          cache_dir=args.cache, n_boot=args.boot, sanity=args.sanity,
-                         progress=not args.quiet, command=_compare_command(args))
+                         progress=not args.quiet, command=_compare_command(args),
+                         faith_scenes=args.faith, faith_steps=args.faith_steps)
     text = compare.render_markdown(report)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
@@ -227,6 +231,10 @@ def main(argv=None) -> int:
                    help="question kinds asked of every scene, comma-separated")
     p.add_argument("--sanity", type=int, default=20,
                    help="test scenes of the randomisation check (0: skip it)")
+    p.add_argument("--faith", type=int, default=10,
+                   help="test scenes of the deletion / insertion curves (0: skip them)")
+    p.add_argument("--faith-steps", type=int, default=10,
+                   help="steps of the deletion / insertion curves")
     p.add_argument("--cache", default="~/.cache/diffcam/eval",
                    help="folder of the cached maps (reruns are instant)")
     p.add_argument("--out", default="docs/baselines.md", help="markdown file written")

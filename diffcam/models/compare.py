@@ -59,8 +59,12 @@ def _sanity_config(config: str) -> str:
 def compare_model(kind: str = "diffusion", test: int = 200, kinds: Sequence[str] =
                   tables.DEFAULT_KINDS, cache_dir: Optional[str] = None,
                   layer: Optional[int] = None, n_boot: int = 1000, sanity: int = 20,
-                  progress: bool = False, adapter=None) -> dict:
-    """Every row of :data:`ROWS` for one shipped model (``kind``), on test scenes 0..test-1."""
+                  progress: bool = False, adapter=None, faith_scenes: int = 10,
+                  faith_steps: int = 10) -> dict:
+    """Every row of :data:`ROWS` for one shipped model (``kind``), on test scenes 0..test-1;
+    the randomisation check on scenes 0..sanity-1 and the deletion / insertion AUCs
+    (:mod:`diffcam.metrics.faithfulness`, ``faith_steps`` steps) on scenes
+    0..faith_scenes-1."""
     from .. import load
     from .bundled import weights_dir
     from .evaluate import randomisation_check
@@ -94,10 +98,17 @@ def compare_model(kind: str = "diffusion", test: int = 200, kinds: Sequence[str]
             raise RuntimeError(f"{m}'s scored maps do not line up with {methods[0]}'s")
     from ..metrics import pointing_game
 
-    rows, pointing = [], []
+    rows, pointing, faith = [], [], []
     for label, m, cfg in ROWS:
         r = tables.score(preps[m], cfg, label, keep_maps=True)
         pointing.append(float(np.mean(pointing_game(r.maps, preps[m].masks))))
+        if faith_scenes > 0:
+            t0 = time.perf_counter()
+            faith.append(_faithfulness(ad, preps[m], r.maps, faith_scenes, faith_steps))
+            if progress:
+                print(f"[{kind}] deletion / insertion {label}: {faith[-1][0]:.3f} / "
+                      f"{faith[-1][1]:.3f} ({faith[-1][2]} maps, "
+                      f"{time.perf_counter() - t0:.0f} s)", flush=True)
         r.maps = None
         rows.append(r)
     raw = rows[1]
@@ -123,7 +134,8 @@ def compare_model(kind: str = "diffusion", test: int = 200, kinds: Sequence[str]
     for r in rows:
         r.maps = None
     return {"kind": kind, "layer": layer, "fingerprint": fp, "rows": list(zip(rows, deltas)),
-            "pointing": pointing,
+            "pointing": pointing, "faithfulness": faith, "faith_scenes": faith_scenes,
+            "faith_steps": faith_steps,
             "by_kind": by_kind, "sanity": sanity_rows, "sanity_scenes": sanity,
             "n_scenes": base.n_scenes, "answers": len(ref),
             "correct": sum(r.correct for r in ref), "maps": base.n_maps,
@@ -131,9 +143,35 @@ def compare_model(kind: str = "diffusion", test: int = 200, kinds: Sequence[str]
             "total_s": time.perf_counter() - t_start}
 
 
+def _faithfulness(ad, prep, maps, n_scenes: int, steps: int):
+    """Mean deletion AUC, mean insertion AUC and the number of maps, over the scored maps of
+    scenes 0..n_scenes-1 (``maps`` aligned with ``prep``)."""
+    from ..metrics.faithfulness import deletion_insertion
+    from .evaluate import grounding_for
+
+    dele, ins = [], []
+    for pos, lo, hi in prep.slices:
+        r = prep.records[pos]
+        if r.index >= n_scenes:
+            continue
+        sc = shapes.scene(r.split, r.index)
+        qa = shapes.question(sc, r.kind)
+        idx = [w for w, _ in grounding_for(sc, qa)]
+        if len(ad.tokenizer.encode(r.answer, add_special_tokens=False)) != len(r.answer.split()):
+            raise RuntimeError("the faithfulness targets assume one token per answer word")
+        s = deletion_insertion(ad, sc.image, r.prompt, r.token_ids, maps[lo:hi],
+                               [[w] for w in idx], steps=steps)
+        dele.extend(s.deletion_auc.tolist())
+        ins.extend(s.insertion_auc.tolist())
+    if not dele:
+        return float("nan"), float("nan"), 0
+    return float(np.mean(dele)), float(np.mean(ins)), len(dele)
+
+
 def run(models: Sequence[str] = MODELS, test: int = 200,
         kinds: Sequence[str] = tables.DEFAULT_KINDS, cache_dir: Optional[str] = None,
-        n_boot: int = 1000, sanity: int = 20, progress: bool = False, command: str = "") -> dict:
+        n_boot: int = 1000, sanity: int = 20, progress: bool = False, command: str = "",
+        faith_scenes: int = 10, faith_steps: int = 10) -> dict:
     """:func:`compare_model` for each of ``models``; the report :func:`render_markdown` writes."""
     bad = [m for m in models if m not in MODELS]
     if bad:
@@ -141,7 +179,8 @@ def run(models: Sequence[str] = MODELS, test: int = 200,
     if test < 1:
         raise ValueError("test needs at least one scene")
     t0 = time.perf_counter()
-    out = {m: compare_model(m, test, kinds, cache_dir, None, n_boot, sanity, progress)
+    out = {m: compare_model(m, test, kinds, cache_dir, None, n_boot, sanity, progress,
+                            faith_scenes=faith_scenes, faith_steps=faith_steps)
            for m in models}
     return {"command": command, "models": out, "kinds": list(kinds), "n_boot": n_boot,
             "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
@@ -203,6 +242,15 @@ def render_markdown(report: dict) -> str:
             for label, rc, n, _ in rep["sanity"]:
                 verdict = "no scored map" if n == 0 else ("passes" if rc < 0.2 else "fails")
                 L.append(f"| {label} | {'-' if n == 0 else f'{rc:+.3f}'} | {n} | {verdict} |")
+        if rep.get("faithfulness"):
+            L += ["", f"Deletion and insertion through the model (test scenes 0-"
+                  f"{rep['faith_scenes'] - 1}, {rep['faith_steps']} steps, blurred image as the "
+                  "baseline, `diffcam.metrics.faithfulness`): the mean AUC of the word's "
+                  "probability as the map's top pixels are blurred away (deletion, lower is "
+                  "better) or revealed on the blurred image (insertion, higher is better):", "",
+                  "| method | deletion AUC | insertion AUC | maps |", "|---|---:|---:|---:|"]
+            for (r, _), (d, i, n) in zip(rep["rows"], rep["faithfulness"]):
+                L.append(f"| {r.label} | {d:.3f} | {i:.3f} | {n} |")
         secs = ", ".join(f"{m} {s:.0f} s" for m, s in rep["collect_seconds"].items())
         L += ["", f"Explaining time (when first made): {secs}.", ""]
     return "\n".join(L) + "\n"

@@ -22,7 +22,8 @@ def _one_thread():
 def report(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     rep = compare.compare_model("diffusion", test=4, kinds=("describe", "count"),
-                                cache_dir=str(cache), n_boot=50, sanity=2)
+                                cache_dir=str(cache), n_boot=50, sanity=2,
+                                faith_scenes=1, faith_steps=3)
     return rep, str(cache)
 
 
@@ -52,6 +53,10 @@ def test_rows_are_the_methods_on_the_same_answers(report):
     assert rep["rows"][0][0].f3 < gc.f3
     assert {k for k in rep["by_kind"]} == {"describe", "count"}
     assert len(rep["pointing"]) == len(rep["rows"]) and all(0 <= p <= 1 for p in rep["pointing"])
+    assert len(rep["faithfulness"]) == len(rep["rows"])
+    n_faith = sum(r.raw.shape[0] for r in recs if r.index < 1 and r.raw is not None)
+    assert all(n == n_faith > 0 and 0 <= d <= 1 and 0 <= i <= 1
+               for d, i, n in rep["faithfulness"])
     assert [s[0] for s in rep["sanity"]] == labels[1:]
     assert all(-1 <= s[1] <= 1 and s[2] > 0 for s in rep["sanity"])
 
@@ -67,7 +72,7 @@ def test_markdown_and_cli(report, tmp_path, monkeypatch):
     for label, _, _ in compare.ROWS:
         assert f"| {label} |" in text
     assert "diffcam compare --test 4" in text and "randomisation" in text
-    assert "pointing game %" in text
+    assert "pointing game %" in text and "deletion AUC" in text
 
     seen = {}
 
@@ -78,13 +83,15 @@ def test_markdown_and_cli(report, tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "run", fake_run)
     out = tmp_path / "b.md"
     rc = cli.main(["compare", "--test", "4", "--models", "diffusion", "--kinds", "describe,count",
-                   "--cache", cache, "--out", str(out), "--quiet", "--sanity", "2"])
+                   "--cache", cache, "--out", str(out), "--quiet", "--sanity", "2", "--faith", "1"])
     assert rc == 0 and out.is_file() and not (tmp_path / "b.md.tmp").exists()
     assert seen["models"] == ("diffusion",) and seen["test"] == 4 and seen["sanity"] == 2
+    assert seen["faith_scenes"] == 1 and seen["faith_steps"] == 10
     assert "diffcam compare --test 4 --models diffusion --kinds describe,count --sanity 2" \
         in out.read_text()
     assert cli.main(["compare", "--kinds", "nonsense", "--out", str(out)]) == 2
     assert cli.main(["compare", "--sanity", "-1", "--out", str(out)]) == 2
+    assert cli.main(["compare", "--faith-steps", "0", "--out", str(out)]) == 2
 
 
 def test_run_rejects_bad_arguments():
