@@ -108,6 +108,19 @@ MAPS = ["aggregate", "aggregate-autograd", "16-per-token", "16-per-token-chunk4"
         "16-per-token-autograd"]
 
 
+# the baselines of method.md 4 on the same 16 targets (time only): LLaVA-CAM (one forward and a
+# batched autograd backward from the hooked norm) and TAM (one no-grad forward, no backward)
+BASELINE_MAPS = ["16-per-token-llava-cam", "16-per-token-tam"]
+
+
+def _method(maps):
+    """``explain(method=...)`` of a case."""
+    for m in ("llava-cam", "tam"):
+        if maps.endswith(m):
+            return m
+    return "diffusion-cam"
+
+
 def _fast(maps):
     """``Explainer(fast_backward=...)`` of a case."""
     return False if maps.endswith("autograd") else "auto"
@@ -118,14 +131,15 @@ def _chunk(maps):
     return 4 if maps.endswith("chunk4") else None
 
 
-@pytest.mark.parametrize("maps", MAPS)
+@pytest.mark.parametrize("maps", MAPS + BASELINE_MAPS)
 @pytest.mark.parametrize("model", list(MODELS))
 def test_attribution_pass_time(benchmark, model, maps):
     ad = MODELS[model](seed=0)
     sample, ids, emb = _full_sequence(ad)
     assert len(ids) == 16
     ex = Explainer(ad, backward_chunk=_chunk(maps), fast_backward=_fast(maps))
-    kw = dict(answer=ANSWER, targets="all", aggregate_only=maps.startswith("aggregate"))
+    kw = dict(answer=ANSWER, targets="all", aggregate_only=maps.startswith("aggregate"),
+              method=_method(maps))
 
     def explain():
         return ex.explain(IMG, PROMPT, **kw)
@@ -143,13 +157,15 @@ def test_attribution_pass_time(benchmark, model, maps):
     benchmark.group = f"attribution {model}"
     benchmark(explain)
     benchmark.extra_info.update({
-        "model": model, "maps": maps, "sequence_length": int(emb.shape[1]),
+        "model": model, "maps": maps, "method": _method(maps),
+        "sequence_length": int(emb.shape[1]),
         "threads": torch.get_num_threads(), "backward": ex.last_backward,
         "backward_chunk": ex.backward_chunk,
         "no_grad_forward_ms": t_fwd * 1e3, "prepare_ms": t_prep * 1e3,
         "explain_ms": t_exp * 1e3,
         "ratio_pass": (t_exp - t_prep) / t_fwd, "ratio_total": t_exp / (t_prep + t_fwd),
-        "target_ratio": 3.0 if maps.startswith("aggregate") else 4.0})
+        "target_ratio": (None if _method(maps) != "diffusion-cam" else
+                         3.0 if maps.startswith("aggregate") else 4.0)})
 
 
 @pytest.mark.parametrize("maps", MAPS)

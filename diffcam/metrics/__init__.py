@@ -1,4 +1,10 @@
-"""Metrics of the Diffusion-CAM paper (docs/method.md section 3).
+"""Metrics of the Diffusion-CAM paper (docs/method.md section 3), and beyond it.
+
+* :func:`localization` -- Obj-IoU, contrast, concentration, F3 (the paper's protocol);
+  :func:`summarize` -- the dataset summary the paper reports;
+* :func:`pointing_game` -- whether each map's peak lies on the object;
+* :mod:`diffcam.metrics.faithfulness` -- deletion / insertion curves through the model (needs
+  torch and an adapter; imported on its own, not by this package).
 
 >>> import numpy as np
 >>> from diffcam import metrics
