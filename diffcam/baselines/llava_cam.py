@@ -33,9 +33,10 @@ DEFAULT_THRESHOLD = 0.5
 #: Attribute names of the norm whose output feeds a block's MLP, in the order they are tried.
 #: Gemma-style blocks have both ``pre_feedforward_layernorm`` (the MLP input) and a
 #: ``post_attention_layernorm`` applied to the attention output before the residual add, so the
-#: former is tried first; in Llama/Qwen/LLaDA blocks ``post_attention_layernorm`` is the MLP input.
-NORM_NAMES = ("pre_feedforward_layernorm", "post_attention_layernorm", "ffn_norm", "ln_2",
-              "norm2")
+#: former is tried first; in Llama/Qwen blocks (and LLaDA-V's converted ones)
+#: ``post_attention_layernorm`` is the MLP input, in LLaDA/MMaDA's own blocks ``ff_norm``.
+NORM_NAMES = ("pre_feedforward_layernorm", "post_attention_layernorm", "ff_norm", "ffn_norm",
+              "ln_2", "norm2")
 
 
 def llava_cam(A: torch.Tensor, G: torch.Tensor, threshold: Optional[float] = DEFAULT_THRESHOLD,

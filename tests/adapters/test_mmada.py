@@ -248,3 +248,30 @@ def test_load_settings_and_errors(twin, img):
     with pytest.raises(ValueError, match="exactly one image"):
         ad.prepare([img, img], "<image> <image> two")
     assert mmada_pixels(np.zeros((20, 50, 3), np.uint8), 32).shape == (1, 3, 32, 32)
+
+
+def test_baselines_run_on_llada_blocks(ad, img):
+    """LLaDA/MMaDA blocks feed their MLP from ``ff_norm``: LLaVA-CAM hooks it (and nothing is
+    left hooked); TAM reads the logit lens of the VQ grid."""
+    block = ad.blocks()[1]
+    seen = []
+    # during LLaVA-CAM's forward, diffcam's own hook sits next to this one on ff_norm
+    h = block.ff_norm.register_forward_hook(
+        lambda m, i, o: seen.append(len(m._forward_hooks)))
+    try:
+        with diffcam.Explainer(ad, layer=1) as ex:
+            e = ex.explain(img, PROMPT, answer="a red cat on the box", targets="all",
+                           method="llava-cam")
+            t = ex.explain(img, PROMPT, answer="a red cat on the box", targets="all",
+                           method="tam")
+    finally:
+        h.remove()
+    from diffcam.baselines import mlp_input_norm
+
+    assert mlp_input_norm(block)[0] == "ff_norm"
+    assert seen[0] == 2 and seen[-1] == 1          # LLaVA-CAM hooked ff_norm; TAM hooks nothing
+    assert not block.ff_norm._forward_hooks and not block._forward_hooks
+    for x in (e, t):
+        m = x.maps[0][x.default_grid()]
+        assert np.isfinite(m).all() and m.min() >= 0 and m.max() <= 1 + 1e-6 and m.max() > 0
+    assert e.settings["method"] == "llava-cam" and t.settings["method"] == "tam"
