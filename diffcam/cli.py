@@ -78,22 +78,28 @@ def _eval_command(args) -> str:
     return shlex.join(parts)
 
 
-def _cmd_eval(args) -> int:
-    import os
-    import time
-
+def _check_kinds_set_threads(args) -> None:
+    """``--kinds`` must name question kinds of the shapes world; ``--threads`` sets torch's."""
     from diffcam.data import shapes
-    from diffcam.models import tables
 
     bad = [k for k in args.kinds if k not in shapes.KINDS]
     if bad:
         raise ValueError(f"unknown question kind(s) {bad}; expected some of {shapes.KINDS}")
-    if args.val < 1 or args.test < 1:
-        raise ValueError("--val and --test need at least one scene each")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+
+
+def _cmd_eval(args) -> int:
+    import os
+    import time
+
+    from diffcam.models import tables
+
+    if args.val < 1 or args.test < 1:
+        raise ValueError("--val and --test need at least one scene each")
+    _check_kinds_set_threads(args)
     t0 = time.perf_counter()
     report = tables.run_benchmark(val=args.val, test=args.test, kinds=args.kinds,
                                   cache_dir=args.cache, weights=args.weights, layer=args.layer,
@@ -131,20 +137,13 @@ def _cmd_compare(args) -> int:
     import os
     import time
 
-    from diffcam.data import shapes
     from diffcam.models import compare
 
-    bad = [k for k in args.kinds if k not in shapes.KINDS]
-    if bad:
-        raise ValueError(f"unknown question kind(s) {bad}; expected some of {shapes.KINDS}")
     if args.sanity < 0 or args.faith < 0:
         raise ValueError("--sanity and --faith must be >= 0")
     if args.faith_steps < 1:
         raise ValueError("--faith-steps must be >= 1")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _check_kinds_set_threads(args)
     t0 = time.perf_counter()
     report = compare.run(models=args.models, test=args.test, kinds=args.kinds,
                          cache_dir=args.cache, n_boot=args.boot, sanity=args.sanity,

@@ -32,3 +32,14 @@ def fast_backend(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (tiny models are far faster so on a shared 2-core box);
+    the caller's count is restored after."""
+    torch = pytest.importorskip("torch")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

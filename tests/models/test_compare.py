@@ -3,19 +3,13 @@ scenes of the shipped diffusion model."""
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 
 from diffcam.models import compare, evaluate, tables  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

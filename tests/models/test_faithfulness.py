@@ -14,12 +14,7 @@ def img():
     return np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_box_blur_against_brute_force():
