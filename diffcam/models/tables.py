@@ -614,7 +614,8 @@ def _machine() -> str:
     try:
         import torch
 
-        tv = f"torch {torch.__version__}, {torch.get_num_threads()} torch threads"
+        n = torch.get_num_threads()
+        tv = f"torch {torch.__version__}, {n} torch thread{'' if n == 1 else 's'}"
     except Exception:  # pragma: no cover
         tv = "no torch"
     return (f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, "
