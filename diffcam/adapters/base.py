@@ -15,6 +15,11 @@ any Hugging Face-style model) and answers five questions for the engine:
 5. ``logit_shift`` -- 0 when logit row j scores token j (LLaDA family), 1 when row j - 1 does
    (Dream family).
 
+Optional: ``lens_logits(inputs_embeds, attention_mask, extras)`` -- the logits of every
+position's own final hidden state, which the Token Activation Map baseline reads
+(``explain(method="tam")``); only adapters whose ``forward`` leaves some rows empty need it
+(DiffusionGemma: the prompt rows come from an encoder that predicts nothing).
+
 Tensors are torch tensors on the model's device.  The engine owns hooks, gradients, targets and
 Grad-CAM; an adapter never keeps an autograd graph alive.
 """

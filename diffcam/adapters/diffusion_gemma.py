@@ -188,8 +188,9 @@ class DiffusionGemmaAdapter(Adapter):
         finally:
             h.remove()
 
-    def encode(self, inputs_embeds, extras: dict):
-        """The encoder pass over the whole sequence; returns the cache (every position kept)."""
+    def encode(self, inputs_embeds, extras: dict, return_hidden: bool = False):
+        """The encoder pass over the whole sequence; returns the cache (every position kept),
+        and with ``return_hidden`` also the encoder's final hidden states (after its norm)."""
         from transformers import DynamicCache
 
         B, L = inputs_embeds.shape[:2]
@@ -202,9 +203,9 @@ class DiffusionGemmaAdapter(Adapter):
                            position_ids=pos, mm_token_type_ids=tt,
                            **{cache_kwarg(make_masks): None})
         cache = DynamicCache()
-        lm(inputs_embeds=inputs_embeds, attention_mask=masks, position_ids=pos,
-           **{cache_kwarg(lm.forward): cache})
-        return cache
+        out = lm(inputs_embeds=inputs_embeds, attention_mask=masks, position_ids=pos,
+                 **{cache_kwarg(lm.forward): cache})
+        return (cache, out.last_hidden_state) if return_hidden else cache
 
     def _prefix_cache(self, full, upto: int):
         from transformers import DynamicCache
@@ -215,6 +216,16 @@ class DiffusionGemmaAdapter(Adapter):
         return c
 
     def forward(self, inputs_embeds, attention_mask=None, extras: Optional[dict] = None):
+        return self._forward(inputs_embeds, attention_mask, extras, lens=False)
+
+    def lens_logits(self, inputs_embeds, attention_mask=None, extras: Optional[dict] = None):
+        """Logits of every position's own final hidden state, the logit lens the Token
+        Activation Map reads (``Explainer.explain(method="tam")``): for the prompt rows the
+        encoder's final hidden states through the same head (``forward`` leaves them zero: the
+        encoder predicts nothing), for the canvas rows the decoder's, as ``forward``."""
+        return self._forward(inputs_embeds, attention_mask, extras, lens=True)
+
+    def _forward(self, inputs_embeds, attention_mask, extras, lens: bool):
         if extras is None or "prompt_length" not in extras:
             raise ValueError("DiffusionGemma's forward needs extras from extend_extras() (the "
                              "prompt length splits encoder prefix and canvases)")
@@ -224,8 +235,12 @@ class DiffusionGemmaAdapter(Adapter):
         B, L, D = inputs_embeds.shape
         P = int(extras["prompt_length"])
         G, C = L - P, self.canvas_length
-        full = self.encode(inputs_embeds, extras)
-        hidden = [inputs_embeds.new_zeros(B, P, D)]
+        if lens:
+            full, enc = self.encode(inputs_embeds, extras, return_hidden=True)
+            hidden = [enc[:, :P].to(inputs_embeds.dtype)]
+        else:
+            full = self.encode(inputs_embeds, extras)
+            hidden = [inputs_embeds.new_zeros(B, P, D)]
         for k in range((G + C - 1) // C):
             lo = P + k * C
             canvas = inputs_embeds[:, lo:min(lo + C, L)]

@@ -769,12 +769,15 @@ class Explainer:
         extras = self._collate(extras_list, getattr(ad, "broadcast_extras", False))
         agg_only = getattr(self, "_aggregate_only", False)
         img_tok = int(getattr(ad, "image_token_id", -1))
+        # an adapter whose forward does not give every position's own logits (DiffusionGemma:
+        # the prompt rows come from an encoder that predicts nothing) names the lens apart
+        lens = getattr(ad, "lens_logits", None) or ad.forward
         with torch.no_grad():
             if extras is not _PER_ROW:
-                logits = ad.forward(embeds, attn_arg, extras)
+                logits = lens(embeds, attn_arg, extras)
                 z_rows = [logits[b] for b in range(B)]
             else:
-                z_rows = [ad.forward(embeds[b:b + 1, :lengths[b]], None, extras_list[b])[0]
+                z_rows = [lens(embeds[b:b + 1, :lengths[b]], None, extras_list[b])[0]
                           for b in range(B)]
         del embeds
         result = {}
@@ -811,8 +814,16 @@ class Explainer:
             cls = sorted({c for _, c, _ in tokens} | set(ctx_ids))
             col = {c: k for k, c in enumerate(cls)}
             Zs = Z[:, torch.as_tensor(cls, dtype=torch.long, device=Z.device)]
+            img_t = torch.as_tensor(img_pos, dtype=torch.long, device=Z.device)
+            if not bool(Zs[img_t].any()):
+                raise RuntimeError(
+                    f"TAM reads the logit lens at the image positions, but the adapter "
+                    f"({getattr(ad, 'name', type(ad).__name__)}) returns all-zero logits there "
+                    "(its forward scores the response only); give the adapter a "
+                    "lens_logits(inputs_embeds, attention_mask, extras) method that returns "
+                    "every position's own logits")
             scores, _ = tam_group_scores(
-                Zs, torch.as_tensor(img_pos, dtype=torch.long, device=Z.device), ctx_pos,
+                Zs, img_t, ctx_pos,
                 [col[c] for c in ctx_ids], ctx_strings,
                 [(p, col[c], st) for p, c, st in tokens], groups)
             scores = scores.float().cpu().numpy()                          # (G, n_img)

@@ -293,3 +293,40 @@ def test_no_deprecated_cache_keyword(ad, img):
             ad.forward(x, None, ad.extend_extras(s, x.shape[1]))
     msgs = [str(w.message) for w in seen if "past_key_values" in str(w.message)]
     assert msgs == [], msgs
+
+
+def test_lens_logits_read_the_encoder_for_the_prompt(ad, twin, img):
+    """TAM's logit lens: the prompt rows are the head applied to the encoder's final hidden
+    states (computed here by hand from the prompt alone: the text is causal, so later positions
+    cannot change them); the canvas rows are the forward's."""
+    from transformers import DynamicCache
+
+    model, proc = twin
+    s = ad.prepare([img], PROMPT)
+    P = s.prompt_length
+    resp = torch.tensor(ad.tokenizer.encode("a red cat on the box", add_special_tokens=False))
+    x = torch.cat([s.inputs_embeds, ad.embed_tokens(resp)])[None]
+    ex = ad.extend_extras(s, x.shape[1])
+    with torch.no_grad():
+        lens = ad.lens_logits(x, None, ex)[0]
+        fwd = ad.forward(x, None, ex)[0]
+        enc = model.model.encoder
+        xp, pos = s.inputs_embeds[None], torch.arange(P)[None]
+        cache = DynamicCache(config=model.config.get_text_config())
+        masks = enc.create_masks_for_generate(
+            config=model.config, inputs_embeds=xp, attention_mask=torch.ones(1, P).bool(),
+            position_ids=pos, mm_token_type_ids=s.extras["mm_token_type_ids"],
+            **{cache_kwarg(enc.create_masks_for_generate): cache})
+        h = enc(inputs_embeds=xp, attention_mask=masks, position_ids=pos,
+                **{cache_kwarg(enc.forward): cache}).last_hidden_state[0]
+        z = model.lm_head(h).float()
+        cap = model.config.get_text_config().final_logit_softcapping
+        if cap:
+            z = torch.tanh(z / cap) * cap
+    assert lens.shape == fwd.shape and lens[:P].abs().max() > 0
+    torch.testing.assert_close(lens[:P], z, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lens[P:], fwd[P:])
+    # TAM runs through it (the forward alone would give all-zero image rows)
+    e = diffcam.Explainer(ad, layer=0).explain(img, PROMPT, answer="a red cat", method="tam",
+                                               targets="all")
+    assert e.maps[0]["soft"].max() > 0

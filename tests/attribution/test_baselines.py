@@ -293,3 +293,26 @@ def test_tam_kernel_validation():
     for bad in (2, 1, 33, 3.0, True):
         with pytest.raises(ValueError, match="tam_kernel"):
             Explainer(ad, tam_kernel=bad)
+
+
+def test_tam_refuses_zero_logits_at_the_image(img):
+    """An adapter whose forward scores the response only (zero rows elsewhere) and has no
+    lens_logits: TAM says so instead of returning empty maps."""
+    ad = tiny_llava_anyres(seed=0)
+    real = ad.forward
+
+    def response_only(embeds, attn=None, extras=None):
+        z = real(embeds, attn, extras)
+        z = z.clone()
+        z[:, :-len(ANSWER.split())] = 0
+        return z
+
+    ad.forward = response_only
+    with Explainer(ad) as ex:
+        with pytest.raises(RuntimeError, match="lens_logits"):
+            ex.explain(img, _prompt(ad), targets="all", answer=ANSWER, method="tam")
+    # a lens_logits method is what TAM reads
+    ad.lens_logits = real
+    with Explainer(ad) as ex:
+        e = ex.explain(img, _prompt(ad), targets="all", answer=ANSWER, method="tam")
+    assert max(m.max() for m in e.maps[0].values()) > 0
