@@ -27,6 +27,7 @@ were still masked after s denoising steps; the score is still the final token's.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import warnings
 from typing import Optional
 
@@ -169,8 +170,9 @@ class Explainer:
                             f"{type(llava_cam_norm).__name__}")
         self.llava_cam_norm = llava_cam_norm
         if llava_cam_threshold is not None and not (
-                isinstance(llava_cam_threshold, (int, float)) and
-                0.0 <= float(llava_cam_threshold) <= 1.0):
+                isinstance(llava_cam_threshold, numbers.Real)
+                and not isinstance(llava_cam_threshold, bool)
+                and 0.0 <= float(llava_cam_threshold) <= 1.0):
             raise ValueError(f"llava_cam_threshold must be in [0, 1] or None, got "
                              f"{llava_cam_threshold!r}")
         self.llava_cam_threshold = llava_cam_threshold

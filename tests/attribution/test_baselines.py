@@ -139,12 +139,13 @@ def test_llava_cam_threshold_setting_and_errors(img):
     ad = tiny_llava_anyres(seed=1)
     with Explainer(ad, layer=1, llava_cam_threshold=None) as ex:
         full = ex.explain(img, _prompt(ad), targets=TARGETS, answer=ANSWER, method="llava-cam")
+    Explainer(ad, llava_cam_threshold=np.float32(0.25))          # numpy scalars are fine
     with Explainer(ad, layer=1) as ex:
         cut = ex.explain(img, _prompt(ad), targets=TARGETS, answer=ANSWER, method="llava-cam")
     for name in full.maps[0]:
         f, c = full.maps[0][name], cut.maps[0][name]
         np.testing.assert_allclose(c, np.where(f >= 0.5, f, 0), atol=1e-6)
-    for bad in (1.5, -0.1, "0.5"):
+    for bad in (1.5, -0.1, "0.5", True, float("nan")):
         with pytest.raises(ValueError, match="llava_cam_threshold"):
             Explainer(ad, llava_cam_threshold=bad)
     # a block without the norm fails before anything is generated, naming the way out
