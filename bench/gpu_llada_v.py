@@ -29,6 +29,9 @@ generation plus backward):
   (``--fast-backward both``, the default): the hand-written backward of
   ``diffcam.attribution.fastvjp`` (the CPU default, never run on a GPU yet; its blocks are
   checked against the real ones, a mismatch falls back to autograd and shows in ``backward``);
+* the baselines of method.md 4 on the same 16 targets (``--no-baselines`` skips them): LLaVA-CAM
+  (the norm feeding block ``--layer``'s MLP, autograd's batched backward) and TAM (one no-grad
+  forward, no backward); no target;
 * a plain no-grad forward of the full sequence (the reference the pass is compared with);
 * **generation** of 64 tokens in 32 steps with LaViDa's prefix KV cache
   (``diffcam.adapters.lavida.prefix_cache_generate``): target <= 350 ms; for LLaDA-V, whose
@@ -186,6 +189,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "attribution with Explainer(fast_backward=True), the hand-written "
                         "backward of diffcam.attribution.fastvjp (checked against the real "
                         "blocks; 'auto' uses it on the CPU only); 'auto': the defaults only")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip the LLaVA-CAM and TAM cases (16 per-token maps each)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-profile", action="store_true",
@@ -589,12 +594,13 @@ def run_family(family: str, a, device, dtype, layout: dict, cuda: bool, log) -> 
         case("prepare (template + tokenizer + splice of random image features)", "prepare",
              lambda: ad.prepare([image], prompt))
 
-        def explainer_case(name, layer_, chunk, agg, target=True, fast="auto"):
+        def explainer_case(name, layer_, chunk, agg, target=True, fast="auto",
+                           method="diffusion-cam"):
             ex = Explainer(ad, layer=layer_, backward_chunk=chunk, fast_backward=fast)
 
             def run():
                 return ex.explain(image, prompt, answer=answer, targets=targets,
-                                  aggregate_only=agg)
+                                  aggregate_only=agg, method=method)
 
             def on_out(exp):
                 d = _map_info(exp)
@@ -605,7 +611,8 @@ def run_family(family: str, a, device, dtype, layout: dict, cuda: bool, log) -> 
                         target_ms=TARGET_PASS_MS if target else None,
                         target_gb=TARGET_PASS_GB if target else None,
                         info={"layer": layer_, "backward_chunk": chunk, "aggregate_only": agg,
-                              "fast_backward": fast, "expected_maps": 1 if agg else T + 1},
+                              "fast_backward": fast, "expected_maps": 1 if agg else T + 1,
+                              "method": method},
                         on_out=on_out), run
 
         explainer_case(f"attribution, aggregate map, layer {layer}", layer, None, True)
@@ -621,6 +628,11 @@ def run_family(family: str, a, device, dtype, layout: dict, cuda: bool, log) -> 
             explainer_case(f"attribution, {T} per-token maps, layer {layer}, "
                            "backward_chunk=None, hand-written backward", layer, None, False,
                            fast=True)
+        if not a.no_baselines:      # method.md 4's baselines on the same 16 targets (no target)
+            explainer_case(f"LLaVA-CAM, {T} per-token maps, norm of block {layer}", layer, None,
+                           False, target=False, method="llava-cam")
+            explainer_case(f"TAM, {T} per-token maps (one no-grad forward)", layer, None, False,
+                           target=False, method="tam")
         for extra in _int_list(a.extra_layers):
             if not 0 <= extra < a.layers or extra == layer:
                 log(f"  (extra layer {extra} skipped: the model has {a.layers} blocks)")

@@ -70,7 +70,10 @@ def test_every_case_present_with_finite_positive_times(tiny_run, family):
     kinds = [c["kind"] for c in cases]
     assert kinds.count("forward") == 1 and kinds.count("prepare") == 1
     assert kinds.count("generation") == 1
-    attr = [c for c in cases if c["kind"] == "attribution"]
+    attr = [c for c in cases if c["kind"] == "attribution" and c["method"] == "diffusion-cam"]
+    base = [c for c in cases if c["kind"] == "attribution" and c["method"] != "diffusion-cam"]
+    assert sorted(c["method"] for c in base) == ["llava-cam", "tam"]
+    assert all(c["target_ms"] is None and not c["aggregate_only"] for c in base)
     # the defaults (aggregate, one 16-map pass per chunk size), then the same aggregate and
     # one-pass 16 maps with Explainer(fast_backward=True) (--fast-backward both, the default)
     auto = [c for c in attr if c["fast_backward"] == "auto"]
@@ -121,7 +124,7 @@ def test_per_token_maps_have_the_expected_shape(tiny_run, family):
         assert c["maps"] == {"base": [n, 1, b, b], "hires": [n, 1, h, w]}, c["case"]
         assert c["n_targets"] == T
         assert c["maps_finite"] and c["maps_nonconstant"], c["case"]
-        assert c["backward"]
+        assert c["backward"] or c["method"] == "tam"          # TAM runs no backward
     # one backward for all vectors: autograd's vmapped one, or on the CPU (this smoke test) the
     # hand-written one of diffcam.attribution.fastvjp
     assert any(c["backward"] in ("batched", "fast") for c in attr
