@@ -25,5 +25,8 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     ns = {}
     exec(compile(code, str(README), "exec"), ns)
     assert ns["exp"].answer == claimed.group(1)
+    tam = ns["tam"]
+    assert tam.settings["method"] == "tam" and tam.answer == ns["exp"].answer
+    assert tam.maps[0]["hires"].shape[0] == len(tam.targets) + 1
     saved = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"maps.npz", "manifest.json"} <= saved, saved
