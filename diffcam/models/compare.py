@@ -61,7 +61,8 @@ def compare_model(kind: str = "diffusion", test: int = 200, kinds: Sequence[str]
                   layer: Optional[int] = None, n_boot: int = 1000, sanity: int = 20,
                   progress: bool = False, adapter=None, faith_scenes: int = 10,
                   faith_steps: int = 10) -> dict:
-    """Every row of :data:`ROWS` for one shipped model (``kind``), on test scenes 0..test-1;
+    """Every row of :data:`ROWS` for one shipped model (``kind``; or ``adapter``, then nothing
+    is cached), on test scenes 0..test-1;
     the randomisation check on scenes 0..sanity-1 and the deletion / insertion AUCs
     (:mod:`diffcam.metrics.faithfulness`, ``faith_steps`` steps) on scenes
     0..faith_scenes-1."""
@@ -74,6 +75,8 @@ def compare_model(kind: str = "diffusion", test: int = 200, kinds: Sequence[str]
     if layer is None:
         layer = int(ad.default_layer)
     fp = tables.weights_fingerprint(weights_dir(kind)) if adapter is None else ""
+    if adapter is not None:
+        cache_dir = None        # no fingerprint for a given adapter: never reuse cached maps
     methods = list(dict.fromkeys(m for _, m, _ in ROWS))
     records: Dict[str, list] = {}
     seconds: Dict[str, float] = {}
