@@ -317,3 +317,23 @@ def test_tam_refuses_zero_logits_at_the_image(img):
     with Explainer(ad) as ex:
         e = ex.explain(img, _prompt(ad), targets="all", answer=ANSWER, method="tam")
     assert max(m.max() for m in e.maps[0].values()) > 0
+
+
+def test_llava_cam_chunks_batches_and_states(img, img2):
+    """LLaVA-CAM goes through the same pass as Grad-CAM: backward chunks, a batch of images and
+    trajectory states give the maps of the plain call."""
+    ad = tiny_llava_anyres(seed=4)
+    p = _prompt(ad)
+    with Explainer(ad, layer=1) as ex:
+        one = [ex.explain(im, p, method="llava-cam", targets="all") for im in (img, img2)]
+        both = ex.explain([img, img2], p, method="llava-cam", targets="all")
+        steps = one[0].settings["generation"]["steps"]
+        traj = ex.explain(img, p, method="llava-cam", targets="all", states=("final", steps))
+    with Explainer(ad, layer=1, backward_chunk=2) as ex:
+        chunked = ex.explain(img, p, method="llava-cam", targets="all")
+    for n in one[0].maps[0]:
+        for a, b in zip(one, both):
+            np.testing.assert_allclose(a.maps[0][n], b.maps[0][n], atol=1e-5)
+        np.testing.assert_allclose(chunked.maps[0][n], one[0].maps[0][n], atol=1e-5)
+        np.testing.assert_allclose(traj.maps[0][n][:, 1], one[0].maps[0][n][:, 0], atol=1e-5)
+        np.testing.assert_allclose(traj.maps[0][n][:, 0], one[0].maps[0][n][:, 0], atol=1e-5)
