@@ -7,6 +7,7 @@
     diffcam eval [--val N] [--test N] [--cache DIR] [--out docs/benchmark.md]
                                               the paper's tables on the bundled benchmark
     diffcam compare [--test N] [--models diffusion,autoregressive] [--out docs/baselines.md]
+                    [--json PATH]
                                               Diffusion-CAM against Grad-CAM, LLaVA-CAM, TAM
 """
 
@@ -130,6 +131,8 @@ def _compare_command(args) -> str:
              args.cache, "--out", args.out, "--boot", str(args.boot)]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
+    if args.json is not None:
+        parts += ["--json", args.json]
     return shlex.join(parts)
 
 
@@ -155,6 +158,14 @@ def _cmd_compare(args) -> int:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, args.out)
+    if args.json:
+        import json
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(compare.to_json(report), f, indent=2)
+        os.replace(tmp, args.json)
     for kind, rep in report["models"].items():
         for row, _ in rep["rows"]:
             print(f"  {kind:<14} {row.label:<30} F3 {100 * row.f3:6.2f} %  "
@@ -237,6 +248,8 @@ def main(argv=None) -> int:
     p.add_argument("--cache", default="~/.cache/diffcam/eval",
                    help="folder of the cached maps (reruns are instant)")
     p.add_argument("--out", default="docs/baselines.md", help="markdown file written")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the numbers as JSON here")
     p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

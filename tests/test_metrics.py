@@ -55,7 +55,10 @@ def test_summary_takes_f3_of_means():
     assert out["obj_iou"] == pytest.approx(0.3)
     assert out["f3_of_means"] == pytest.approx(metrics.f3_score(0.3, 2.5, 0.5))
     assert out["f3_mean"] == pytest.approx(0.15)
-    assert all(metrics.HIGHER_IS_BETTER.values())
+    hib = metrics.HIGHER_IS_BETTER
+    assert all(hib[k] for k in ("obj_iou", "contrast", "concentration", "f3", "pointing_game",
+                                "insertion_auc"))
+    assert hib["deletion_auc"] is False
 
 
 def test_otsu_threshold_api(rng):

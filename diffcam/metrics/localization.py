@@ -20,8 +20,10 @@ from ..refine.reference import f3_score
 __all__ = ["localization", "LocalizationScores", "otsu_threshold", "f3_score", "summarize",
            "HIGHER_IS_BETTER"]
 
-#: Score direction of every metric (all of them: higher is better).
-HIGHER_IS_BETTER = {"obj_iou": True, "contrast": True, "concentration": True, "f3": True}
+#: Score direction of every metric diffcam reports: the paper's four and the pointing game
+#: (higher is better), the deletion AUC (lower is better) and the insertion AUC (higher).
+HIGHER_IS_BETTER = {"obj_iou": True, "contrast": True, "concentration": True, "f3": True,
+                    "pointing_game": True, "deletion_auc": False, "insertion_auc": True}
 
 
 @dataclass

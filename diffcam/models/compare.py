@@ -37,7 +37,7 @@ import numpy as np
 from ..data import shapes
 from . import tables
 
-__all__ = ["MODELS", "ROWS", "run", "compare_model", "render_markdown"]
+__all__ = ["MODELS", "ROWS", "run", "compare_model", "render_markdown", "to_json"]
 
 #: The shipped models compared, by ``diffcam.load("bundled", kind=...)``.
 MODELS = ("diffusion", "autoregressive")
@@ -257,3 +257,35 @@ def render_markdown(report: dict) -> str:
         secs = ", ".join(f"{m} {s:.0f} s" for m, s in rep["collect_seconds"].items())
         L += ["", f"Explaining time (when first made): {secs}.", ""]
     return "\n".join(L) + "\n"
+
+
+def to_json(report: dict) -> dict:
+    """The numbers of a :func:`run` report as plain JSON types (one entry per model and row)."""
+    def num(x):
+        x = float(x)
+        return x if np.isfinite(x) else None
+
+    out = {k: report[k] for k in ("command", "kinds", "n_boot", "date", "machine", "total_s")}
+    out["models"] = {}
+    for kind, rep in report["models"].items():
+        rows = []
+        for n, (r, d) in enumerate(rep["rows"]):
+            row = {"label": r.label, "config": r.config if isinstance(r.config, str) else
+                   r.config.preset, "obj_iou": num(r.obj_iou), "contrast": num(r.contrast),
+                   "concentration": num(r.concentration), "f3": num(r.f3),
+                   "f3_mean": num(r.f3_mean), "n_maps": int(r.n_maps),
+                   "pointing_game": num(rep["pointing"][n]),
+                   "f3_minus_gradcam": [num(x) for x in d]}
+            if rep.get("faithfulness"):
+                dl, ins, nm = rep["faithfulness"][n]
+                row.update(deletion_auc=num(dl), insertion_auc=num(ins), faith_maps=int(nm))
+            rows.append(row)
+        out["models"][kind] = {
+            "layer": rep["layer"], "fingerprint": rep["fingerprint"], "rows": rows,
+            "by_kind": {k: {"maps": v[-1], "f3": dict(zip([r["label"] for r in rows],
+                                                           map(num, v[:-1])))}
+                        for k, v in rep["by_kind"].items()},
+            "randomisation": [{"label": lab, "rank_correlation": num(rc), "n_maps": n}
+                              for lab, rc, n, _ in rep["sanity"]],
+            "answers": rep["answers"], "correct": rep["correct"], "maps": rep["maps"]}
+    return out

@@ -83,6 +83,18 @@ def test_markdown_and_cli(report, tmp_path, monkeypatch):
     assert seen["faith_scenes"] == 1 and seen["faith_steps"] == 10
     assert "diffcam compare --test 4 --models diffusion --kinds describe,count --sanity 2" \
         in out.read_text()
+    js = tmp_path / "b.json"
+    rc = cli.main(["compare", "--test", "4", "--models", "diffusion", "--out", str(out),
+                   "--quiet", "--json", str(js)])
+    import json
+
+    data = json.loads(js.read_text())
+    rows = data["models"]["diffusion"]["rows"]
+    assert rc == 0 and [r["label"] for r in rows] == [label for label, _, _ in compare.ROWS]
+    for r, (row, d) in zip(rows, rep["rows"]):
+        assert r["f3"] == pytest.approx(row.f3) and r["n_maps"] == row.n_maps
+        assert r["f3_minus_gradcam"][0] == pytest.approx(d[0])
+    assert "--json" in data["command"]
     assert cli.main(["compare", "--kinds", "nonsense", "--out", str(out)]) == 2
     assert cli.main(["compare", "--sanity", "-1", "--out", str(out)]) == 2
     assert cli.main(["compare", "--faith-steps", "0", "--out", str(out)]) == 2
