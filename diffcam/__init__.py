@@ -32,7 +32,11 @@ _LAZY = {
 
 
 def __getattr__(name):
-    """The attribution engine is imported on first use (it needs torch)."""
+    """The attribution engine and the dataset runner are imported on first use."""
+    if name == "run":
+        import importlib
+
+        return importlib.import_module("diffcam.run")
     if name in _LAZY:
         import importlib
 
@@ -44,5 +48,5 @@ __all__ = [
     "refine", "RefineConfig", "RefineInfo", "backends", "BackendUnavailableError",
     "adaptive_kernel_size", "rank_gaussian_filter", "adaptive_kernel_denoising",
     "confidence_gating", "background_attenuation", "causal_debiasing", "resize", "metrics",
-    "Explainer", "Explanation", "GenerationConfig", "load", "__version__",
+    "Explainer", "Explanation", "GenerationConfig", "load", "run", "__version__",
 ]

@@ -9,6 +9,9 @@
     diffcam compare [--test N] [--models diffusion,autoregressive] [--out docs/baselines.md]
                     [--json PATH]
                                               Diffusion-CAM against Grad-CAM, LLaVA-CAM, TAM
+    diffcam run DATASET --out DIR [--model bundled] [--targets nouns] [--worker I/N] ...
+                                              explain a whole dataset into a resumable run
+    diffcam report DIR [--json]               counts and scores of a run folder
 """
 
 from __future__ import annotations
@@ -174,6 +177,61 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _worker_arg(text: str):
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--worker {text!r}: expected I/N, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--worker {text!r}: expected 0 <= I < N")
+    return i, n
+
+
+def _cmd_run(args) -> int:
+    from diffcam.run import format_summary, run_dataset, summarize
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError("--threads must be >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    targets = args.targets
+    if targets not in ("nouns", "all"):
+        targets = [w for w in targets.split(",") if w.strip()]
+    common = dict(targets=targets, layer=args.layer, method=args.method, config=args.preset,
+                  batch_size=args.batch, shard_size=args.shard, resume=not args.no_resume,
+                  retry_errors=args.retry_errors, limit=args.limit,
+                  save_refined=args.save_refined, prompt=args.prompt, answer=args.answer)
+    if args.ray:
+        from diffcam.run import run_dataset_ray
+
+        stats = run_dataset_ray(args.model, args.dataset, args.out, workers=args.ray,
+                                num_gpus_per_worker=args.gpus_per_worker,
+                                progress=not args.quiet, **common)
+    else:
+        stats = run_dataset(args.model, args.dataset, args.out, worker=args.worker,
+                            progress=not args.quiet, **common)
+    print(f"explained {stats['done']}, already done {stats['skipped']}, errors "
+          f"{stats['errors']} in {stats['seconds']:.1f} s -> {stats['out']}")
+    if not args.quiet:
+        print(format_summary(summarize(args.out)))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from diffcam.run import format_summary, summarize
+
+    s = summarize(args.run)
+    if args.json:
+        import json
+
+        print(json.dumps(s, indent=1))
+    else:
+        print(format_summary(s))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="diffcam", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -254,6 +312,44 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("run", help="explain a whole dataset into a resumable run folder")
+    p.add_argument("dataset", help="shapes:SPLIT[:START:STOP[:KINDS]], coco:PATH or the path of "
+                   "a COCO-style dataset (instances json or its folder)")
+    p.add_argument("--out", required=True, help="run folder (rerun the command to resume)")
+    p.add_argument("--model", default="bundled", help="model name for diffcam.load")
+    p.add_argument("--targets", default="nouns",
+                   help="nouns | all | comma-separated words (default nouns)")
+    p.add_argument("--layer", type=int, default=None, help="hooked block (default: the adapter's)")
+    p.add_argument("--method", default="diffusion-cam",
+                   choices=("diffusion-cam", "grad-cam", "llava-cam", "tam"))
+    p.add_argument("--preset", default="paper", choices=("paper", "reference"),
+                   help="refinement used for the scores (and --save-refined)")
+    p.add_argument("--prompt", default=None, help="prompt of every image (COCO datasets)")
+    p.add_argument("--answer", default=None, choices=("gold", "caption"),
+                   help="explain the expected answer (shapes: gold) or the first caption "
+                        "(COCO: caption) instead of the model's own")
+    p.add_argument("--batch", type=int, default=4, help="samples per forward/backward")
+    p.add_argument("--shard", type=int, default=64, help="samples per committed shard")
+    p.add_argument("--limit", type=int, default=None, help="first N samples only")
+    p.add_argument("--worker", type=_worker_arg, default=(0, 1), metavar="I/N",
+                   help="take every N-th sample starting at I (run N of these to scale out)")
+    p.add_argument("--ray", type=int, default=0, metavar="N",
+                   help="start N workers as Ray tasks instead (needs ray)")
+    p.add_argument("--gpus-per-worker", type=float, default=0, help="with --ray")
+    p.add_argument("--no-resume", action="store_true", help="refuse an existing run folder")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="explain again the samples that raised before")
+    p.add_argument("--save-refined", action="store_true",
+                   help="also store the refined maps (image resolution: large)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress, no summary")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("report", help="counts and scores of a run folder")
+    p.add_argument("run", help="run folder written by diffcam run")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_report)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:          # the benchmark runner parses its own options

@@ -41,7 +41,7 @@ import numpy as np
 
 __all__ = ["SHAPES", "PLURALS", "COLOURS", "NUMBERS", "KINDS", "SPLITS", "Scene", "QA", "scene",
            "render_scene", "question", "count_question", "questions", "describe", "vocabulary",
-           "samples", "export_coco", "IMAGE_SIZE"]
+           "samples", "dataset", "word_masks", "export_coco", "IMAGE_SIZE"]
 
 IMAGE_SIZE = 96
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
@@ -367,6 +367,52 @@ def samples(split: str, start: int = 0, stop: Optional[int] = None,
         kind = kinds[int(r.choice(len(kinds), p=p))]
         yield sc, question(sc, kind, r)
         i += 1
+
+
+def word_masks(sc: Scene) -> dict:
+    """Ground truth keyed by the words an answer uses: every shape name and colour word of the
+    scene's *named* objects -> the union of those objects' masks (distractors are never named).
+
+    >>> m = word_masks(scene("test", 0))
+    >>> all(k in SHAPES or k in COLOURS for k in m), all(v.any() for v in m.values())
+    (True, True)
+    """
+    out: dict = {}
+    for k in range(sc.n_named):
+        for key in (sc.shapes[k], sc.colours[k]):
+            out[key] = out[key] | sc.masks[k] if key in out else sc.masks[k].copy()
+    return out
+
+
+def dataset(split: str = "test", start: int = 0, stop: int = 100,
+            kinds: Sequence[str] = ("describe",), gold: bool = False):
+    """Scenes ``start..stop`` of ``split`` as :class:`~diffcam.data.sample.Sample` objects for
+    :func:`diffcam.run.run_dataset`: one sample per scene and question kind (id
+    ``"shapes-{split}-{index}-{kind}"``), the image as an array, masks from
+    :func:`word_masks`, the expected answer in ``meta["expected"]``; ``gold=True`` explains the
+    expected answer (teacher forcing) instead of letting the model answer.
+
+    >>> s = next(iter(dataset("test", 0, 1)))
+    >>> s.id, s.prompt
+    ('shapes-test-0-describe', '<image> describe the image .')
+    """
+    from .sample import Sample
+
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: expected one of {tuple(SPLITS)}")
+    if not 0 <= start <= stop:
+        raise ValueError(f"scenes {start}..{stop}: expected 0 <= start <= stop")
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"kind {kind!r}: expected one of {KINDS}")
+    for i in range(start, stop):
+        sc = scene(split, i)
+        masks = word_masks(sc)
+        for kind in kinds:
+            qa = question(sc, kind)
+            yield Sample(f"shapes-{split}-{i}-{kind}", sc.image, qa.prompt,
+                         answer=qa.answer if gold else None, masks=dict(masks),
+                         meta={"split": split, "scene": i, "kind": kind, "expected": qa.answer})
 
 
 # ------------------------------------------------------------------------------------- export

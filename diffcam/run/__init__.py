@@ -1,0 +1,22 @@
+"""Dataset runs: explain every sample of a dataset into a resumable, crash-safe run folder.
+
+* :func:`run_dataset` -- batches through one :class:`~diffcam.Explainer`, committed shard by
+  shard (:mod:`diffcam.run.store`); rerun the same call to resume; ``worker=(i, n)`` splits a
+  dataset over n processes or machines sharing the folder; :func:`run_dataset_ray` starts those
+  workers as Ray tasks;
+* :func:`open_dataset` -- dataset specs (``"shapes:test:0:100"``, ``"coco:PATH"``);
+* :func:`summarize` / :func:`format_summary` -- counts and the paper's scores of a run folder;
+* :class:`RunStore` -- read a run folder: records, maps, errors.
+
+Command line: ``diffcam run DATASET --out DIR`` and ``diffcam report DIR``.  Nothing heavy is
+imported until a run starts.
+"""
+
+from .report import format_summary, summarize
+from .runner import Progress, match_mask, run_dataset
+from .ray_engine import run_dataset_ray
+from .sources import Dataset, open_dataset
+from .store import RunStore, SettingsMismatch
+
+__all__ = ["run_dataset", "run_dataset_ray", "open_dataset", "Dataset", "summarize",
+           "format_summary", "RunStore", "SettingsMismatch", "match_mask", "Progress"]

@@ -1,0 +1,366 @@
+"""Explain a whole dataset: batches through one Explainer, results in a resumable shard store.
+
+:func:`run_dataset` takes a model (an adapter, or a name for :func:`diffcam.load`) and samples
+(:class:`~diffcam.data.sample.Sample` objects, or a dataset spec such as ``"shapes:test:0:100"``
+or ``"coco:/data/coco/val2017"``, see :func:`diffcam.run.sources.open_dataset`), explains them
+batch by batch and commits the results shard by shard into a run folder
+(:mod:`diffcam.run.store`).  Rerunning the same call continues where a crash or Ctrl-C stopped
+it; a sample that raises is written to ``errors/`` with its traceback and the run goes on.
+Scale-out: ``worker=(i, n)`` makes a process take every n-th sample (index ``i`` modulo ``n``);
+start n of them (on one machine or on several that share the folder) and each writes its own
+files; :func:`diffcam.run.ray_engine.run_dataset_ray` does that on a Ray cluster.
+
+When a sample carries masks, every explained target whose word names a mask (``"circle"`` ->
+``masks["circle"]``, plurals folded) is scored at run time with the paper's metrics
+(:func:`diffcam.metrics.localization`) on its raw map (min-max normalised) and its Diffusion-CAM
+map (refined with ``config``), so :func:`diffcam.run.summarize` reports a run without the
+dataset.
+
+>>> import diffcam, tempfile                                     # doctest: +SKIP
+>>> s = diffcam.run.run_dataset("bundled", "shapes:test:0:8", tempfile.mkdtemp() + "/r",
+...                             targets="all", progress=False)   # doctest: +SKIP
+>>> s["done"], s["errors"]                                       # doctest: +SKIP
+(8, 0)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .store import RunStore
+
+__all__ = ["run_dataset", "match_mask", "Progress"]
+
+
+def _plain_words(name: str) -> List[str]:
+    w = name.strip().lower()
+    out = [w]
+    if w.endswith("es") and len(w) > 3:
+        out.append(w[:-2])
+    if w.endswith("s") and len(w) > 2:
+        out.append(w[:-1])
+    return out
+
+
+def match_mask(name: str, masks: Optional[Dict[str, np.ndarray]]) -> Optional[str]:
+    """The key of ``masks`` that the target word ``name`` refers to, or None: exact match
+    (case-insensitive), then the word with a plural ``-s`` / ``-es`` removed, then a key whose
+    plural is the word.
+
+    >>> match_mask("Crosses", {"cross": None}), match_mask("dog", {"dogs": None})
+    ('cross', 'dogs')
+    >>> match_mask("the", {"cross": None}) is None
+    True
+    """
+    if not masks:
+        return None
+    lower = {k.strip().lower(): k for k in masks}
+    for w in _plain_words(name):
+        if w in lower:
+            return lower[w]
+    for k_low, k in lower.items():
+        if name.strip().lower() in _plain_words(k_low):
+            return k
+    return None
+
+
+class Progress:
+    """A one-line progress report on stderr: done / total, samples per second, time left,
+    errors.  Rewritten in place on a terminal, a line every ``every`` seconds otherwise."""
+
+    def __init__(self, total: Optional[int], enabled: bool = True, every: float = 10.0,
+                 stream=None):
+        self.total, self.enabled, self.every = total, enabled, every
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self.last = -1e9
+        self.done = self.skipped = self.errors = 0
+
+    def update(self, done=0, skipped=0, errors=0, force=False):
+        self.done += done
+        self.skipped += skipped
+        self.errors += errors
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not force and now - self.last < (0.5 if self.tty else self.every):
+            return
+        self.last = now
+        el = now - self.t0
+        rate = self.done / el if el > 0 else 0.0
+        n = self.done + self.skipped + self.errors
+        tot = f"/{self.total}" if self.total is not None else ""
+        left = ""
+        if self.total is not None and rate > 0:
+            rest = max(self.total - n, 0) / rate
+            left = f", {rest / 60:.1f} min left" if rest >= 60 else f", {rest:.0f} s left"
+        msg = (f"diffcam run: {n}{tot} samples ({self.done} explained, {self.skipped} already "
+               f"done, {self.errors} errors), {rate:.2f} samples/s{left}")
+        if self.tty:
+            self.stream.write("\r" + msg + "\x1b[K" + ("\n" if force else ""))
+        else:
+            self.stream.write(msg + "\n")
+        self.stream.flush()
+
+
+def _check_worker(worker) -> Tuple[int, int]:
+    try:
+        i, n = worker
+        if isinstance(i, bool) or isinstance(n, bool):
+            raise TypeError
+        i, n = int(i), int(n)
+    except (TypeError, ValueError):
+        raise ValueError(f"worker must be a pair (index, count), got {worker!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"worker={worker!r}: expected 0 <= index < count")
+    return i, n
+
+
+def _positive_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    return int(v)
+
+
+def _normalised(m: np.ndarray) -> np.ndarray:
+    m = np.maximum(np.asarray(m, np.float64), 0.0)
+    mx = m.max() if m.size else 0.0
+    return (m / mx if mx > 0 else m).astype(np.float32)
+
+
+def _same_answer(a: str, b: str) -> bool:
+    return " ".join(str(a).lower().split()) == " ".join(str(b).lower().split())
+
+
+def _score(exp, sample, cfg) -> Dict[str, dict]:
+    """Scores of every target whose word names one of the sample's masks (first image, default
+    grid -- the high-resolution grid of anyres layouts --, first state): raw (min-max
+    normalised, grid resolution) and refined (at the image's resolution)."""
+    from .. import metrics
+
+    if not sample.masks or exp.aggregate_only:
+        return {}
+    picks = []
+    for k, t in enumerate(exp.targets):
+        key = match_mask(t.name, sample.masks)
+        if key is not None and sample.masks[key].any():
+            picks.append((k, t.name, key))
+    if not picks:
+        return {}
+    g = exp.default_grid(0)
+    raw = exp.maps[0][g][[k for k, _, _ in picks], 0]
+    raw = np.stack([_normalised(m) for m in raw])
+    ref = exp.refined(cfg).maps[0][g][[k for k, _, _ in picks], 0]
+    masks = [sample.masks[key][None] for _, _, key in picks]
+    s_raw = metrics.localization(raw, masks)
+    s_ref = metrics.localization(np.ascontiguousarray(ref, np.float32), masks)
+    out = {}
+    for j, (k, name, key) in enumerate(picks):
+        out[name] = {"mask": key, "target": k, "grid": g,
+                     "raw": {f: float(np.atleast_1d(getattr(s_raw, f))[j])
+                             for f in ("obj_iou", "contrast", "concentration", "f3")},
+                     "refined": {f: float(np.atleast_1d(getattr(s_ref, f))[j])
+                                 for f in ("obj_iou", "contrast", "concentration", "f3")}}
+    return out
+
+
+def _record(index, sample, exp, seconds, cfg, save_refined) -> Tuple[dict, dict]:
+    arrays = {}
+    grids = []
+    for i, d in enumerate(exp.maps):
+        grids.append({g: list(a.shape) for g, a in d.items()})
+        for g, a in d.items():
+            arrays[f"{sample.id}/{i}/{g}"] = np.asarray(a, np.float32)
+    if save_refined:
+        r = exp.refined(cfg)
+        for i, d in enumerate(r.maps):
+            for g, a in d.items():
+                arrays[f"{sample.id}/{i}/{g}/refined"] = np.asarray(a, np.float32)
+    rec = {"id": sample.id, "index": index, "status": "ok", "prompt": sample.prompt,
+           "answer": exp.answer, "answer_given": sample.answer is not None,
+           "tokens": list(exp.tokens), "token_ids": [int(t) for t in exp.token_ids],
+           "targets": exp.target_names, "states": list(exp.states), "grids": grids,
+           "image_sizes": [list(np.shape(im)[:2]) for im in exp.images],
+           "scores": _score(exp, sample, cfg), "seconds": round(seconds, 4),
+           "meta": sample.meta}
+    if "expected" in sample.meta and sample.answer is None:
+        rec["correct"] = _same_answer(exp.answer, sample.meta["expected"])
+    return rec, arrays
+
+
+def _settings(adapter, dataset_name, explain_kw, cfg, save_refined) -> dict:
+    from .. import __version__
+
+    info = {}
+    try:
+        info = dict(adapter.info())
+    except Exception:                                    # pragma: no cover - odd adapters
+        info = {"adapter": type(adapter).__name__}
+    return {"model": info, "dataset": dataset_name, "explain": explain_kw,
+            "refine": cfg.to_dict(), "save_refined": bool(save_refined),
+            "diffcam": __version__}
+
+
+def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
+                layer: Optional[int] = None, states=("final",), method: str = "diffusion-cam",
+                score: str = "logit", config="paper", batch_size: int = 4,
+                shard_size: int = 64, worker=(0, 1), resume: bool = True,
+                retry_errors: bool = False, limit: Optional[int] = None,
+                save_refined: bool = False, progress: bool = True,
+                explainer_kwargs: Optional[dict] = None, prompt: Optional[str] = None,
+                answer=None) -> Dict[str, Any]:
+    """Explain every sample of a dataset into the run folder ``out``; returns a summary dict
+    (``done`` explained now, ``skipped`` already done, ``errors``, ``seconds``, ``out``).
+
+    model        an adapter, or a name / path for :func:`diffcam.load` (``"bundled"``)
+    samples      an iterable of :class:`~diffcam.data.sample.Sample`, or a dataset spec for
+                 :func:`diffcam.run.sources.open_dataset` (``prompt`` and ``answer`` go to it)
+    targets, layer, states, method, score
+                 passed to :meth:`diffcam.Explainer.explain` for every batch
+    config       the refinement (RefineConfig, "paper" or "reference") used for scoring and
+                 for ``save_refined``
+    batch_size   samples per explain() call (one forward and one backward for the batch); a
+                 batch that raises is retried sample by sample so one bad sample fails alone
+    shard_size   samples per committed shard (a crash loses at most this many)
+    worker       (i, n): take the samples whose index is i modulo n
+    resume       continue a run folder that holds the same settings (False: refuse an
+                 existing run)
+    retry_errors explain again the samples that raised in an earlier attempt
+    limit        stop after the first ``limit`` samples of the dataset
+    save_refined also store the refined maps (at the image's resolution: large)
+    progress     report progress on stderr
+    """
+    from .. import load as _load
+    from ..attribution import Explainer
+    from ..data.sample import Sample
+    from ..refine import RefineConfig
+    from .sources import open_dataset
+
+    batch_size = _positive_int("batch_size", batch_size)
+    shard_size = _positive_int("shard_size", shard_size)
+    if limit is not None:
+        limit = _positive_int("limit", limit)
+    wi, wn = _check_worker(worker)
+    if isinstance(config, str):
+        if config not in ("paper", "reference"):
+            raise ValueError(f"config={config!r}: expected 'paper', 'reference' or a RefineConfig")
+        cfg = RefineConfig.paper() if config == "paper" else RefineConfig.reference()
+    elif isinstance(config, RefineConfig):
+        cfg = config
+    else:
+        raise TypeError(f"config must be a RefineConfig, 'paper' or 'reference', got "
+                        f"{type(config).__name__}")
+    total = None
+    if isinstance(samples, (str, os.PathLike)):
+        ds = open_dataset(samples, prompt=prompt, answer=answer)
+        dataset_name, total, samples = ds.spec, ds.count, iter(ds)
+    else:
+        if prompt is not None or answer is not None:
+            raise ValueError("prompt= and answer= apply to a dataset spec; set them on the "
+                             "Sample objects instead")
+        dataset_name = "samples"
+        if hasattr(samples, "__len__"):
+            total = len(samples)
+    if total is not None and limit is not None:
+        total = min(total, limit)
+    if total is not None and wn > 1:
+        total = len(range(wi, total, wn))
+    adapter = _load(model)
+    if isinstance(states, (str, int)):
+        states = (states,)
+    explain_kw = {"targets": targets if isinstance(targets, (str, list, tuple)) else repr(targets),
+                  "layer": layer, "states": list(states), "method": method, "score": score}
+    store = RunStore.create(out, _settings(adapter, dataset_name, explain_kw, cfg, save_refined),
+                            resume=resume)
+    done = store.done_ids()
+    failed = set() if retry_errors else set(store.errors())
+    writer = store.writer(wi)
+    prog = Progress(total, enabled=progress)
+    stats = {"done": 0, "skipped": 0, "errors": 0}
+    seen = set()
+    t0 = time.perf_counter()
+
+    def fail(sample, exc):
+        writer.error(sample.id, exc)
+        stats["errors"] += 1
+        prog.update(errors=1)
+
+    def explain_group(ex, group):
+        """group: [(index, Sample)], all with or all without answers."""
+        answers = [s.answer for _, s in group]
+        kw = dict(targets=targets, layer=layer, states=states, method=method, score=score)
+        t = time.perf_counter()
+        try:
+            exps = ex.explain([s.image for _, s in group], [s.prompt for _, s in group],
+                              answer=None if answers[0] is None else answers, **kw)
+            if len(group) == 1 and not isinstance(exps, list):
+                exps = [exps]
+            per = (time.perf_counter() - t) / len(group)
+            results = [(g, e, per) for g, e in zip(group, exps)]
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:
+            if len(group) == 1:
+                fail(group[0][1], exc)
+                return
+            for g in group:                 # isolate the sample that raised
+                explain_group(ex, [g])
+            return
+        for (index, sample), exp, per in results:
+            try:
+                rec, arrays = _record(index, sample, exp, per, cfg, save_refined)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:
+                fail(sample, exc)
+                continue
+            writer.add(rec, arrays)
+            stats["done"] += 1
+            prog.update(done=1)
+            if len(writer) >= shard_size:
+                writer.flush()
+
+    def run_batch(ex, batch):
+        given = [b for b in batch if b[1].answer is not None]
+        free = [b for b in batch if b[1].answer is None]
+        for group in (free, given):
+            if group:
+                explain_group(ex, group)
+
+    try:
+        with Explainer(adapter, **(explainer_kwargs or {})) as ex:
+            batch: List[Tuple[int, Any]] = []
+            for index, sample in enumerate(samples):
+                if limit is not None and index >= limit:
+                    break
+                if index % wn != wi:
+                    continue
+                if not isinstance(sample, Sample):
+                    raise TypeError(f"samples must yield diffcam.data.Sample objects, got "
+                                    f"{type(sample).__name__} at index {index}")
+                if sample.id in seen:
+                    raise ValueError(f"sample id {sample.id!r} occurs twice (index {index}): "
+                                     f"ids are the resume key and must be unique")
+                seen.add(sample.id)
+                if sample.id in done or sample.id in failed:
+                    stats["skipped"] += 1
+                    prog.update(skipped=1)
+                    continue
+                batch.append((index, sample))
+                if len(batch) >= batch_size:
+                    run_batch(ex, batch)
+                    batch = []
+            if batch:
+                run_batch(ex, batch)
+    finally:
+        writer.flush()          # commit what is finished, also on Ctrl-C or a crash
+        prog.update(force=True)
+    stats.update(seconds=time.perf_counter() - t0, out=store.path,
+                 previous_errors_skipped=len(failed & seen))
+    return stats

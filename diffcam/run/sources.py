@@ -1,0 +1,123 @@
+"""Dataset specs for :func:`diffcam.run.run_dataset` and ``diffcam run``.
+
+=====================================  ====================================================
+spec                                   samples
+=====================================  ====================================================
+``shapes:SPLIT``                       scenes 0..99 of the bundled shapes world, "describe"
+``shapes:SPLIT:START:STOP``            scenes START..STOP-1
+``shapes:SPLIT:START:STOP:K1,K2``      question kinds K1, K2 (describe, colour, presence,
+                                       count) for every scene
+``coco:PATH`` or ``PATH``              a COCO-style dataset (:mod:`diffcam.data.coco`):
+                                       ``PATH`` an instances json or a folder holding
+                                       ``instances.json``; one sample per image
+=====================================  ====================================================
+
+``prompt`` (COCO: default ``"<image> describe the image ."``) and ``answer`` (COCO: None = the
+model answers, ``"caption"`` = explain the image's first caption; shapes: ``"gold"`` = explain
+the expected answer) complete a spec.
+
+>>> ds = open_dataset("shapes:val:0:3:describe,colour")
+>>> ds.count, [s.id for s in ds][:2]
+(6, ['shapes-val-0-describe', 'shapes-val-0-colour'])
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+__all__ = ["open_dataset", "Dataset"]
+
+DEFAULT_PROMPT = "<image> describe the image ."
+
+
+@dataclass
+class Dataset:
+    """An iterable of samples with its spec (recorded in run.json) and its length if known."""
+
+    spec: str
+    count: Optional[int]
+    make: Callable[[], Iterator]
+
+    def __iter__(self):
+        return iter(self.make())
+
+    def __len__(self) -> int:
+        if self.count is None:
+            raise TypeError(f"dataset {self.spec!r} has no known length")
+        return self.count
+
+
+def _int(text: str, what: str, spec: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise ValueError(f"dataset spec {spec!r}: {what} {text!r} is not an integer") from None
+    if v < 0:
+        raise ValueError(f"dataset spec {spec!r}: {what} must be >= 0, got {v}")
+    return v
+
+
+def _shapes(spec: str, rest: str, prompt, answer) -> Dataset:
+    from ..data import shapes
+
+    if prompt is not None:
+        raise ValueError("prompt= does not apply to the shapes world: its questions come with "
+                         "their prompts (choose them with the kinds field of the spec)")
+    if answer not in (None, "gold"):
+        raise ValueError(f"answer={answer!r}: the shapes world takes None (the model answers) "
+                         f"or 'gold' (explain the expected answer)")
+    parts = rest.split(":") if rest else []
+    if not parts or len(parts) > 4 or len(parts) == 2:
+        raise ValueError(f"dataset spec {spec!r}: expected shapes:SPLIT[:START:STOP[:KINDS]]")
+    split = parts[0]
+    if split not in shapes.SPLITS:
+        raise ValueError(f"dataset spec {spec!r}: split {split!r} is not one of "
+                         f"{tuple(shapes.SPLITS)}")
+    start, stop = 0, 100
+    if len(parts) >= 3:
+        start, stop = _int(parts[1], "START", spec), _int(parts[2], "STOP", spec)
+        if stop < start:
+            raise ValueError(f"dataset spec {spec!r}: STOP {stop} < START {start}")
+    kinds = ("describe",)
+    if len(parts) == 4:
+        kinds = tuple(k.strip() for k in parts[3].split(",") if k.strip())
+        bad = [k for k in kinds if k not in shapes.KINDS]
+        if bad or not kinds:
+            raise ValueError(f"dataset spec {spec!r}: kinds {bad or parts[3]!r}; expected some "
+                             f"of {shapes.KINDS}")
+    gold = answer == "gold"
+    canon = f"shapes:{split}:{start}:{stop}:{','.join(kinds)}" + (":gold" if gold else "")
+    return Dataset(canon, (stop - start) * len(kinds),
+                   lambda: shapes.dataset(split, start, stop, kinds, gold=gold))
+
+
+def _coco(spec: str, path: str, prompt, answer) -> Dataset:
+    from ..data.coco import CocoDataset
+
+    if not path:
+        raise ValueError(f"dataset spec {spec!r}: expected coco:PATH")
+    ds = CocoDataset(path)
+    prompt = DEFAULT_PROMPT if prompt is None else prompt
+    if answer not in (None, "caption"):
+        raise ValueError(f"answer={answer!r}: a COCO dataset takes None (the model answers) or "
+                         f"'caption' (explain the first caption)")
+    canon = f"coco:{os.path.abspath(path)}|prompt={prompt}|answer={answer}"
+    return Dataset(canon, len(ds), lambda: ds.samples(prompt=prompt, answer=answer))
+
+
+def open_dataset(spec, prompt: Optional[str] = None, answer: Optional[str] = None) -> Dataset:
+    """The samples of a dataset spec (table in the module docstring)."""
+    spec = os.fspath(spec)
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"dataset spec must be a non-empty string, got {spec!r}")
+    kind, _, rest = spec.partition(":")
+    if kind == "shapes":
+        return _shapes(spec, rest, prompt, answer)
+    if kind == "coco":
+        return _coco(spec, rest, prompt, answer)
+    if os.path.exists(spec):
+        return _coco(spec, spec, prompt, answer)
+    raise ValueError(f"dataset spec {spec!r}: expected shapes:SPLIT[:START:STOP[:KINDS]], "
+                     f"coco:PATH or the path of a COCO-style dataset")

@@ -1,0 +1,220 @@
+"""Dataset runs on the bundled model: results equal direct explanations, resume after a crash,
+errors recorded and isolated, workers, settings checks, the CLI."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import diffcam
+from diffcam.data import shapes
+from diffcam.data.sample import Sample
+from diffcam.run import RunStore, SettingsMismatch, open_dataset, run_dataset, summarize
+
+torch = pytest.importorskip("torch")
+
+SPEC = "shapes:test:0:4"
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return diffcam.load("bundled")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    yield
+
+
+def _gold(n=4, start=0):
+    return list(shapes.dataset("test", start, start + n, gold=True))
+
+
+def _files(path):
+    d = os.path.join(path, "shards")
+    return {f: os.path.getmtime(os.path.join(d, f)) for f in os.listdir(d)}
+
+
+@pytest.fixture(scope="module")
+def gold_run(adapter, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "gold")
+    stats = run_dataset(adapter, _gold(), out, targets="all", batch_size=3, shard_size=2,
+                        progress=False)
+    return out, stats
+
+
+def test_run_stores_the_direct_explanations(adapter, gold_run):
+    out, stats = gold_run
+    assert (stats["done"], stats["skipped"], stats["errors"]) == (4, 0, 0)
+    store = RunStore.open(out)
+    assert len(store.shard_files()) == 2                        # shard_size=2
+    recs = {r["id"]: r for r in store.records()}
+    assert sorted(recs) == sorted(s.id for s in _gold())
+    s = _gold()[2]
+    with diffcam.Explainer(adapter) as ex:
+        exp = ex.explain(s.image, s.prompt, answer=s.answer, targets="all")
+    rec = recs[s.id]
+    assert rec["answer"] == exp.answer and rec["targets"] == exp.target_names
+    assert rec["answer_given"] is True and "correct" not in rec
+    maps = store.maps(s.id)
+    for g, arr in exp.maps[0].items():
+        # batched (3 samples per forward) vs one by one: same maps up to float32 rounding
+        np.testing.assert_allclose(maps[f"{s.id}/0/{g}"], arr, rtol=1e-4,
+                                   atol=1e-6 * float(np.abs(arr).max()))
+
+
+def test_scores_are_the_metrics_of_the_stored_maps(gold_run):
+    out, _ = gold_run
+    store = RunStore.open(out)
+    rec, arrays = next(iter(store.iter_maps()))
+    sample = {s.id: s for s in _gold()}[rec["id"]]
+    scored = rec["scores"]
+    # every colour and shape word of the description names a mask
+    sc = shapes.scene("test", sample.meta["scene"])
+    assert set(scored) == {w for k in range(sc.n_named) for w in (sc.shapes[k], sc.colours[k])}
+    name, entry = next(iter(scored.items()))
+    raw = arrays[f"{rec['id']}/0/{entry['grid']}"][entry["target"], 0].astype(np.float64)
+    raw = np.maximum(raw, 0) / max(raw.max(), 1e-30)
+    mask = sample.masks[entry["mask"]]
+    s = diffcam.metrics.localization(raw.astype(np.float32), mask[None])
+    assert entry["raw"]["obj_iou"] == pytest.approx(float(s.obj_iou), abs=1e-9)
+    assert entry["raw"]["f3"] == pytest.approx(float(s.f3), abs=1e-9)
+    with diffcam.Explainer(diffcam.load("bundled")) as ex:
+        exp = ex.explain(sample.image, sample.prompt, answer=sample.answer, targets="all")
+    ref = exp.map(entry["target"], grid=entry["grid"], refined=True)
+    s = diffcam.metrics.localization(ref, mask[None])
+    assert entry["refined"]["obj_iou"] == pytest.approx(float(s.obj_iou), abs=1e-6)
+    assert entry["refined"]["concentration"] == pytest.approx(float(s.concentration), rel=1e-4)
+    summ = summarize(out)
+    n = sum(len(r["scores"]) for r in store.records())
+    assert summ["done"] == 4 and summ["raw"]["n_maps"] == summ["refined"]["n_maps"] == n
+    assert 0 < summ["refined"]["obj_iou"] <= 1
+
+
+def test_rerun_skips_everything_and_writes_nothing(adapter, gold_run):
+    out, _ = gold_run
+    before = _files(out)
+    stats = run_dataset(adapter, _gold(), out, targets="all", batch_size=3, shard_size=2,
+                        progress=False)
+    assert (stats["done"], stats["skipped"]) == (0, 4)
+    assert _files(out) == before
+
+
+def test_settings_mismatch_and_no_resume(adapter, gold_run):
+    out, _ = gold_run
+    with pytest.raises(SettingsMismatch, match="explain.targets"):
+        run_dataset(adapter, _gold(), out, targets="nouns", progress=False)
+    with pytest.raises(FileExistsError, match="resume=True"):
+        run_dataset(adapter, _gold(), out, targets="all", resume=False, progress=False)
+
+
+def test_crash_then_resume_equals_an_uninterrupted_run(adapter, gold_run, tmp_path,
+                                                        monkeypatch):
+    from diffcam.attribution import Explainer
+
+    out = str(tmp_path / "crash")
+    real, calls = Explainer.explain, []
+
+    def explain(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt           # Ctrl-C in the middle of the third batch
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Explainer, "explain", explain)
+    with pytest.raises(KeyboardInterrupt):
+        run_dataset(adapter, _gold(), out, targets="all", batch_size=1, shard_size=10,
+                    progress=False)
+    store = RunStore.open(out)
+    assert store.done_ids() == {s.id for s in _gold()[:2]}     # finished work was committed
+    assert not [f for f in os.listdir(os.path.join(out, "shards")) if f.endswith(".tmp")]
+    monkeypatch.setattr(Explainer, "explain", real)
+    stats = run_dataset(adapter, _gold(), out, targets="all", batch_size=1, shard_size=10,
+                        progress=False)
+    assert (stats["done"], stats["skipped"]) == (2, 2)
+    full = RunStore.open(gold_run[0])
+    got = {r["id"]: (r, a) for r, a in RunStore.open(out).iter_maps()}
+    for rec, arrays in full.iter_maps():
+        r2, a2 = got[rec["id"]]
+        assert r2["answer"] == rec["answer"] and r2["scores"].keys() == rec["scores"].keys()
+        for k in arrays:
+            np.testing.assert_allclose(a2[k], arrays[k], rtol=1e-4,
+                                       atol=1e-6 * float(np.abs(arrays[k]).max()))
+
+
+def test_a_bad_sample_fails_alone_and_is_recorded(adapter, tmp_path):
+    bad_png = tmp_path / "broken.png"
+    bad_png.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    samples = _gold(3)
+    samples.insert(1, Sample("broken", str(bad_png), "<image> describe the image .",
+                             answer="a red circle ."))
+    out = str(tmp_path / "errs")
+    stats = run_dataset(adapter, samples, out, targets="all", batch_size=4, progress=False)
+    assert (stats["done"], stats["errors"]) == (3, 1)
+    errs = RunStore.open(out).errors()
+    assert list(errs) == ["broken"] and "broken.png" in errs["broken"]["message"] + \
+        errs["broken"]["traceback"]
+    assert "broken" in summarize(out)["errors"]
+    again = run_dataset(adapter, samples, out, targets="all", batch_size=4, progress=False)
+    assert (again["done"], again["skipped"], again["errors"]) == (0, 4, 0)
+    retry = run_dataset(adapter, samples, out, targets="all", batch_size=4, progress=False,
+                        retry_errors=True)
+    assert (retry["done"], retry["errors"]) == (0, 1)
+
+
+def test_workers_split_the_dataset(adapter, tmp_path):
+    out = str(tmp_path / "w")
+    a = run_dataset(adapter, _gold(5), out, targets="all", worker=(0, 2), progress=False)
+    b = run_dataset(adapter, _gold(5), out, targets="all", worker=(1, 2), progress=False)
+    assert (a["done"], b["done"]) == (3, 2)
+    store = RunStore.open(out)
+    assert store.done_ids() == {s.id for s in _gold(5)}
+    assert {r["index"] % 2 for r in store.records() if r["_shard"].startswith("w001")} == {1}
+
+
+def test_generated_answers_are_judged(adapter, tmp_path):
+    out = str(tmp_path / "gen")
+    stats = run_dataset(adapter, "shapes:test:0:2:describe,colour", out, targets="all",
+                        progress=False, batch_size=4)
+    assert stats["done"] == 4
+    recs = list(RunStore.open(out).records())
+    for r in recs:
+        assert r["answer_given"] is False
+        assert r["correct"] == (r["answer"].split() == r["meta"]["expected"].split())
+    s = summarize(out)
+    assert s["judged"] == 4 and set(s["by_kind"]) == {"describe", "colour"}
+
+
+def test_bad_arguments(adapter, tmp_path):
+    out = str(tmp_path / "bad")
+    for kw, msg in (({"batch_size": 0}, "batch_size"), ({"shard_size": 1.5}, "shard_size"),
+                    ({"worker": (2, 2)}, "worker"), ({"worker": 3}, "worker"),
+                    ({"config": "fast"}, "config"), ({"limit": 0}, "limit")):
+        with pytest.raises(ValueError, match=msg):
+            run_dataset(adapter, _gold(1), out, progress=False, **kw)
+    with pytest.raises(TypeError, match="Sample"):
+        run_dataset(adapter, [("img", "prompt")], out, progress=False)
+    dup = _gold(1) + _gold(1)
+    with pytest.raises(ValueError, match="occurs twice"):
+        run_dataset(adapter, dup, str(tmp_path / "dup"), progress=False)
+    with pytest.raises(ValueError, match="prompt"):
+        run_dataset(adapter, _gold(1), str(tmp_path / "p"), prompt="x", progress=False)
+
+
+def test_cli_run_and_report(tmp_path, capsys):
+    from diffcam.cli import main
+
+    out = str(tmp_path / "cli")
+    assert main(["run", "shapes:val:0:2", "--out", out, "--answer", "gold", "--targets", "all",
+                 "--threads", "1", "--quiet"]) == 0
+    assert main(["report", out]) == 0
+    text = capsys.readouterr().out
+    assert "samples explained: 2" in text and "Diffusion-CAM" in text
+    assert main(["report", out, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["done"] == 2 and doc["dataset"] == "shapes:val:0:2:describe:gold"
+    assert main(["run", "shapes:nope", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "split 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "shapes:val", "--out", out, "--worker", "2/2"])
