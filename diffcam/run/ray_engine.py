@@ -43,12 +43,6 @@ def run_dataset_ray(model: str, samples: str, out, workers: int = 2,
     address   the cluster to join (None: an existing connection, else a local Ray instance)
     kwargs    every other argument of :func:`~diffcam.run.run_dataset` (not ``worker``)
     """
-    try:
-        import ray
-    except ImportError as e:
-        raise ImportError("run_dataset_ray needs Ray: pip install ray (or pip install "
-                          "'diffcam[ray]'); without it, start run_dataset(worker=(i, n)) in n "
-                          "processes (diffcam run --worker i/n)") from e
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError("model must be a name or path for diffcam.load: every Ray worker loads "
                         "its own copy")
@@ -59,6 +53,12 @@ def run_dataset_ray(model: str, samples: str, out, workers: int = 2,
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     if "worker" in kwargs:
         raise ValueError("worker= is set by run_dataset_ray for each task")
+    try:
+        import ray
+    except ImportError as e:
+        raise ImportError("run_dataset_ray needs Ray: pip install ray (or pip install "
+                          "'diffcam[ray]'); without it, start run_dataset(worker=(i, n)) in n "
+                          "processes (diffcam run --worker i/n)") from e
     out = os.path.abspath(os.fspath(out))
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)

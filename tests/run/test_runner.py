@@ -218,3 +218,41 @@ def test_cli_run_and_report(tmp_path, capsys):
     assert "split 'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["run", "shapes:val", "--out", out, "--worker", "2/2"])
+
+
+def test_ray_engine_splits_the_run_over_workers(tmp_path):
+    """Two Ray tasks (a local Ray instance) write one run folder; the result equals the
+    dataset, each task took its half."""
+    ray = pytest.importorskip("ray")
+    from diffcam.run import run_dataset_ray
+
+    out = str(tmp_path / "ray")
+    try:
+        stats = run_dataset_ray("bundled", "shapes:test:0:4", out, workers=2,
+                                num_cpus_per_worker=1, progress=False, answer="gold",
+                                targets="all", batch_size=2)
+    finally:
+        ray.shutdown()
+    assert (stats["done"], stats["errors"]) == (4, 0)
+    assert sorted(w["done"] for w in stats["workers"]) == [2, 2]
+    store = RunStore.open(out)
+    assert store.done_ids() == {s.id for s in _gold(4)}
+    assert {r["_shard"][:4] for r in store.records()} == {"w000", "w001"}
+
+
+def test_ray_engine_needs_names(tmp_path, monkeypatch):
+    import sys
+
+    from diffcam.run import run_dataset_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)           # as if Ray were not installed
+    with pytest.raises(ImportError, match="pip install ray"):
+        run_dataset_ray("bundled", "shapes:test:0:4", str(tmp_path / "r"))
+    with pytest.raises(TypeError, match="dataset spec"):
+        run_dataset_ray("bundled", _gold(1), str(tmp_path / "r"))
+    with pytest.raises(TypeError, match="diffcam.load"):
+        run_dataset_ray(object(), "shapes:test:0:4", str(tmp_path / "r"))
+    with pytest.raises(ValueError, match="workers"):
+        run_dataset_ray("bundled", "shapes:test:0:4", str(tmp_path / "r"), workers=0)
+    with pytest.raises(ValueError, match="worker="):
+        run_dataset_ray("bundled", "shapes:test:0:4", str(tmp_path / "r"), worker=(0, 1))
