@@ -9,6 +9,8 @@
     diffcam compare [--test N] [--models diffusion,autoregressive] [--out docs/baselines.md]
                     [--json PATH]
                                               Diffusion-CAM against Grad-CAM, LLaVA-CAM, TAM
+    diffcam explain IMAGE [--prompt TEXT] [--out DIR] [--model bundled] [--targets nouns]
+                                              explain one image: answer, maps, overlays
     diffcam run DATASET --out DIR [--model bundled] [--targets nouns] [--worker I/N] ...
                                               explain a whole dataset into a resumable run
     diffcam report DIR [--json]               counts and scores of a run folder
@@ -219,6 +221,30 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_explain(args) -> int:
+    import diffcam
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError("--threads must be >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    targets = args.targets
+    if targets not in ("nouns", "all"):
+        targets = [w for w in targets.split(",") if w.strip()]
+    adapter = diffcam.load(args.model)
+    with diffcam.Explainer(adapter, layer=args.layer) as ex:
+        exp = ex.explain(args.image, args.prompt, targets=targets, method=args.method,
+                         answer=args.answer)
+    out = exp if args.raw else exp.refined(args.preset)
+    path = out.save(args.out, overwrite=args.overwrite)
+    print(f"answer: {exp.answer}")
+    print(f"maps of {', '.join(exp.target_names)} ({'raw' if args.raw else args.preset}) -> "
+          f"{path}")
+    return 0
+
+
 def _cmd_report(args) -> int:
     from diffcam.run import format_summary, summarize
 
@@ -345,6 +371,27 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress, no summary")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("explain", help="explain one image: the answer, its maps and overlays")
+    p.add_argument("image", help="image file (PNG, JPEG, ... read with Pillow)")
+    p.add_argument("--prompt", default="<image> describe the image .",
+                   help="the prompt, with the model's image marker (default: the bundled "
+                        "model's describe prompt)")
+    p.add_argument("--out", default="diffcam-explain", help="folder written (maps.npz, "
+                   "manifest.json, one overlay PNG per word)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--model", default="bundled", help="model name for diffcam.load")
+    p.add_argument("--targets", default="nouns",
+                   help="nouns | all | comma-separated words (default nouns)")
+    p.add_argument("--answer", default=None, help="explain this answer instead of generating")
+    p.add_argument("--layer", type=int, default=None, help="hooked block (default: the adapter's)")
+    p.add_argument("--method", default="diffusion-cam",
+                   choices=("diffusion-cam", "grad-cam", "llava-cam", "tam"))
+    p.add_argument("--preset", default="paper", choices=("paper", "reference"),
+                   help="refinement of the saved maps")
+    p.add_argument("--raw", action="store_true", help="save the raw maps, unrefined")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("report", help="counts and scores of a run folder")
     p.add_argument("run", help="run folder written by diffcam run")

@@ -256,3 +256,29 @@ def test_ray_engine_needs_names(tmp_path, monkeypatch):
         run_dataset_ray("bundled", "shapes:test:0:4", str(tmp_path / "r"), workers=0)
     with pytest.raises(ValueError, match="worker="):
         run_dataset_ray("bundled", "shapes:test:0:4", str(tmp_path / "r"), worker=(0, 1))
+
+
+def test_cli_explain_one_image(tmp_path, capsys):
+    from diffcam.attribution import Explanation
+    from diffcam.cli import main
+    from diffcam.viz.png import write_png
+
+    sc = shapes.scene("test", 1)
+    img = str(tmp_path / "scene.png")
+    write_png(img, sc.image)
+    out = str(tmp_path / "exp")
+    assert main(["explain", img, "--out", out, "--targets", "all", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    exp = Explanation.load(out)
+    assert f"answer: {exp.answer}" in text
+    assert exp.settings["refine"]["preset"] == "paper"
+    assert next(iter(exp.maps[0].values())).shape[-2:] == sc.image.shape[:2]  # refined at 96x96
+    pngs = [f for f in os.listdir(out) if f.endswith(".png")]
+    assert len(pngs) == len(exp.target_names)
+    assert main(["explain", img, "--out", out, "--raw"]) == 2      # refuses to overwrite
+    assert "exists" in capsys.readouterr().err
+    assert main(["explain", img, "--out", out, "--raw", "--overwrite",
+                 "--answer", shapes.describe(sc)]) == 0
+    raw = Explanation.load(out)
+    assert raw.answer == shapes.describe(sc) and "refine" not in raw.settings
+    assert main(["explain", str(tmp_path / "missing.png"), "--out", str(tmp_path / "m")]) == 2
