@@ -9,7 +9,9 @@ spec                                   samples
                                        count) for every scene
 ``coco:PATH`` or ``PATH``              a COCO-style dataset (:mod:`diffcam.data.coco`):
                                        ``PATH`` an instances json or a folder holding
-                                       ``instances.json``; one sample per image
+                                       ``instances.json``; one sample per image, masks
+                                       keyed by category name (and by colour word for
+                                       the shapes export, whose annotations carry one)
 =====================================  ====================================================
 
 ``prompt`` (COCO: default ``"<image> describe the image ."``) and ``answer`` (COCO: None = the
@@ -103,8 +105,12 @@ def _coco(spec: str, path: str, prompt, answer) -> Dataset:
     if answer not in (None, "caption"):
         raise ValueError(f"answer={answer!r}: a COCO dataset takes None (the model answers) or "
                          f"'caption' (explain the first caption)")
+    keys = ("category",)
+    first = ds.annotations(ds.image_ids[0]) if len(ds) else []
+    if any(isinstance(a.get("colour"), str) for a in first):
+        keys = ("category", "colour")       # the shapes export: colour words name masks too
     canon = f"coco:{os.path.abspath(path)}|prompt={prompt}|answer={answer}"
-    return Dataset(canon, len(ds), lambda: ds.samples(prompt=prompt, answer=answer))
+    return Dataset(canon, len(ds), lambda: ds.samples(prompt=prompt, answer=answer, keys=keys))
 
 
 def open_dataset(spec, prompt: Optional[str] = None, answer: Optional[str] = None) -> Dataset:

@@ -22,6 +22,7 @@ several processes or machines can share one folder on a shared file system with 
 >>> w = st.writer(worker=0)
 >>> w.add({"id": "a", "status": "ok"}, {"a/0/base": np.ones((2, 1, 3, 3), np.float32)})
 >>> w.flush()
+'w000-000000'
 >>> sorted(st.done_ids()), st.maps("a")["a/0/base"].shape
 (['a'], (2, 1, 3, 3))
 """

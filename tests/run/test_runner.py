@@ -282,3 +282,23 @@ def test_cli_explain_one_image(tmp_path, capsys):
     raw = Explanation.load(out)
     assert raw.answer == shapes.describe(sc) and "refine" not in raw.settings
     assert main(["explain", str(tmp_path / "missing.png"), "--out", str(tmp_path / "m")]) == 2
+
+
+def test_the_shapes_export_runs_like_the_shapes_world(adapter, gold_run, tmp_path):
+    """The same scenes through the COCO loader (PNG files, RLE masks, captions) give the same
+    records and scores as through shapes.dataset (arrays in memory)."""
+    root = str(tmp_path / "coco")
+    shapes.export_coco(root, "test", n=4)
+    out = str(tmp_path / "coco-run")
+    stats = run_dataset(adapter, f"coco:{root}", out, answer="caption", targets="all",
+                        batch_size=3, shard_size=2, progress=False)
+    assert (stats["done"], stats["errors"]) == (4, 0)
+    ref = {r["meta"]["scene"]: r for r in RunStore.open(gold_run[0]).records()}
+    for r in RunStore.open(out).records():
+        g = ref[r["meta"]["image_id"]]
+        assert r["answer"] == g["answer"] and r["targets"] == g["targets"]
+        assert r["scores"].keys() == g["scores"].keys() and r["scores"]
+        for word, sc in r["scores"].items():
+            for which in ("raw", "refined"):
+                for f, v in sc[which].items():
+                    assert v == pytest.approx(g["scores"][word][which][f], rel=1e-3, abs=1e-5)
