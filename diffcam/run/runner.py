@@ -194,6 +194,25 @@ def _record(index, sample, exp, seconds, cfg, save_refined) -> Tuple[dict, dict]
     return rec, arrays
 
 
+def _read_images(batch):
+    """[((index, sample with its image file read), None) or ((index, sample), exception)]:
+    image paths are decoded here (the prefetch thread); other images pass through."""
+    from dataclasses import replace
+
+    from ..attribution.images import load_image
+
+    out = []
+    for index, sample in batch:
+        if isinstance(sample.image, (str, os.PathLike)):
+            try:
+                out.append(((index, replace(sample, image=load_image(sample.image))), None))
+            except Exception as exc:           # the sample fails alone, as in explain()
+                out.append(((index, sample), exc))
+        else:
+            out.append(((index, sample), None))
+    return out
+
+
 def _settings(adapter, dataset_name, explain_kw, cfg, save_refined) -> dict:
     from .. import __version__
 
@@ -214,7 +233,7 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
                 retry_errors: bool = False, limit: Optional[int] = None,
                 save_refined: bool = False, progress: bool = True,
                 explainer_kwargs: Optional[dict] = None, prompt: Optional[str] = None,
-                answer=None) -> Dict[str, Any]:
+                answer=None, prefetch: bool = True) -> Dict[str, Any]:
     """Explain every sample of a dataset into the run folder ``out``; returns a summary dict
     (``done`` explained now, ``skipped`` already done, ``errors``, ``seconds``, ``out``).
 
@@ -235,6 +254,8 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
     limit        stop after the first ``limit`` samples of the dataset
     save_refined also store the refined maps (at the image's resolution: large)
     progress     report progress on stderr
+    prefetch     read the next batch's image files in a background thread while the current
+                 batch is explained (an unreadable file fails its own sample, as without it)
     """
     from .. import load as _load
     from ..attribution import Explainer
@@ -333,32 +354,56 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
             if group:
                 explain_group(ex, group)
 
+    def batches():
+        batch: List[Tuple[int, Any]] = []
+        for index, sample in enumerate(samples):
+            if limit is not None and index >= limit:
+                break
+            if index % wn != wi:
+                continue
+            if not isinstance(sample, Sample):
+                raise TypeError(f"samples must yield diffcam.data.Sample objects, got "
+                                f"{type(sample).__name__} at index {index}")
+            if sample.id in seen:
+                raise ValueError(f"sample id {sample.id!r} occurs twice (index {index}): "
+                                 f"ids are the resume key and must be unique")
+            seen.add(sample.id)
+            if sample.id in done or sample.id in failed:
+                stats["skipped"] += 1
+                prog.update(skipped=1)
+                continue
+            batch.append((index, sample))
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    pool = None
+    if prefetch:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffcam-prefetch")
     try:
         with Explainer(adapter, **(explainer_kwargs or {})) as ex:
-            batch: List[Tuple[int, Any]] = []
-            for index, sample in enumerate(samples):
-                if limit is not None and index >= limit:
-                    break
-                if index % wn != wi:
-                    continue
-                if not isinstance(sample, Sample):
-                    raise TypeError(f"samples must yield diffcam.data.Sample objects, got "
-                                    f"{type(sample).__name__} at index {index}")
-                if sample.id in seen:
-                    raise ValueError(f"sample id {sample.id!r} occurs twice (index {index}): "
-                                     f"ids are the resume key and must be unique")
-                seen.add(sample.id)
-                if sample.id in done or sample.id in failed:
-                    stats["skipped"] += 1
-                    prog.update(skipped=1)
-                    continue
-                batch.append((index, sample))
-                if len(batch) >= batch_size:
-                    run_batch(ex, batch)
-                    batch = []
-            if batch:
-                run_batch(ex, batch)
+            it = batches()
+            nxt = next(it, None)
+            pending = pool.submit(_read_images, nxt) if pool and nxt else None
+            while nxt is not None:
+                cur, cur_loaded = nxt, pending
+                nxt = next(it, None)
+                pending = pool.submit(_read_images, nxt) if pool and nxt else None
+                if cur_loaded is not None:
+                    cur = []
+                    for (index, sample), err in cur_loaded.result():
+                        if err is None:
+                            cur.append((index, sample))
+                        else:
+                            fail(sample, err)
+                run_batch(ex, cur)
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         writer.flush()          # commit what is finished, also on Ctrl-C or a crash
         prog.update(force=True)
     stats.update(seconds=time.perf_counter() - t0, out=store.path,

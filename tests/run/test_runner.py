@@ -143,14 +143,16 @@ def test_crash_then_resume_equals_an_uninterrupted_run(adapter, gold_run, tmp_pa
                                        atol=1e-6 * float(np.abs(arrays[k]).max()))
 
 
-def test_a_bad_sample_fails_alone_and_is_recorded(adapter, tmp_path):
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_a_bad_sample_fails_alone_and_is_recorded(adapter, tmp_path, prefetch):
     bad_png = tmp_path / "broken.png"
     bad_png.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     samples = _gold(3)
     samples.insert(1, Sample("broken", str(bad_png), "<image> describe the image .",
                              answer="a red circle ."))
     out = str(tmp_path / "errs")
-    stats = run_dataset(adapter, samples, out, targets="all", batch_size=4, progress=False)
+    stats = run_dataset(adapter, samples, out, targets="all", batch_size=4, progress=False,
+                        prefetch=prefetch)
     assert (stats["done"], stats["errors"]) == (3, 1)
     errs = RunStore.open(out).errors()
     assert list(errs) == ["broken"] and "broken.png" in errs["broken"]["message"] + \
