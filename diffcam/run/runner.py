@@ -295,7 +295,13 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
     adapter = _load(model)
     if isinstance(states, (str, int)):
         states = (states,)
-    explain_kw = {"targets": targets if isinstance(targets, (str, list, tuple)) else repr(targets),
+    if isinstance(targets, (str, list, tuple)):
+        target_desc = targets
+    else:       # a callable: its name (a repr would hold an address and never match on resume)
+        target_desc = "callable " + ".".join(
+            x for x in (getattr(targets, "__module__", None),
+                        getattr(targets, "__qualname__", type(targets).__name__)) if x)
+    explain_kw = {"targets": target_desc,
                   "layer": layer, "states": list(states), "method": method, "score": score}
     store = RunStore.create(out, _settings(adapter, dataset_name, explain_kw, cfg, save_refined),
                             resume=resume)

@@ -304,3 +304,17 @@ def test_the_shapes_export_runs_like_the_shapes_world(adapter, gold_run, tmp_pat
             for which in ("raw", "refined"):
                 for f, v in sc[which].items():
                     assert v == pytest.approx(g["scores"][word][which][f], rel=1e-3, abs=1e-5)
+
+
+def _first_two_words(words, tokens):
+    return [0, 1]
+
+
+def test_a_callable_target_resumes(adapter, tmp_path):
+    out = str(tmp_path / "callable")
+    a = run_dataset(adapter, _gold(2), out, targets=_first_two_words, progress=False)
+    b = run_dataset(adapter, _gold(2), out, targets=_first_two_words, progress=False)
+    assert (a["done"], b["done"], b["skipped"]) == (2, 0, 2)
+    st = RunStore.open(out)
+    assert st.settings["explain"]["targets"].endswith("_first_two_words")
+    assert all(len(r["targets"]) == 3 for r in st.records())     # two words + the aggregate
