@@ -13,7 +13,8 @@
                                               explain one image: answer, maps, overlays
     diffcam run DATASET --out DIR [--model bundled] [--targets nouns] [--worker I/N] ...
                                               explain a whole dataset into a resumable run
-    diffcam report DIR [--json]               counts and scores of a run folder
+    diffcam report DIR [--json] [--scores PATH.csv|.parquet]
+                                              counts and scores of a run folder
 """
 
 from __future__ import annotations
@@ -249,6 +250,11 @@ def _cmd_report(args) -> int:
     from diffcam.run import format_summary, summarize
 
     s = summarize(args.run)
+    if args.scores:
+        from diffcam.run import write_scores
+
+        n = write_scores(args.run, args.scores)
+        print(f"wrote {n} rows to {args.scores}", file=sys.stderr)
     if args.json:
         import json
 
@@ -396,6 +402,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("report", help="counts and scores of a run folder")
     p.add_argument("run", help="run folder written by diffcam run")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--scores", default=None, metavar="PATH",
+                   help="also write one row per scored map to PATH (.csv, or .parquet with "
+                        "pyarrow)")
     p.set_defaults(func=_cmd_report)
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .store import RunStore
 
-__all__ = ["summarize", "format_summary"]
+__all__ = ["summarize", "format_summary", "score_rows", "write_scores"]
 
 FIELDS = ("obj_iou", "contrast", "concentration", "f3")
 
@@ -91,3 +91,63 @@ def format_summary(s: Dict) -> str:
         lines += ["", "errors (first 10):"]
         lines += [f"- {k}: {v}" for k, v in list(s["errors"].items())[:10]]
     return "\n".join(lines)
+
+
+def score_rows(run) -> List[dict]:
+    """One flat row per scored map of a run: ``id``, ``index``, ``kind``, ``answer``,
+    ``correct`` (None when not judged), ``word``, ``mask``, ``grid``, then ``raw_obj_iou``,
+    ``raw_contrast``, ... ``refined_f3`` -- ready for a DataFrame
+    (``pandas.DataFrame(score_rows(run))``) or :func:`write_scores`."""
+    store = run if isinstance(run, RunStore) else RunStore.open(run)
+    rows = []
+    for r in store.records():
+        meta = r.get("meta") or {}
+        for word, sc in r.get("scores", {}).items():
+            row = {"id": r["id"], "index": r.get("index"), "kind": meta.get("kind"),
+                   "answer": r.get("answer"), "correct": r.get("correct"), "word": word,
+                   "mask": sc.get("mask"), "grid": sc.get("grid")}
+            for which in ("raw", "refined"):
+                for f in FIELDS:
+                    row[f"{which}_{f}"] = sc[which][f]
+            rows.append(row)
+    return rows
+
+
+def write_scores(run, path: str) -> int:
+    """Write :func:`score_rows` to ``path``: ``.csv`` (no dependency) or ``.parquet`` (needs
+    pyarrow); written to a temporary file and renamed.  Returns the number of rows."""
+    import csv
+    import os
+    import tempfile
+
+    rows = score_rows(run)
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".csv", ".parquet"):
+        raise ValueError(f"{path}: expected a .csv or .parquet file name")
+    cols = ["id", "index", "kind", "answer", "correct", "word", "mask", "grid"] + \
+        [f"{w}_{f}" for w in ("raw", "refined") for f in FIELDS]
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=".tmp")
+    os.close(fd)
+    try:
+        if ext == ".csv":
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, fieldnames=cols)
+                w.writeheader()
+                w.writerows(rows)
+        else:
+            try:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+            except ImportError as e:
+                raise ImportError("writing .parquet needs pyarrow: pip install pyarrow (or "
+                                  "write a .csv)") from e
+            pq.write_table(pa.table({c: [r[c] for r in rows] for c in cols}), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return len(rows)

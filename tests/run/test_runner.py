@@ -213,8 +213,9 @@ def test_cli_run_and_report(tmp_path, capsys):
     assert main(["report", out]) == 0
     text = capsys.readouterr().out
     assert "samples explained: 2" in text and "Diffusion-CAM" in text
-    assert main(["report", out, "--json"]) == 0
+    assert main(["report", out, "--json", "--scores", str(tmp_path / "scores.csv")]) == 0
     doc = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "scores.csv").read_text().startswith("id,index,kind,answer")
     assert doc["done"] == 2 and doc["dataset"] == "shapes:val:0:2:describe:gold"
     assert main(["run", "shapes:nope", "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert "split 'nope'" in capsys.readouterr().err
@@ -318,3 +319,30 @@ def test_a_callable_target_resumes(adapter, tmp_path):
     st = RunStore.open(out)
     assert st.settings["explain"]["targets"].endswith("_first_two_words")
     assert all(len(r["targets"]) == 3 for r in st.records())     # two words + the aggregate
+
+
+def test_score_rows_and_files(gold_run, tmp_path):
+    import csv
+
+    from diffcam.run import score_rows, write_scores
+
+    out, _ = gold_run
+    rows = score_rows(out)
+    recs = list(RunStore.open(out).records())
+    assert len(rows) == sum(len(r["scores"]) for r in recs)
+    r0 = recs[0]
+    word, sc = next(iter(r0["scores"].items()))
+    row = next(r for r in rows if r["id"] == r0["id"] and r["word"] == word)
+    assert row["refined_f3"] == sc["refined"]["f3"] and row["raw_obj_iou"] == sc["raw"]["obj_iou"]
+    path = str(tmp_path / "s.csv")
+    assert write_scores(out, path) == len(rows)
+    with open(path) as f:
+        back = list(csv.DictReader(f))
+    assert len(back) == len(rows) and float(back[0]["raw_f3"]) == pytest.approx(rows[0]["raw_f3"])
+    pq = pytest.importorskip("pyarrow.parquet")
+    ppath = str(tmp_path / "s.parquet")
+    write_scores(out, ppath)
+    t = pq.read_table(ppath)
+    assert t.num_rows == len(rows) and t.column("word").to_pylist() == [r["word"] for r in rows]
+    with pytest.raises(ValueError, match="csv"):
+        write_scores(out, str(tmp_path / "s.txt"))
