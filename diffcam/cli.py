@@ -190,6 +190,25 @@ def _worker_arg(text: str):
     return i, n
 
 
+def _states_arg(text: str):
+    out = []
+    for x in text.split(","):
+        x = x.strip()
+        if not x:
+            continue
+        if x == "final":
+            out.append(x)
+            continue
+        try:
+            out.append(int(x))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--states {text!r}: expected 'final' and/or step "
+                                             f"numbers, comma-separated") from None
+    if not out:
+        raise argparse.ArgumentTypeError("--states is empty")
+    return tuple(out)
+
+
 def _cmd_run(args) -> int:
     from diffcam.run import format_summary, run_dataset, summarize
 
@@ -202,7 +221,8 @@ def _cmd_run(args) -> int:
     targets = args.targets
     if targets not in ("nouns", "all"):
         targets = [w for w in targets.split(",") if w.strip()]
-    common = dict(targets=targets, layer=args.layer, method=args.method, config=args.preset,
+    common = dict(targets=targets, layer=args.layer, states=args.states, method=args.method,
+                  config=args.preset,
                   batch_size=args.batch, shard_size=args.shard, resume=not args.no_resume,
                   retry_errors=args.retry_errors, limit=args.limit,
                   save_refined=args.save_refined, prompt=args.prompt, answer=args.answer)
@@ -237,7 +257,7 @@ def _cmd_explain(args) -> int:
     adapter = diffcam.load(args.model)
     with diffcam.Explainer(adapter, layer=args.layer) as ex:
         exp = ex.explain(args.image, args.prompt, targets=targets, method=args.method,
-                         answer=args.answer)
+                         answer=args.answer, states=args.states)
     out = exp if args.raw else exp.refined(args.preset)
     path = out.save(args.out, overwrite=args.overwrite)
     print(f"answer: {exp.answer}")
@@ -353,6 +373,9 @@ def main(argv=None) -> int:
     p.add_argument("--targets", default="nouns",
                    help="nouns | all | comma-separated words (default nouns)")
     p.add_argument("--layer", type=int, default=None, help="hooked block (default: the adapter's)")
+    p.add_argument("--states", type=_states_arg, default=("final",),
+                   help="'final' and/or denoising steps, comma-separated (trajectory maps; "
+                        "steps need generated answers)")
     p.add_argument("--method", default="diffusion-cam",
                    choices=("diffusion-cam", "grad-cam", "llava-cam", "tam"))
     p.add_argument("--preset", default="paper", choices=("paper", "reference"),
@@ -391,6 +414,9 @@ def main(argv=None) -> int:
                    help="nouns | all | comma-separated words (default nouns)")
     p.add_argument("--answer", default=None, help="explain this answer instead of generating")
     p.add_argument("--layer", type=int, default=None, help="hooked block (default: the adapter's)")
+    p.add_argument("--states", type=_states_arg, default=("final",),
+                   help="'final' and/or denoising steps, comma-separated (trajectory maps; "
+                        "steps need generated answers)")
     p.add_argument("--method", default="diffusion-cam",
                    choices=("diffusion-cam", "grad-cam", "llava-cam", "tam"))
     p.add_argument("--preset", default="paper", choices=("paper", "reference"),

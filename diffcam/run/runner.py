@@ -194,6 +194,20 @@ def _record(index, sample, exp, seconds, cfg, save_refined) -> Tuple[dict, dict]
     return rec, arrays
 
 
+def _free_device_memory():
+    """Release the CUDA cache after an out-of-memory error (nothing to do on the CPU)."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:                          # pragma: no cover - best effort only
+        pass
+
+
 def _read_images(batch):
     """[((index, sample with its image file read), None) or ((index, sample), exception)]:
     image paths are decoded here (the prefetch thread); other images pass through."""
@@ -245,7 +259,8 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
     config       the refinement (RefineConfig, "paper" or "reference") used for scoring and
                  for ``save_refined``
     batch_size   samples per explain() call (one forward and one backward for the batch); a
-                 batch that raises is retried sample by sample so one bad sample fails alone
+                 batch that raises (a bad sample, or a batch too big for the GPU's memory) is
+                 retried sample by sample so one bad sample fails alone
     shard_size   samples per committed shard (a crash loses at most this many)
     worker       (i, n): take the samples whose index is i modulo n
     resume       continue a run folder that holds the same settings (False: refuse an
@@ -336,6 +351,8 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
             if len(group) == 1:
                 fail(group[0][1], exc)
                 return
+            if "out of memory" in str(exc).lower():
+                _free_device_memory()       # a batch too big for the GPU: go one by one
             for g in group:                 # isolate the sample that raised
                 explain_group(ex, [g])
             return

@@ -346,3 +346,40 @@ def test_score_rows_and_files(gold_run, tmp_path):
     assert t.num_rows == len(rows) and t.column("word").to_pylist() == [r["word"] for r in rows]
     with pytest.raises(ValueError, match="csv"):
         write_scores(out, str(tmp_path / "s.txt"))
+
+
+def test_a_batch_out_of_memory_is_retried_one_by_one(adapter, gold_run, tmp_path, monkeypatch):
+    from diffcam.attribution import Explainer
+    from diffcam.run import runner
+
+    real, sizes, freed = Explainer.explain, [], []
+
+    def explain(self, images, prompts, **k):
+        sizes.append(len(images))
+        if len(images) > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, images, prompts, **k)
+
+    monkeypatch.setattr(Explainer, "explain", explain)
+    monkeypatch.setattr(runner, "_free_device_memory", lambda: freed.append(1))
+    out = str(tmp_path / "oom")
+    stats = run_dataset(adapter, _gold(), out, targets="all", batch_size=3, shard_size=2,
+                        progress=False)
+    assert (stats["done"], stats["errors"]) == (4, 0)
+    assert sizes == [3, 1, 1, 1, 1] and freed == [1]
+    ref = {r["id"]: r for r in RunStore.open(gold_run[0]).records()}
+    for r in RunStore.open(out).records():
+        assert r["answer"] == ref[r["id"]]["answer"]
+
+
+def test_trajectory_states_from_the_command_line(tmp_path, capsys):
+    from diffcam.cli import main
+
+    out = str(tmp_path / "traj")
+    assert main(["run", "shapes:val:0:1", "--out", out, "--states", "final,2", "--targets",
+                 "all", "--threads", "1", "--quiet"]) == 0
+    rec, arrays = next(RunStore.open(out).iter_maps())
+    assert rec["states"] == ["final", 2]
+    assert all(a.shape[1] == 2 for a in arrays.values())     # (targets + 1, states, h, w)
+    with pytest.raises(SystemExit):
+        main(["run", "shapes:val:0:1", "--out", out, "--states", "last"])
