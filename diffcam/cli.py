@@ -225,7 +225,8 @@ def _cmd_run(args) -> int:
                   config=args.preset,
                   batch_size=args.batch, shard_size=args.shard, resume=not args.no_resume,
                   retry_errors=args.retry_errors, limit=args.limit,
-                  save_refined=args.save_refined, prompt=args.prompt, answer=args.answer)
+                  save_refined=args.save_refined, prompt=args.prompt, answer=args.answer,
+                  model_path=args.model_path)
     if args.ray:
         from diffcam.run import run_dataset_ray
 
@@ -254,7 +255,8 @@ def _cmd_explain(args) -> int:
     targets = args.targets
     if targets not in ("nouns", "all"):
         targets = [w for w in targets.split(",") if w.strip()]
-    adapter = diffcam.load(args.model)
+    adapter = diffcam.load(args.model) if args.model_path is None else \
+        diffcam.load(args.model, args.model_path)
     with diffcam.Explainer(adapter, layer=args.layer) as ex:
         exp = ex.explain(args.image, args.prompt, targets=targets, method=args.method,
                          answer=args.answer, states=args.states)
@@ -369,7 +371,10 @@ def main(argv=None) -> int:
     p.add_argument("dataset", help="shapes:SPLIT[:START:STOP[:KINDS]], coco:PATH or the path of "
                    "a COCO-style dataset (instances json or its folder)")
     p.add_argument("--out", required=True, help="run folder (rerun the command to resume)")
-    p.add_argument("--model", default="bundled", help="model name for diffcam.load")
+    p.add_argument("--model", default="bundled", help="model name for diffcam.load: bundled, "
+                   "or a family (llada-v, lavida, mmada, dream-vl, diffusion-gemma) with "
+                   "--model-path")
+    p.add_argument("--model-path", default=None, help="checkpoint folder of a family model")
     p.add_argument("--targets", default="nouns",
                    help="nouns | all | comma-separated words (default nouns)")
     p.add_argument("--layer", type=int, default=None, help="hooked block (default: the adapter's)")
@@ -409,7 +414,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="diffcam-explain", help="folder written (maps.npz, "
                    "manifest.json, one overlay PNG per word)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--model", default="bundled", help="model name for diffcam.load")
+    p.add_argument("--model", default="bundled", help="model name for diffcam.load: bundled, "
+                   "or a family (llada-v, lavida, mmada, dream-vl, diffusion-gemma) with "
+                   "--model-path")
+    p.add_argument("--model-path", default=None, help="checkpoint folder of a family model")
     p.add_argument("--targets", default="nouns",
                    help="nouns | all | comma-separated words (default nouns)")
     p.add_argument("--answer", default=None, help="explain this answer instead of generating")

@@ -247,11 +247,14 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
                 retry_errors: bool = False, limit: Optional[int] = None,
                 save_refined: bool = False, progress: bool = True,
                 explainer_kwargs: Optional[dict] = None, prompt: Optional[str] = None,
-                answer=None, prefetch: bool = True) -> Dict[str, Any]:
+                answer=None, prefetch: bool = True, model_path=None,
+                model_kwargs: Optional[dict] = None) -> Dict[str, Any]:
     """Explain every sample of a dataset into the run folder ``out``; returns a summary dict
     (``done`` explained now, ``skipped`` already done, ``errors``, ``seconds``, ``out``).
 
-    model        an adapter, or a name / path for :func:`diffcam.load` (``"bundled"``)
+    model        an adapter, or a name for :func:`diffcam.load` (``"bundled"``, or a family
+                 name with ``model_path`` the checkpoint and ``model_kwargs`` more arguments
+                 of the family's loader: ``run_dataset("llada-v", ..., model_path=ckpt)``)
     samples      an iterable of :class:`~diffcam.data.sample.Sample`, or a dataset spec for
                  :func:`diffcam.run.sources.open_dataset` (``prompt`` and ``answer`` go to it)
     targets, layer, states, method, score
@@ -307,7 +310,13 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
         total = min(total, limit)
     if total is not None and wn > 1:
         total = len(range(wi, total, wn))
-    adapter = _load(model)
+    if model_path is not None or model_kwargs:
+        if not isinstance(model, str):
+            raise TypeError("model_path= / model_kwargs= need model to be a name for "
+                            "diffcam.load")
+        adapter = _load(model, model_path, **(model_kwargs or {}))
+    else:
+        adapter = _load(model)
     if isinstance(states, (str, int)):
         states = (states,)
     if isinstance(targets, (str, list, tuple)):
