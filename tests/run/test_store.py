@@ -181,3 +181,15 @@ def test_sample_validation():
         Sample("a", img, "p", masks={"x": np.zeros((2, 2, 2))})
     s = Sample("a", img, "p", masks={"x": np.ones((4, 4), np.uint8)})
     assert s.masks["x"].dtype == bool
+
+
+def test_importing_runs_and_loaders_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, diffcam; diffcam.run; import diffcam.data.coco; "
+            "print(sorted(m for m in ('torch', 'ray', 'numba', 'transformers', 'pyarrow') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"
