@@ -138,7 +138,7 @@ def _same_answer(a: str, b: str) -> bool:
     return " ".join(str(a).lower().split()) == " ".join(str(b).lower().split())
 
 
-def _score(exp, sample, cfg) -> Dict[str, dict]:
+def _score(exp, sample, cfg, refined=None) -> Dict[str, dict]:
     """Scores of every target whose word names one of the sample's masks (first image, default
     grid -- the high-resolution grid of anyres layouts --, first state): raw (min-max
     normalised, grid resolution) and refined (at the image's resolution)."""
@@ -156,7 +156,13 @@ def _score(exp, sample, cfg) -> Dict[str, dict]:
     g = exp.default_grid(0)
     raw = exp.maps[0][g][[k for k, _, _ in picks], 0]
     raw = np.stack([_normalised(m) for m in raw])
-    ref = exp.refined(cfg).maps[0][g][[k for k, _, _ in picks], 0]
+    if refined is None:      # refine only what is scored: image 0, its default grid, state 0
+        from dataclasses import replace
+
+        sub = replace(exp, maps=[{g: exp.maps[0][g][:, :1]}], states=exp.states[:1],
+                      images=exp.images[:1], layouts=exp.layouts[:1])
+        refined = sub.refined(cfg)
+    ref = refined.maps[0][g][[k for k, _, _ in picks], 0]
     masks = [sample.masks[key][None] for _, _, key in picks]
     s_raw = metrics.localization(raw, masks)
     s_ref = metrics.localization(np.ascontiguousarray(ref, np.float32), masks)
@@ -177,6 +183,7 @@ def _record(index, sample, exp, seconds, cfg, save_refined) -> Tuple[dict, dict]
         grids.append({g: list(a.shape) for g, a in d.items()})
         for g, a in d.items():
             arrays[f"{sample.id}/{i}/{g}"] = np.asarray(a, np.float32)
+    r = None
     if save_refined:
         r = exp.refined(cfg)
         for i, d in enumerate(r.maps):
@@ -187,7 +194,7 @@ def _record(index, sample, exp, seconds, cfg, save_refined) -> Tuple[dict, dict]
            "tokens": list(exp.tokens), "token_ids": [int(t) for t in exp.token_ids],
            "targets": exp.target_names, "states": list(exp.states), "grids": grids,
            "image_sizes": [list(np.shape(im)[:2]) for im in exp.images],
-           "scores": _score(exp, sample, cfg), "seconds": round(seconds, 4),
+           "scores": _score(exp, sample, cfg, r), "seconds": round(seconds, 4),
            "meta": sample.meta}
     if "expected" in sample.meta and sample.answer is None:
         rec["correct"] = _same_answer(exp.answer, sample.meta["expected"])

@@ -383,3 +383,19 @@ def test_trajectory_states_from_the_command_line(tmp_path, capsys):
     assert all(a.shape[1] == 2 for a in arrays.values())     # (targets + 1, states, h, w)
     with pytest.raises(SystemExit):
         main(["run", "shapes:val:0:1", "--out", out, "--states", "last"])
+
+
+def test_save_refined_keeps_every_refined_map_and_the_same_scores(adapter, gold_run, tmp_path):
+    out = str(tmp_path / "refined")
+    run_dataset(adapter, _gold(2), out, targets="all", save_refined=True, progress=False)
+    ref = {r["id"]: r for r in RunStore.open(gold_run[0]).records()}
+    for rec, arrays in RunStore.open(out).iter_maps():
+        want = ref[rec["id"]]["scores"]
+        assert rec["scores"].keys() == want.keys()
+        for word, sc in rec["scores"].items():
+            for which in ("raw", "refined"):
+                for f, v in sc[which].items():
+                    assert v == pytest.approx(want[word][which][f], rel=1e-3, abs=1e-5)
+        for key in [k for k in arrays if not k.endswith("/refined")]:
+            assert arrays[key + "/refined"].shape[-2:] == (96, 96)          # the image's size
+            assert arrays[key + "/refined"].shape[:2] == arrays[key].shape[:2]
