@@ -389,7 +389,8 @@ def main(argv=None) -> int:
     p.add_argument("--answer", default=None, choices=("gold", "caption"),
                    help="explain the expected answer (shapes: gold) or the first caption "
                         "(COCO: caption) instead of the model's own")
-    p.add_argument("--batch", type=int, default=4, help="samples per forward/backward")
+    p.add_argument("--batch", type=int, default=1, help="samples per forward/backward "
+                   "(default 1, the fastest on a CPU; try 4-8 on a GPU)")
     p.add_argument("--shard", type=int, default=64, help="samples per committed shard")
     p.add_argument("--limit", type=int, default=None, help="first N samples only")
     p.add_argument("--worker", type=_worker_arg, default=(0, 1), metavar="I/N",

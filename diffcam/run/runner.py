@@ -249,7 +249,7 @@ def _settings(adapter, dataset_name, explain_kw, cfg, save_refined) -> dict:
 
 def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
                 layer: Optional[int] = None, states=("final",), method: str = "diffusion-cam",
-                score: str = "logit", config="paper", batch_size: int = 4,
+                score: str = "logit", config="paper", batch_size: int = 1,
                 shard_size: int = 64, worker=(0, 1), resume: bool = True,
                 retry_errors: bool = False, limit: Optional[int] = None,
                 save_refined: bool = False, progress: bool = True,
@@ -268,7 +268,9 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
                  passed to :meth:`diffcam.Explainer.explain` for every batch
     config       the refinement (RefineConfig, "paper" or "reference") used for scoring and
                  for ``save_refined``
-    batch_size   samples per explain() call (one forward and one backward for the batch); a
+    batch_size   samples per explain() call (one forward and one backward for the batch;
+                 default 1: on the CPU one by one is fastest -- bench/RESULTS.md -- while a GPU
+                 gains from 4 or more); a
                  batch that raises (a bad sample, or a batch too big for the GPU's memory) is
                  retried sample by sample so one bad sample fails alone
     shard_size   samples per committed shard (a crash loses at most this many)
