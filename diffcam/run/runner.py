@@ -270,9 +270,8 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
                  for ``save_refined``
     batch_size   samples per explain() call (one forward and one backward for the batch;
                  default 1: on the CPU one by one is fastest -- bench/RESULTS.md -- while a GPU
-                 gains from 4 or more); a
-                 batch that raises (a bad sample, or a batch too big for the GPU's memory) is
-                 retried sample by sample so one bad sample fails alone
+                 gains from 4 or more); a batch that raises (a bad sample, or a batch too big
+                 for the GPU's memory) is retried sample by sample so one bad sample fails alone
     shard_size   samples per committed shard (a crash loses at most this many)
     worker       (i, n): take the samples whose index is i modulo n
     resume       continue a run folder that holds the same settings (False: refuse an
@@ -290,6 +289,12 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
     from ..refine import RefineConfig
     from .sources import open_dataset
 
+    from ..attribution.explainer import METHODS, SCORES
+
+    if method not in METHODS:       # checked here, not once per sample as an error
+        raise ValueError(f"method={method!r}: expected one of {METHODS}")
+    if score not in SCORES:
+        raise ValueError(f"score={score!r}: expected one of {SCORES}")
     batch_size = _positive_int("batch_size", batch_size)
     shard_size = _positive_int("shard_size", shard_size)
     if limit is not None:
@@ -336,8 +341,9 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
                         getattr(targets, "__qualname__", type(targets).__name__)) if x)
     explain_kw = {"targets": target_desc,
                   "layer": layer, "states": list(states), "method": method, "score": score}
-    store = RunStore.create(out, _settings(adapter, dataset_name, explain_kw, cfg, save_refined),
-                            resume=resume)
+    settings = _settings(adapter, dataset_name, explain_kw, cfg, save_refined)
+    settings["explainer"] = dict(explainer_kwargs or {})
+    store = RunStore.create(out, settings, resume=resume)
     done = store.done_ids()
     failed = set() if retry_errors else set(store.errors())
     writer = store.writer(wi)

@@ -107,6 +107,9 @@ def test_settings_mismatch_and_no_resume(adapter, gold_run):
         run_dataset(adapter, _gold(), out, targets="nouns", progress=False)
     with pytest.raises(FileExistsError, match="resume=True"):
         run_dataset(adapter, _gold(), out, targets="all", resume=False, progress=False)
+    with pytest.raises(SettingsMismatch, match="explainer.llava_cam_threshold"):
+        run_dataset(adapter, _gold(), out, targets="all", progress=False,
+                    explainer_kwargs={"llava_cam_threshold": 0.3})
 
 
 def test_crash_then_resume_equals_an_uninterrupted_run(adapter, gold_run, tmp_path,
@@ -192,7 +195,8 @@ def test_bad_arguments(adapter, tmp_path):
     out = str(tmp_path / "bad")
     for kw, msg in (({"batch_size": 0}, "batch_size"), ({"shard_size": 1.5}, "shard_size"),
                     ({"worker": (2, 2)}, "worker"), ({"worker": 3}, "worker"),
-                    ({"config": "fast"}, "config"), ({"limit": 0}, "limit")):
+                    ({"config": "fast"}, "config"), ({"limit": 0}, "limit"),
+                    ({"method": "gradcam"}, "method"), ({"score": "prob"}, "score")):
         with pytest.raises(ValueError, match=msg):
             run_dataset(adapter, _gold(1), out, progress=False, **kw)
     with pytest.raises(TypeError, match="Sample"):
