@@ -29,12 +29,13 @@ class Sample:
 
     id      unique, stable string (the resume key of a run)
     image   a path, a PIL image or an (H, W, 3) uint8 array (anything ``Explainer.explain``
-            accepts); a path is opened only when the sample is explained
+            accepts), or a list of them for a prompt with several image markers; a path is
+            opened only when the sample is explained
     prompt  the prompt, with the adapter's image marker where the image goes
     answer  a text to explain instead of generating one (teacher-forced), or None
     masks   ground truth for scoring: a name (category, or any word an answer may use) -> a
-            boolean (H, W) mask at the image's resolution (the union of the instances); None
-            when the dataset has no masks
+            boolean (H, W) mask at the (first) image's resolution (the union of the
+            instances); None when the dataset has no masks
     meta    free JSON-serialisable fields, copied into the run's records
     """
 

@@ -222,15 +222,22 @@ def _read_images(batch):
 
     from ..attribution.images import load_image
 
+    def read(x):
+        return load_image(x) if isinstance(x, (str, os.PathLike)) else x
+
     out = []
     for index, sample in batch:
-        if isinstance(sample.image, (str, os.PathLike)):
-            try:
-                out.append(((index, replace(sample, image=load_image(sample.image))), None))
-            except Exception as exc:           # the sample fails alone, as in explain()
-                out.append(((index, sample), exc))
-        else:
-            out.append(((index, sample), None))
+        img = sample.image
+        try:
+            if isinstance(img, (list, tuple)):            # several images of one prompt
+                img = [read(x) for x in img]
+            else:
+                img = read(img)
+        except Exception as exc:               # the sample fails alone, as in explain()
+            out.append(((index, sample), exc))
+            continue
+        out.append(((index, replace(sample, image=img) if img is not sample.image else sample),
+                    None))
     return out
 
 

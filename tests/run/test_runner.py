@@ -403,3 +403,27 @@ def test_save_refined_keeps_every_refined_map_and_the_same_scores(adapter, gold_
         for key in [k for k in arrays if not k.endswith("/refined")]:
             assert arrays[key + "/refined"].shape[-2:] == (96, 96)          # the image's size
             assert arrays[key + "/refined"].shape[:2] == arrays[key].shape[:2]
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_several_images_per_sample(adapter, tmp_path, prefetch):
+    from diffcam.viz.png import write_png
+
+    a, b = shapes.scene("test", 0), shapes.scene("test", 1)
+    path = str(tmp_path / "b.png")
+    write_png(path, b.image)
+    s = Sample("pair", [a.image, path], "<image> <image> describe the image .",
+               answer=shapes.describe(a), masks=shapes.word_masks(a))
+    out = str(tmp_path / f"pair{prefetch}")
+    stats = run_dataset(adapter, [s], out, targets="all", progress=False, prefetch=prefetch)
+    assert stats["done"] == 1
+    rec, arrays = next(RunStore.open(out).iter_maps())
+    assert rec["image_sizes"] == [[96, 96], [96, 96]]
+    assert {k.split("/")[1] for k in arrays} == {"0", "1"}
+    assert rec["scores"]                        # scored on the first image
+    with diffcam.Explainer(adapter) as ex:
+        e = ex.explain([[a.image, b.image]], s.prompt, answer=s.answer, targets="all")[0]
+    for i in (0, 1):
+        for g, m in e.maps[i].items():
+            np.testing.assert_allclose(arrays[f"pair/{i}/{g}"], m, rtol=1e-4,
+                                       atol=1e-6 * float(np.abs(m).max()))
