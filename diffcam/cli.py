@@ -209,18 +209,23 @@ def _states_arg(text: str):
     return tuple(out)
 
 
-def _cmd_run(args) -> int:
-    from diffcam.run import format_summary, run_dataset, summarize
-
+def _threads_and_targets(args):
+    """Apply ``--threads`` (torch's CPU threads) and parse ``--targets`` (nouns | all | words)."""
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError("--threads must be >= 1")
         import torch
 
         torch.set_num_threads(args.threads)
-    targets = args.targets
-    if targets not in ("nouns", "all"):
-        targets = [w for w in targets.split(",") if w.strip()]
+    if args.targets in ("nouns", "all"):
+        return args.targets
+    return [w for w in args.targets.split(",") if w.strip()]
+
+
+def _cmd_run(args) -> int:
+    from diffcam.run import format_summary, run_dataset, summarize
+
+    targets = _threads_and_targets(args)
     common = dict(targets=targets, layer=args.layer, states=args.states, method=args.method,
                   config=args.preset,
                   batch_size=args.batch, shard_size=args.shard, resume=not args.no_resume,
@@ -246,15 +251,7 @@ def _cmd_run(args) -> int:
 def _cmd_explain(args) -> int:
     import diffcam
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError("--threads must be >= 1")
-        import torch
-
-        torch.set_num_threads(args.threads)
-    targets = args.targets
-    if targets not in ("nouns", "all"):
-        targets = [w for w in targets.split(",") if w.strip()]
+    targets = _threads_and_targets(args)
     adapter = diffcam.load(args.model) if args.model_path is None else \
         diffcam.load(args.model, args.model_path)
     with diffcam.Explainer(adapter, layer=args.layer) as ex:
