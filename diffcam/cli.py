@@ -222,6 +222,24 @@ def _threads_and_targets(args):
     return [w for w in args.targets.split(",") if w.strip()]
 
 
+def _explain_options(p) -> None:
+    """The options ``diffcam run`` and ``diffcam explain`` share: model, targets, layer,
+    states, method, threads."""
+    p.add_argument("--model", default="bundled", help="model name for diffcam.load: bundled, "
+                   "or a family (llada-v, lavida, mmada, dream-vl, diffusion-gemma) with "
+                   "--model-path")
+    p.add_argument("--model-path", default=None, help="checkpoint folder of a family model")
+    p.add_argument("--targets", default="nouns",
+                   help="nouns | all | comma-separated words (default nouns)")
+    p.add_argument("--layer", type=int, default=None, help="hooked block (default: the adapter's)")
+    p.add_argument("--states", type=_states_arg, default=("final",),
+                   help="'final' and/or denoising steps, comma-separated (trajectory maps; "
+                        "steps need generated answers)")
+    p.add_argument("--method", default="diffusion-cam",
+                   choices=("diffusion-cam", "grad-cam", "llava-cam", "tam"))
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
 def _cmd_run(args) -> int:
     from diffcam.run import format_summary, run_dataset, summarize
 
@@ -368,18 +386,7 @@ def main(argv=None) -> int:
     p.add_argument("dataset", help="shapes:SPLIT[:START:STOP[:KINDS]], coco:PATH or the path of "
                    "a COCO-style dataset (instances json or its folder)")
     p.add_argument("--out", required=True, help="run folder (rerun the command to resume)")
-    p.add_argument("--model", default="bundled", help="model name for diffcam.load: bundled, "
-                   "or a family (llada-v, lavida, mmada, dream-vl, diffusion-gemma) with "
-                   "--model-path")
-    p.add_argument("--model-path", default=None, help="checkpoint folder of a family model")
-    p.add_argument("--targets", default="nouns",
-                   help="nouns | all | comma-separated words (default nouns)")
-    p.add_argument("--layer", type=int, default=None, help="hooked block (default: the adapter's)")
-    p.add_argument("--states", type=_states_arg, default=("final",),
-                   help="'final' and/or denoising steps, comma-separated (trajectory maps; "
-                        "steps need generated answers)")
-    p.add_argument("--method", default="diffusion-cam",
-                   choices=("diffusion-cam", "grad-cam", "llava-cam", "tam"))
+    _explain_options(p)
     p.add_argument("--preset", default="paper", choices=("paper", "reference"),
                    help="refinement used for the scores (and --save-refined)")
     p.add_argument("--prompt", default=None, help="prompt of every image (COCO datasets)")
@@ -400,7 +407,6 @@ def main(argv=None) -> int:
                    help="explain again the samples that raised before")
     p.add_argument("--save-refined", action="store_true",
                    help="also store the refined maps (image resolution: large)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress, no summary")
     p.set_defaults(func=_cmd_run)
 
@@ -412,23 +418,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="diffcam-explain", help="folder written (maps.npz, "
                    "manifest.json, one overlay PNG per word)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--model", default="bundled", help="model name for diffcam.load: bundled, "
-                   "or a family (llada-v, lavida, mmada, dream-vl, diffusion-gemma) with "
-                   "--model-path")
-    p.add_argument("--model-path", default=None, help="checkpoint folder of a family model")
-    p.add_argument("--targets", default="nouns",
-                   help="nouns | all | comma-separated words (default nouns)")
     p.add_argument("--answer", default=None, help="explain this answer instead of generating")
-    p.add_argument("--layer", type=int, default=None, help="hooked block (default: the adapter's)")
-    p.add_argument("--states", type=_states_arg, default=("final",),
-                   help="'final' and/or denoising steps, comma-separated (trajectory maps; "
-                        "steps need generated answers)")
-    p.add_argument("--method", default="diffusion-cam",
-                   choices=("diffusion-cam", "grad-cam", "llava-cam", "tam"))
+    _explain_options(p)
     p.add_argument("--preset", default="paper", choices=("paper", "reference"),
                    help="refinement of the saved maps")
     p.add_argument("--raw", action="store_true", help="save the raw maps, unrefined")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("report", help="counts and scores of a run folder")
