@@ -220,12 +220,17 @@ class RunStore:
     def maps(self, sample_id: str) -> Dict[str, np.ndarray]:
         """The arrays stored for one sample: keys ``"{id}/{image}/{grid}"`` (raw maps,
         (targets + 1, states, rows, cols)) and ``"{id}/{image}/{grid}/refined"`` when the run
-        kept refined maps."""
-        for rec in self.records():
-            if rec["id"] == sample_id:
-                with np.load(os.path.join(self.path, "shards", rec["_shard"] + ".npz")) as z:
-                    return {k: z[k] for k in rec["arrays"]}
-        raise KeyError(f"sample {sample_id!r} has no committed record in {self.path}")
+        kept refined maps.  The first call indexes the records (again after new shards are
+        committed); :meth:`iter_maps` reads everything shard by shard."""
+        files = self.shard_files()
+        if getattr(self, "_index_files", None) != files:     # (re)index when shards changed
+            self._index = {r["id"]: r for r in self.records()}
+            self._index_files = files
+        rec = self._index.get(sample_id)
+        if rec is None:
+            raise KeyError(f"sample {sample_id!r} has no committed record in {self.path}")
+        with np.load(os.path.join(self.path, "shards", rec["_shard"] + ".npz")) as z:
+            return {k: z[k] for k in rec["arrays"]}
 
     def iter_maps(self) -> Iterator[tuple]:
         """(record, arrays) of every committed sample, reading each shard once."""

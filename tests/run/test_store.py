@@ -193,3 +193,16 @@ def test_importing_runs_and_loaders_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_maps_index_follows_new_shards(tmp_path):
+    st = RunStore.create(tmp_path / "r", {"model": "m"})
+    w = st.writer(0)
+    w.add({"id": "a"}, {"a/0/base": _arr(1)})
+    w.flush()
+    assert float(st.maps("a")["a/0/base"].max()) == 1.0
+    with pytest.raises(KeyError):
+        st.maps("b")
+    w.add({"id": "b"}, {"b/0/base": _arr(2)})
+    w.flush()
+    assert float(st.maps("b")["b/0/base"].max()) == 2.0
