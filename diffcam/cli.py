@@ -13,7 +13,7 @@
                                               explain one image: answer, maps, overlays
     diffcam run DATASET --out DIR [--model bundled] [--targets nouns] [--worker I/N] ...
                                               explain a whole dataset into a resumable run
-    diffcam report DIR [--json] [--scores PATH.csv|.parquet]
+    diffcam report DIR [--json] [--scores PATH.csv|.parquet] [--gallery DIR]
                                               counts and scores of a run folder
 """
 
@@ -292,6 +292,11 @@ def _cmd_report(args) -> int:
 
         n = write_scores(args.run, args.scores)
         print(f"wrote {n} rows to {args.scores}", file=sys.stderr)
+    if args.gallery:
+        from diffcam.run import gallery
+
+        path = gallery(args.run, args.gallery, n=args.n, metric=args.metric)
+        print(f"wrote {path}", file=sys.stderr)
     if args.json:
         import json
 
@@ -431,6 +436,11 @@ def main(argv=None) -> int:
     p.add_argument("--scores", default=None, metavar="PATH",
                    help="also write one row per scored map to PATH (.csv, or .parquet with "
                         "pyarrow)")
+    p.add_argument("--gallery", default=None, metavar="DIR",
+                   help="also draw the --n worst and best maps (PNG strips + index.html)")
+    p.add_argument("--n", type=int, default=8, help="maps at each end of the gallery")
+    p.add_argument("--metric", default="refined_f3",
+                   help="column of the score rows that orders the gallery")
     p.set_defaults(func=_cmd_report)
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -147,6 +147,7 @@ def _score(exp, sample, cfg, refined=None) -> Dict[str, dict]:
     if not sample.masks or exp.aggregate_only:
         return {}
     picks = []
+    rep_idx = [] if cfg.preset == "reference" else exp.interference_targets()
     for k, t in enumerate(exp.targets):
         key = match_mask(t.name, sample.masks)
         if key is not None and sample.masks[key].any():
@@ -168,7 +169,7 @@ def _score(exp, sample, cfg, refined=None) -> Dict[str, dict]:
     s_ref = metrics.localization(np.ascontiguousarray(ref, np.float32), masks)
     out = {}
     for j, (k, name, key) in enumerate(picks):
-        out[name] = {"mask": key, "target": k, "grid": g,
+        out[name] = {"mask": key, "target": k, "grid": g, "interference": rep_idx,
                      "raw": {f: float(np.atleast_1d(getattr(s_raw, f))[j])
                              for f in ("obj_iou", "contrast", "concentration", "f3")},
                      "refined": {f: float(np.atleast_1d(getattr(s_ref, f))[j])
@@ -176,9 +177,22 @@ def _score(exp, sample, cfg, refined=None) -> Dict[str, dict]:
     return out
 
 
-def _record(index, sample, exp, seconds, cfg, save_refined) -> Tuple[dict, dict]:
+def _image_sources(image) -> list:
+    """Per image of a sample: its absolute file path, or None for an in-memory image."""
+    items = image if isinstance(image, (list, tuple)) else [image]
+    return [os.path.abspath(os.fspath(x)) if isinstance(x, (str, os.PathLike)) else None
+            for x in items]
+
+
+def _record(index, sample, exp, seconds, cfg, save_refined, sources=None,
+            save_images="auto") -> Tuple[dict, dict]:
     arrays = {}
     grids = []
+    sources = sources if sources is not None else _image_sources(sample.image)
+    for i, img in enumerate(exp.images):
+        src = sources[i] if i < len(sources) else None
+        if save_images is True or (save_images == "auto" and src is None):
+            arrays[f"{sample.id}/{i}/image"] = np.asarray(img, np.uint8)
     for i, d in enumerate(exp.maps):
         grids.append({g: list(a.shape) for g, a in d.items()})
         for g, a in d.items():
@@ -194,6 +208,7 @@ def _record(index, sample, exp, seconds, cfg, save_refined) -> Tuple[dict, dict]
            "tokens": list(exp.tokens), "token_ids": [int(t) for t in exp.token_ids],
            "targets": exp.target_names, "states": list(exp.states), "grids": grids,
            "image_sizes": [list(np.shape(im)[:2]) for im in exp.images],
+           "image_files": list(sources[:len(exp.images)]),
            "scores": _score(exp, sample, cfg, r), "seconds": round(seconds, 4),
            "meta": sample.meta}
     if "expected" in sample.meta and sample.answer is None:
@@ -262,7 +277,7 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
                 save_refined: bool = False, progress: bool = True,
                 explainer_kwargs: Optional[dict] = None, prompt: Optional[str] = None,
                 answer=None, prefetch: bool = True, model_path=None,
-                model_kwargs: Optional[dict] = None) -> Dict[str, Any]:
+                model_kwargs: Optional[dict] = None, save_images="auto") -> Dict[str, Any]:
     """Explain every sample of a dataset into the run folder ``out``; returns a summary dict
     (``done`` explained now, ``skipped`` already done, ``errors``, ``seconds``, ``out``).
 
@@ -286,6 +301,9 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
     retry_errors explain again the samples that raised in an earlier attempt
     limit        stop after the first ``limit`` samples of the dataset
     save_refined also store the refined maps (at the image's resolution: large)
+    save_images  store the explained images (uint8) with the maps: "auto" (default) those
+                 that were not read from a file (a file's path is recorded instead), True
+                 all, False none -- what :func:`diffcam.run.gallery` draws on
     progress     report progress on stderr
     prefetch     read the next batch's image files in a background thread while the current
                  batch is explained (an unreadable file fails its own sample, as without it)
@@ -302,6 +320,8 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
         raise ValueError(f"method={method!r}: expected one of {METHODS}")
     if score not in SCORES:
         raise ValueError(f"score={score!r}: expected one of {SCORES}")
+    if save_images not in ("auto", True, False):
+        raise ValueError(f"save_images={save_images!r}: expected 'auto', True or False")
     batch_size = _positive_int("batch_size", batch_size)
     shard_size = _positive_int("shard_size", shard_size)
     if limit is not None:
@@ -357,6 +377,7 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
     prog = Progress(total, enabled=progress)
     stats = {"done": 0, "skipped": 0, "errors": 0}
     seen = set()
+    sources: Dict[str, list] = {}       # id -> image file paths, taken before prefetching
     t0 = time.perf_counter()
 
     def fail(sample, exc):
@@ -389,7 +410,8 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
             return
         for (index, sample), exp, per in results:
             try:
-                rec, arrays = _record(index, sample, exp, per, cfg, save_refined)
+                rec, arrays = _record(index, sample, exp, per, cfg, save_refined,
+                                      sources.pop(sample.id, None), save_images)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as exc:
@@ -426,6 +448,7 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
                 stats["skipped"] += 1
                 prog.update(skipped=1)
                 continue
+            sources[sample.id] = _image_sources(sample.image)
             batch.append((index, sample))
             if len(batch) >= batch_size:
                 yield batch

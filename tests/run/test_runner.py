@@ -10,7 +10,8 @@ import pytest
 import diffcam
 from diffcam.data import shapes
 from diffcam.data.sample import Sample
-from diffcam.run import RunStore, SettingsMismatch, open_dataset, run_dataset, summarize
+from diffcam.run import (RunStore, SettingsMismatch, gallery, open_dataset, run_dataset,
+                         summarize)
 
 torch = pytest.importorskip("torch")
 
@@ -220,6 +221,8 @@ def test_cli_run_and_report(tmp_path, capsys):
     assert main(["report", out, "--json", "--scores", str(tmp_path / "scores.csv")]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert (tmp_path / "scores.csv").read_text().startswith("id,index,kind,answer")
+    assert main(["report", out, "--gallery", str(tmp_path / "gal"), "--n", "2"]) == 0
+    assert "ground truth" in (tmp_path / "gal" / "index.html").read_text()   # shapes spec
     assert doc["done"] == 2 and doc["dataset"] == "shapes:val:0:2:describe:gold"
     assert main(["run", "shapes:nope", "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert "split 'nope'" in capsys.readouterr().err
@@ -384,7 +387,8 @@ def test_trajectory_states_from_the_command_line(tmp_path, capsys):
                  "all", "--threads", "1", "--quiet"]) == 0
     rec, arrays = next(RunStore.open(out).iter_maps())
     assert rec["states"] == ["final", 2]
-    assert all(a.shape[1] == 2 for a in arrays.values())     # (targets + 1, states, h, w)
+    maps = {k: a for k, a in arrays.items() if not k.endswith("/image")}
+    assert maps and all(a.shape[1] == 2 for a in maps.values())  # (targets + 1, states, h, w)
     with pytest.raises(SystemExit):
         main(["run", "shapes:val:0:1", "--out", out, "--states", "last"])
 
@@ -400,7 +404,7 @@ def test_save_refined_keeps_every_refined_map_and_the_same_scores(adapter, gold_
             for which in ("raw", "refined"):
                 for f, v in sc[which].items():
                     assert v == pytest.approx(want[word][which][f], rel=1e-3, abs=1e-5)
-        for key in [k for k in arrays if not k.endswith("/refined")]:
+        for key in [k for k in arrays if not k.endswith(("/refined", "/image"))]:
             assert arrays[key + "/refined"].shape[-2:] == (96, 96)          # the image's size
             assert arrays[key + "/refined"].shape[:2] == arrays[key].shape[:2]
 
@@ -420,6 +424,8 @@ def test_several_images_per_sample(adapter, tmp_path, prefetch):
     rec, arrays = next(RunStore.open(out).iter_maps())
     assert rec["image_sizes"] == [[96, 96], [96, 96]]
     assert {k.split("/")[1] for k in arrays} == {"0", "1"}
+    assert "pair/0/image" in arrays and "pair/1/image" not in arrays     # 1 was a file
+    assert rec["image_files"] == [None, path]
     assert rec["scores"]                        # scored on the first image
     with diffcam.Explainer(adapter) as ex:
         e = ex.explain([[a.image, b.image]], s.prompt, answer=s.answer, targets="all")[0]
@@ -427,3 +433,50 @@ def test_several_images_per_sample(adapter, tmp_path, prefetch):
         for g, m in e.maps[i].items():
             np.testing.assert_allclose(arrays[f"pair/{i}/{g}"], m, rtol=1e-4,
                                        atol=1e-6 * float(np.abs(m).max()))
+
+
+def test_gallery_draws_the_maps_behind_the_scores(gold_run, tmp_path):
+    from diffcam.run import gallery, score_rows, scored_maps
+
+    out, _ = gold_run
+    store = RunStore.open(out)
+    for rec, arrays in store.iter_maps():            # in-memory images were stored
+        assert rec["image_files"] == [None]
+        np.testing.assert_array_equal(arrays[f"{rec['id']}/0/image"],
+                                      shapes.scene("test", rec["meta"]["scene"]).image)
+    samples = {s.id: s for s in _gold()}
+    for row in score_rows(out)[:6]:
+        raw, ref = scored_maps(out, row["id"], row["word"])
+        mask = samples[row["id"]].masks[row["mask"]][None]
+        s = diffcam.metrics.localization(ref, mask)
+        assert float(s.obj_iou) == pytest.approx(row["refined_obj_iou"], abs=1e-6)
+        assert float(s.f3) == pytest.approx(row["refined_f3"], abs=1e-6)
+        assert float(diffcam.metrics.localization(raw, mask).f3) == \
+            pytest.approx(row["raw_f3"], abs=1e-9)
+    index = gallery(out, str(tmp_path / "g"), n=3, masks=lambda r: samples[r["id"]].masks)
+    pngs = sorted(f for f in os.listdir(tmp_path / "g") if f.endswith(".png"))
+    assert len(pngs) == 6 and sum(f.startswith("worst") for f in pngs) == 3
+    text = open(index).read()
+    assert all(p in text for p in pngs) and "Diffusion-CAM" in text and "ground truth" in text
+    from PIL import Image
+
+    w = Image.open(tmp_path / "g" / pngs[0]).size[0]
+    assert w == 4 * 96 + 3 * 4                  # image, raw, refined, mask
+    with pytest.raises(ValueError, match="metric"):
+        gallery(out, str(tmp_path / "g2"), metric="nope")
+    with pytest.raises(KeyError, match="scored word"):
+        scored_maps(out, row["id"], "zebra")
+
+
+def test_gallery_reads_image_files_back(adapter, tmp_path):
+    root = str(tmp_path / "coco")
+    shapes.export_coco(root, "val", n=2)
+    out = str(tmp_path / "run")
+    run_dataset(adapter, f"coco:{root}", out, answer="caption", targets="all", progress=False)
+    recs = list(RunStore.open(out).iter_maps())
+    assert all(r["image_files"][0].endswith(".png") and f"{r['id']}/0/image" not in a
+               for r, a in recs)
+    index = gallery(out, str(tmp_path / "g"), n=1)        # masks found through the spec
+    assert "ground truth" in open(index).read()
+    plain = gallery(out, str(tmp_path / "g0"), n=1, masks=None)
+    assert "ground truth" not in open(plain).read()
