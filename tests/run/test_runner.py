@@ -480,3 +480,25 @@ def test_gallery_reads_image_files_back(adapter, tmp_path):
     assert "ground truth" in open(index).read()
     plain = gallery(out, str(tmp_path / "g0"), n=1, masks=None)
     assert "ground truth" not in open(plain).read()
+
+
+def test_two_worker_processes_share_one_folder(tmp_path):
+    """Two processes started at once on one folder (the run.json race included) split the
+    dataset between them."""
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "shared")
+    cmd = [sys.executable, "-m", "diffcam", "run", "shapes:val:0:6", "--out", out, "--answer",
+           "gold", "--targets", "all", "--threads", "1", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen(cmd + ["--worker", f"{i}/2"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    store = RunStore.open(out)
+    assert store.done_ids() == {f"shapes-val-{i}-describe" for i in range(6)}
+    by_worker = {}
+    for r in store.records():
+        by_worker.setdefault(r["_shard"][:4], set()).add(r["index"] % 2)
+    assert by_worker == {"w000": {0}, "w001": {1}}
