@@ -222,6 +222,28 @@ def _threads_and_targets(args):
     return [w for w in args.targets.split(",") if w.strip()]
 
 
+def _model_arg(text: str):
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"--model-arg {text!r}: expected KEY=VALUE")
+    import json
+
+    try:
+        value = json.loads(value)          # numbers, true/false, null, lists; else a string
+    except ValueError:
+        pass
+    return key.strip(), value
+
+
+def _load_model(args):
+    import diffcam
+
+    kw = dict(args.model_arg or [])
+    if args.model_path is None and not kw:
+        return diffcam.load(args.model)
+    return diffcam.load(args.model, args.model_path, **kw)
+
+
 def _explain_options(p) -> None:
     """The options ``diffcam run`` and ``diffcam explain`` share: model, targets, layer,
     states, method, threads."""
@@ -229,6 +251,9 @@ def _explain_options(p) -> None:
                    "or a family (llada-v, lavida, mmada, dream-vl, diffusion-gemma) with "
                    "--model-path")
     p.add_argument("--model-path", default=None, help="checkpoint folder of a family model")
+    p.add_argument("--model-arg", type=_model_arg, action="append", metavar="KEY=VALUE",
+                   help="an argument of the model's loader, e.g. kind=autoregressive (bundled) "
+                        "or torch_dtype=float16 (families); repeatable; JSON values")
     p.add_argument("--targets", default="nouns",
                    help="nouns | all | comma-separated words (default nouns)")
     p.add_argument("--layer", type=int, default=None, help="hooked block (default: the adapter's)")
@@ -249,7 +274,7 @@ def _cmd_run(args) -> int:
                   batch_size=args.batch, shard_size=args.shard, resume=not args.no_resume,
                   retry_errors=args.retry_errors, limit=args.limit,
                   save_refined=args.save_refined, prompt=args.prompt, answer=args.answer,
-                  model_path=args.model_path)
+                  model_path=args.model_path, model_kwargs=dict(args.model_arg or []))
     if args.ray:
         from diffcam.run import run_dataset_ray
 
@@ -270,8 +295,7 @@ def _cmd_explain(args) -> int:
     import diffcam
 
     targets = _threads_and_targets(args)
-    adapter = diffcam.load(args.model) if args.model_path is None else \
-        diffcam.load(args.model, args.model_path)
+    adapter = _load_model(args)
     with diffcam.Explainer(adapter, layer=args.layer) as ex:
         exp = ex.explain(args.image, args.prompt, targets=targets, method=args.method,
                          answer=args.answer, states=args.states)

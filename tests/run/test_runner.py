@@ -502,3 +502,19 @@ def test_two_worker_processes_share_one_folder(tmp_path):
     for r in store.records():
         by_worker.setdefault(r["_shard"][:4], set()).add(r["index"] % 2)
     assert by_worker == {"w000": {0}, "w001": {1}}
+
+
+def test_model_loader_arguments_from_the_command_line(tmp_path, capsys):
+    """--model-arg reaches the loader: the autoregressive twin of the bundled model."""
+    from diffcam.cli import main
+
+    out = str(tmp_path / "ar")
+    assert main(["run", "shapes:val:0:2", "--out", out, "--answer", "gold", "--targets", "all",
+                 "--model-arg", "kind=autoregressive", "--threads", "1", "--quiet"]) == 0
+    st = RunStore.open(out)
+    ar = diffcam.load("bundled", kind="autoregressive")
+    assert st.settings["model"] == json.loads(json.dumps(ar.info()))
+    assert st.settings["model"] != json.loads(json.dumps(diffcam.load("bundled").info()))
+    assert len(st.done_ids()) == 2
+    with pytest.raises(SystemExit):
+        main(["run", "shapes:val:0:2", "--out", out, "--model-arg", "kind"])
