@@ -54,19 +54,24 @@ def scored_maps(run, sample_id: str, word: str):
     """(raw map normalised to [0, 1] at the grid's size, refined map at the image's size) of
     one scored word of one sample, recomputed from the stored raw maps as the run scored
     them."""
-    from .. import refine as _refine
-    from ..refine.resize import resize_stack
-    from .runner import _normalised
-
     store = run if isinstance(run, RunStore) else RunStore.open(run)
     rec = next((r for r in store.records() if r["id"] == sample_id), None)
     if rec is None:
         raise KeyError(f"sample {sample_id!r} has no committed record in {store.path}")
+    return _scored(store, rec, store.maps(sample_id), word)
+
+
+def _scored(store: RunStore, rec: dict, arrays: dict, word: str):
+    """:func:`scored_maps` for a record and its arrays already read."""
+    from .. import refine as _refine
+    from ..refine.resize import resize_stack
+    from .runner import _normalised
+
     sc = rec.get("scores", {}).get(word)
     if sc is None:
-        raise KeyError(f"sample {sample_id!r} has no scored word {word!r}; scored: "
+        raise KeyError(f"sample {rec['id']!r} has no scored word {word!r}; scored: "
                        f"{sorted(rec.get('scores', {}))}")
-    arr = store.maps(sample_id)[f"{sample_id}/0/{sc['grid']}"]
+    arr = arrays[f"{rec['id']}/0/{sc['grid']}"]
     hw = tuple(rec["image_sizes"][0]) if rec.get("image_sizes") else None
     m = resize_stack(arr[sc["target"], 0], hw)
     rep = sc.get("interference") or []
@@ -90,10 +95,10 @@ def _auto_masks(store: RunStore):
 
         path = spec[len("coco:"):].split("|", 1)[0]
         if os.path.exists(path):
+            from .sources import coco_mask_keys
+
             ds = CocoDataset(path)
-            keys = ("category", "colour") if any(
-                isinstance(a.get("colour"), str) for a in ds.annotations(ds.image_ids[0])) \
-                else ("category",)
+            keys = coco_mask_keys(ds)
             return lambda rec: ds.masks(rec["meta"]["image_id"], keys)
     return None
 
@@ -125,17 +130,15 @@ def gallery(run, out_dir, n: int = 8, metric: str = "refined_f3", masks="auto") 
     worst = order[:n]
     best = [i for i in reversed(order[-n:]) if i not in worst]
     os.makedirs(out_dir, exist_ok=True)
-    cache: dict = {}
+    records = {r["id"]: r for r in store.records()}
     items = []
     for label, idx in (("worst", worst), ("best", best)):
         for rank, i in enumerate(idx):
             row = rows[i]
-            if row["id"] not in cache:
-                rec = next(r for r in store.records() if r["id"] == row["id"])
-                cache = {row["id"]: (rec, store.maps(row["id"]))}
-            rec, arrays = cache[row["id"]]
+            rec = records[row["id"]]
+            arrays = store.maps(row["id"])
             img = _image(rec, arrays)
-            raw, ref = scored_maps(store, row["id"], row["word"])
+            raw, ref = _scored(store, rec, arrays, row["word"])
             hw = ref.shape
             tiles = [img if img is not None else np.full((*hw, 3), 255, np.uint8),
                      overlay(img, raw) if img is not None else overlay(None, raw, size=hw),

@@ -38,7 +38,7 @@ def summarize(run) -> Dict:
     means, mean per-map F3, ``n_maps``), overall and per ``meta["kind"]`` under ``by_kind``."""
     store = run if isinstance(run, RunStore) else RunStore.open(run)
     recs = list(store.records())
-    errs = store.errors()
+    errs = store.errors({r["id"] for r in recs})
     rows: Dict[str, List[dict]] = {"raw": [], "refined": []}
     by_kind: Dict[str, Dict[str, List[dict]]] = {}
     for r in recs:

@@ -372,7 +372,7 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
     settings["explainer"] = dict(explainer_kwargs or {})
     store = RunStore.create(out, settings, resume=resume)
     done = store.done_ids()
-    failed = set() if retry_errors else set(store.errors())
+    failed = set() if retry_errors else set(store.errors(done))
     writer = store.writer(wi)
     prog = Progress(total, enabled=progress)
     stats = {"done": 0, "skipped": 0, "errors": 0}

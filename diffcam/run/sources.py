@@ -105,12 +105,18 @@ def _coco(spec: str, path: str, prompt, answer) -> Dataset:
     if answer not in (None, "caption"):
         raise ValueError(f"answer={answer!r}: a COCO dataset takes None (the model answers) or "
                          f"'caption' (explain the first caption)")
-    keys = ("category",)
-    first = ds.annotations(ds.image_ids[0]) if len(ds) else []
-    if any(isinstance(a.get("colour"), str) for a in first):
-        keys = ("category", "colour")       # the shapes export: colour words name masks too
+    keys = coco_mask_keys(ds)
     canon = f"coco:{os.path.abspath(path)}|prompt={prompt}|answer={answer}"
     return Dataset(canon, len(ds), lambda: ds.samples(prompt=prompt, answer=answer, keys=keys))
+
+
+def coco_mask_keys(ds) -> tuple:
+    """The annotation fields whose values name masks: the category, plus the colour word for
+    the shapes export (whose annotations carry one)."""
+    first = ds.annotations(ds.image_ids[0]) if len(ds) else []
+    if any(isinstance(a.get("colour"), str) for a in first):
+        return ("category", "colour")
+    return ("category",)
 
 
 def open_dataset(spec, prompt: Optional[str] = None, answer: Optional[str] = None) -> Dataset:

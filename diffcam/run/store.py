@@ -198,10 +198,11 @@ class RunStore:
         """Ids of the samples whose records are committed."""
         return {r["id"] for r in self.records()}
 
-    def errors(self) -> Dict[str, dict]:
+    def errors(self, done: Optional[set] = None) -> Dict[str, dict]:
         """id -> the last error recorded for it, for samples that have no committed record
-        (a sample that failed and later succeeded is not an error any more)."""
-        done = self.done_ids()
+        (a sample that failed and later succeeded is not an error any more); ``done``: the
+        :meth:`done_ids` when the caller has them already."""
+        done = self.done_ids() if done is None else done
         out: Dict[str, dict] = {}
         for path in sorted(glob.glob(os.path.join(self.path, "errors", "w*.jsonl"))):
             with open(path, encoding="utf-8") as f:
