@@ -50,7 +50,12 @@ void run(F&& f) {
 
 }  // namespace
 
-PYBIND11_MODULE(_cuda, m) {
+// The module name: _cuda, or _cuda_emu for the CPU emulation build (tests/refine/cuda_emu.py).
+#ifndef DIFFCAM_CUDA_MODULE
+#define DIFFCAM_CUDA_MODULE _cuda
+#endif
+
+PYBIND11_MODULE(DIFFCAM_CUDA_MODULE, m) {
   m.doc() = "diffcam CUDA kernels (raw device pointers; see diffcam/refine/_cuda.py)";
   m.attr("NUM_PARAMS") = dc::kNumParams;
 

@@ -17,6 +17,14 @@
 
 #include "api.hpp"
 
+// Kernel launches and dynamic shared memory go through these two macros so that the same
+// sources also compile for the CPU emulation of csrc/cuda/emu/cuda_runtime.h (which defines
+// them itself).
+#ifndef DIFFCAM_CUDA_EMU_HEADER
+#define DC_LAUNCH(kern, grid, block, smem, stream) kern<<<grid, block, smem, stream>>>
+#define DC_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#endif
+
 namespace diffcam_cuda {
 
 // Positions in the parameter vector (PARAM_FIELDS of diffcam/refine/config.py).

@@ -150,7 +150,7 @@ std::string otsu_threshold_u8(uintptr_t imgs, int n, int h, int w, uintptr_t out
   DeviceGuard g(device);
   if (g.err != cudaSuccess) return cuda_error_text(g.err, "cudaSetDevice");
   if (n <= 0) return std::string();
-  otsu_kernel<<<n, small_threads(h * w), 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+  DC_LAUNCH(otsu_kernel, n, small_threads(h * w), 0, reinterpret_cast<cudaStream_t>(stream))(
       reinterpret_cast<const uint8_t*>(imgs), h * w, reinterpret_cast<int*>(out));
   return check_launch("otsu_threshold_u8");
 }
@@ -163,7 +163,7 @@ std::string resize_bilinear(uintptr_t maps, int n, int h, int w, int out_h, int 
   if (total <= 0) return std::string();
   long long blocks = (total + 255) / 256;
   if (blocks > (1LL << 20)) blocks = 1LL << 20;
-  resize_kernel<<<(unsigned)blocks, 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+  DC_LAUNCH(resize_kernel, (unsigned)blocks, 256, 0, reinterpret_cast<cudaStream_t>(stream))(
       reinterpret_cast<const float*>(maps), n, h, w, out_h, out_w, reinterpret_cast<float*>(out));
   return check_launch("resize_bilinear");
 }
@@ -173,7 +173,7 @@ std::string localization(uintptr_t maps, int n, int h, int w, uintptr_t masks, i
   DeviceGuard g(device);
   if (g.err != cudaSuccess) return cuda_error_text(g.err, "cudaSetDevice");
   if (n <= 0) return std::string();
-  localization_kernel<<<n, small_threads(hm * wm), 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+  DC_LAUNCH(localization_kernel, n, small_threads(hm * wm), 0, reinterpret_cast<cudaStream_t>(stream))(
       reinterpret_cast<const float*>(maps), h, w, reinterpret_cast<const uint8_t*>(masks), c, hm,
       wm, reinterpret_cast<double*>(out));
   return check_launch("localization");

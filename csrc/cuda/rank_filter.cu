@@ -52,7 +52,7 @@ static void launch_one(const float* in, const int* ks, int n, int h, int w, floa
   const int tiles_x = (w + kTileW - 1) / kTileW, tiles_y = (h + kTileH - 1) / kTileH;
   const int tpm = tiles_x * tiles_y;
   const long long blocks = (long long)tpm * n;
-  rank_filter_kernel<K><<<(unsigned)blocks, dim3(kTileW, kThreadsY), 0, stream>>>(
+  DC_LAUNCH(rank_filter_kernel<K>, (unsigned)blocks, dim3(kTileW, kThreadsY), 0, stream)(
       in, ks, h, w, tiles_x, tpm, out);
 }
 

@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(1024) stage_kernel(
     int W, int flags, int* __restrict__ branch_out, double* __restrict__ tau_out,
     double* __restrict__ taubg_out, double* __restrict__ lam_out,
     uint8_t* __restrict__ applied_out) {
-  extern __shared__ float smem[];
+  DC_DYNAMIC_SMEM(float, smem);
   __shared__ double red[32];
   __shared__ unsigned hist[256];
   __shared__ unsigned sh[2];
@@ -360,10 +360,10 @@ static std::string launch_stage(const float* src, float* dst, const float* rep,
       if (e != cudaSuccess) return cuda_error_text(e, "cudaFuncSetAttribute");
     }
     const int threads = npx <= 1024 ? 128 : (npx <= 4096 ? 256 : 512);
-    stage_kernel<true><<<n, threads, bytes, st>>>(src, dst, rep, rep_const, raw_max, P, h, w,
+    DC_LAUNCH(stage_kernel<true>, n, threads, bytes, st)(src, dst, rep, rep_const, raw_max, P, h, w,
                                                   flags, branch, tau, taubg, lam, applied);
   } else {
-    stage_kernel<false><<<n, 1024, 0, st>>>(src, dst, rep, rep_const, raw_max, P, h, w, flags,
+    DC_LAUNCH(stage_kernel<false>, n, 1024, 0, st)(src, dst, rep, rep_const, raw_max, P, h, w, flags,
                                             branch, tau, taubg, lam, applied);
   }
   return check_launch("stage_kernel");
@@ -376,7 +376,7 @@ std::string kernel_sizes(uintptr_t maps, int n, int h, int w, const double* para
   DeviceGuard g(device);
   if (g.err != cudaSuccess) return cuda_error_text(g.err, "cudaSetDevice");
   if (n <= 0) return std::string();
-  akd_kernel<<<n, akd_threads(h * w), 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+  DC_LAUNCH(akd_kernel, n, akd_threads(h * w), 0, reinterpret_cast<cudaStream_t>(stream))(
       reinterpret_cast<const float*>(maps), h, w, make_params(params),
       reinterpret_cast<int*>(k_out), nullptr);
   return check_launch("kernel_sizes");
@@ -445,7 +445,7 @@ std::string refine(uintptr_t maps, uintptr_t rep, uintptr_t rep_const, int n, in
   if (akd) {
     if (!scratch || !scratch_max) return "refine: scratch buffers are required when akd is on";
     double* mx = reinterpret_cast<double*>(scratch_max);
-    akd_kernel<<<n, akd_threads(h * w), 0, st>>>(in, h, w, P, kp, mx);
+    DC_LAUNCH(akd_kernel, n, akd_threads(h * w), 0, st)(in, h, w, P, kp, mx);
     std::string err = check_launch("refine/akd");
     if (!err.empty()) return err;
     int kmin = 3, kmax = (int)P.p[P_K_MAX];
@@ -456,7 +456,7 @@ std::string refine(uintptr_t maps, uintptr_t rep, uintptr_t rep_const, int n, in
     src = filt;
     raw_max = mx;
   }
-  fill_pipeline_defaults<<<(n + 255) / 256, 256, 0, st>>>(
+  DC_LAUNCH(fill_pipeline_defaults, (n + 255) / 256, 256, 0, st)(
       n, kp, reinterpret_cast<double*>(tau_bg), reinterpret_cast<double*>(lam),
       reinterpret_cast<uint8_t*>(applied), akd, cba, sicd);
   const int flags = ST_DACG | ST_NORM | (cba ? ST_CBA : 0) | (sicd ? ST_SICD : 0);

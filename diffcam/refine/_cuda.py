@@ -78,7 +78,9 @@ class _Lib:
     """The array library of the input: allocation, conversion, pointers, current stream."""
 
     def __init__(self, kind: str, device: int, back=None):
-        self.kind = kind          # "torch" | "cupy"
+        # "torch" | "cupy"; "numpy" only for the CPU emulation of the kernels used by the
+        # tests (tests/refine/cuda_emu.py), where device pointers are host pointers
+        self.kind = kind
         self.device = device      # CUDA ordinal
         self.back = back          # callable converting a result to the caller's kind, or None
 
@@ -90,6 +92,8 @@ class _Lib:
         return np.dtype(name)
 
     def empty(self, shape, dtype):
+        if self.kind == "numpy":
+            return np.empty(tuple(shape), dtype=np.dtype(dtype))
         if self.kind == "torch":
             import torch
             return torch.empty(tuple(shape), dtype=self._dt(dtype), device=f"cuda:{self.device}")
@@ -99,6 +103,8 @@ class _Lib:
 
     def convert(self, x, dtype):
         """x (an array of this library) as a C-contiguous array of `dtype` on our device."""
+        if self.kind == "numpy":
+            return np.ascontiguousarray(x, dtype=np.dtype(dtype))
         if self.kind == "torch":
             x = x.to(device=f"cuda:{self.device}", dtype=self._dt(dtype))
             return x.contiguous()
@@ -108,6 +114,8 @@ class _Lib:
 
     def from_host(self, a, dtype):
         a = np.ascontiguousarray(a, dtype=np.dtype(dtype))
+        if self.kind == "numpy":
+            return a.copy()
         if self.kind == "torch":
             import torch
             return torch.as_tensor(a, device=f"cuda:{self.device}")
@@ -119,11 +127,15 @@ class _Lib:
     def ptr(x) -> int:
         if x is None:
             return 0
+        if isinstance(x, np.ndarray):
+            return int(x.ctypes.data)
         if _is_torch(x):
             return int(x.data_ptr())
         return int(x.data.ptr)
 
     def stream(self) -> int:
+        if self.kind == "numpy":
+            return 0
         if self.kind == "torch":
             import torch
             return int(torch.cuda.current_stream(self.device).cuda_stream)

@@ -42,6 +42,12 @@ def tol(x):
     return 1e-6 * max(float(np.max(np.abs(x))), 1e-30) + 1e-12
 
 
+def uses_threads(backend) -> bool:
+    """Whether a backend module's ``threads=`` argument does anything (the CUDA kernels, here
+    on the CPU emulation, take it for the common signature and ignore it)."""
+    return backend.__name__ != "diffcam.refine._cuda"
+
+
 def assert_maps(got, want, inp):
     assert got.dtype == np.float32 and got.shape == want.shape
     np.testing.assert_allclose(got.astype(np.float64), want, rtol=0, atol=tol(inp))
@@ -132,6 +138,18 @@ def dacg_near_tie(maps, p, rel=1e-5) -> bool:
     return False
 
 
+def assert_refined_maps(got, want, maps, p, atol):
+    """Refined maps against the reference, map by map: a map that differs by more than
+    ``atol`` must have a pixel at DACG's threshold (dacg_near_tie), where the float32 backends
+    may keep a pixel that the float64 reference blurs or the reverse (quantised "levels" maps
+    and symmetric blobs tie pixels to tau); at most a quarter of the maps may differ."""
+    bad = [i for i in range(len(maps))
+           if not np.allclose(np.asarray(got[i], np.float64), want[i], rtol=0, atol=atol)]
+    untied = [i for i in bad if not dacg_near_tie(maps[i:i + 1], p)]
+    assert not untied, f"maps {untied} differ from the reference by more than {atol}"
+    assert len(bad) <= len(maps) // 4, bad
+
+
 def normalisation_gain(maps, p) -> np.ndarray:
     """Per map, how much the pipeline's min-max steps magnify an absolute error: max / range of
     the map they normalise (1 at least).  The float32 backends round the intermediate maps to
@@ -201,7 +219,8 @@ def test_pipeline_token_grids_and_image_maps(fast_backend, rng):
         maps = make_batch(rng, len(KINDS), h, w)
         got = fast_backend.refine(maps, None, np.full(len(KINDS), 0.01), cfg.to_params())
         want = ref.refine(maps, None, np.full(len(KINDS), 0.01), cfg.to_params())
-        assert_maps(got[0], want[0], np.ones(1))
+        assert got[0].dtype == np.float32 and got[0].shape == want[0].shape
+        assert_refined_maps(got[0], want[0], maps, cfg.to_params(), tol(np.ones(1)))
         np.testing.assert_array_equal(got[1], want[1])
         assert np.isfinite(got[0]).all()
 
@@ -257,6 +276,8 @@ def test_localization_resized(fast_backend, rng):
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 def test_thread_count_does_not_change_results(fast_backend, threads, rng):
+    if not uses_threads(fast_backend):
+        pytest.skip("the CUDA kernels take no thread count")
     maps = make_batch(rng, 37, 27, 27)
     p = RefineConfig.paper().to_params()
     base = fast_backend.refine(maps, None, np.zeros(37), p, threads=1)
