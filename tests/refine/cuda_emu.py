@@ -9,7 +9,10 @@ drive it with NumPy arrays (``emulated_backend``) and the GPU tests run on any m
 cannot show (timing, the device libm, true concurrency) is listed in the header.
 
 The module is built once per source state into a cache folder (``DIFFCAM_EMU_CACHE`` or the
-system temporary directory) and reused.
+system temporary directory) and reused.  ``DIFFCAM_EMU_CXXFLAGS`` adds compiler flags, e.g.
+``-fsanitize=address`` for an AddressSanitizer build that finds out-of-bounds accesses of the
+kernels in the NumPy buffers standing in for device memory (run Python with
+``LD_PRELOAD=$(c++ -print-file-name=libasan.so)``).
 """
 
 from __future__ import annotations
@@ -69,7 +72,8 @@ def build(verbose: bool = False) -> Path:
     for f in files + headers:
         h.update(f.name.encode())
         h.update(f.read_bytes())
-    h.update(f"{cxx}|{sys.version}|{pybind11.__version__}".encode())
+    extra = os.environ.get("DIFFCAM_EMU_CXXFLAGS", "").split()  # e.g. -fsanitize=address
+    h.update(f"{cxx}|{sys.version}|{pybind11.__version__}|{extra}".encode())
     cache = Path(os.environ.get("DIFFCAM_EMU_CACHE") or Path(tempfile.gettempdir()) / "diffcam-cuda-emu")
     out_dir = cache / h.hexdigest()[:16]
     target = out_dir / f"{NAME}{suffix}"
@@ -80,7 +84,7 @@ def build(verbose: bool = False) -> Path:
     common = [cxx, "-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-w",
               "-DDIFFCAM_CUDA_EMU", f"-DDIFFCAM_CUDA_MODULE={NAME}",
               f"-I{CUDA_SRC / 'emu'}", f"-I{CUDA_SRC}", f"-I{pybind11.get_include()}",
-              f"-I{sysconfig.get_paths()['include']}"]
+              f"-I{sysconfig.get_paths()['include']}"] + extra
     jobs, objs = [], []
     for f in files:
         obj = work / (f.name + ".o")
@@ -95,7 +99,7 @@ def build(verbose: bool = False) -> Path:
         if verbose and log:
             print(log)
     tmp = work / target.name
-    link = [cxx, "-shared", "-o", str(tmp)] + objs
+    link = [cxx, "-shared", "-o", str(tmp)] + objs + extra
     res = subprocess.run(link, capture_output=True, text=True)
     if res.returncode:
         raise RuntimeError(f"linking the CUDA emulation failed:\n{res.stdout}{res.stderr}")

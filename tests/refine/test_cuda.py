@@ -339,10 +339,27 @@ def test_localization(dev):
     np.testing.assert_allclose(dev.h(got), want, rtol=1e-9, atol=1e-12)
 
 
-def test_gpu_sanitize_script_runs_on_the_emulation(cuda_emu_ext):
+def _libasan():
+    import shutil
+    import subprocess
+
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        return None
+    path = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True,
+                          text=True).stdout.strip()
+    return path if path.startswith("/") else None
+
+
+@pytest.mark.parametrize("asan", [False, True], ids=["plain", "asan"])
+def test_gpu_sanitize_script_runs_on_the_emulation(cuda_emu_ext, asan):
     """bench/gpu_sanitize.py (what compute-sanitizer watches in bench/gpu_check.sh on a lent
     GPU) runs every check and finds no mismatch when its kernels run on the CPU emulation, so
-    scarce GPU time is not spent on a broken script."""
+    scarce GPU time is not spent on a broken script.  ``asan``: the emulation built with
+    AddressSanitizer, whose redzones around the NumPy buffers standing in for device memory
+    catch an out-of-bounds access of any kernel (compute-sanitizer memcheck's job on a GPU; a
+    planted ``i <= n`` in akd_kernel's loop is reported as a heap-buffer-overflow)."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -350,9 +367,17 @@ def test_gpu_sanitize_script_runs_on_the_emulation(cuda_emu_ext):
     script = Path(__file__).resolve().parents[2] / "bench" / "gpu_sanitize.py"
     if not script.is_file():
         pytest.skip("bench/ is not in this checkout")
+    env = dict(os.environ)
+    if asan:
+        lib = _libasan()
+        if lib is None:
+            pytest.skip("the compiler has no AddressSanitizer runtime")
+        env.update(DIFFCAM_EMU_CXXFLAGS="-fsanitize=address -fno-omit-frame-pointer",
+                   LD_PRELOAD=lib, ASAN_OPTIONS="detect_leaks=0")
     res = subprocess.run([sys.executable, "-P", str(script), "--emulate"], capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
+                         text=True, timeout=900, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr[-4000:]
+    assert "AddressSanitizer" not in res.stderr
     lines = [ln for ln in res.stdout.splitlines() if "max|err|" in ln]
     assert len(lines) == 13 and all(ln.endswith("ok") for ln in lines), res.stdout
     assert "mismatches: 0" in res.stdout
