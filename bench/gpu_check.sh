@@ -20,14 +20,14 @@ note() { echo "== $(date -u +%T) $*" | tee -a "$sum"; }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$sum"
 note "build (CUDAARCHS=$CUDAARCHS)"
-if ! $PY -c "import sys; sys.path.insert(0, '/tmp/dc'); import diffcam._cuda" 2>/dev/null; then
+if ! ls /tmp/dc/diffcam/_cuda*.so >/dev/null 2>&1; then
   $PY -m pip install -q --no-build-isolation --no-deps --target /tmp/dc . >"$OUT/build.txt" 2>&1
   rc=$?
   note "build rc=$rc"
   if [ $rc -ne 0 ]; then tail -40 "$OUT/build.txt"; exit 1; fi
 fi
 export PYTHONPATH=/tmp/dc
-$PY -c "from diffcam.refine import _cuda; print('cuda backend:', _cuda.available())" 2>&1 | tee -a "$sum"
+$PY -P -c "from diffcam.refine import _cuda; print('cuda backend:', _cuda.__file__, _cuda.available())" 2>&1 | tee -a "$sum"
 
 if [ "$stage" = kernels ] || [ "$stage" = all ]; then
   note "CUDA tests"
