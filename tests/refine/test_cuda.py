@@ -381,3 +381,26 @@ def test_gpu_sanitize_script_runs_on_the_emulation(cuda_emu_ext, asan):
     lines = [ln for ln in res.stdout.splitlines() if "max|err|" in ln]
     assert len(lines) == 13 and all(ln.endswith("ok") for ln in lines), res.stdout
     assert "mismatches: 0" in res.stdout
+
+
+def test_kernels_under_address_sanitizer(cuda_emu_ext):
+    """Every emulated kernel test of this file again, in a Python process running the
+    emulation built with AddressSanitizer: an out-of-bounds read or write of any kernel on any
+    of these shapes (1x1 maps, kernels wider than the map, odd sizes, the shared- and
+    global-memory stage kernels) aborts it with a report."""
+    import os
+    import subprocess
+    import sys
+
+    lib = _libasan()
+    if lib is None:
+        pytest.skip("the compiler has no AddressSanitizer runtime")
+    env = dict(os.environ, DIFFCAM_EMU_CXXFLAGS="-fsanitize=address -fno-omit-frame-pointer",
+               LD_PRELOAD=lib, ASAN_OPTIONS="detect_leaks=0")
+    res = subprocess.run(
+        [sys.executable, "-P", "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__,
+         "-k", "(emu or every_size) and not sanitize and not address_sanitizer"],
+        capture_output=True, text=True, timeout=1200, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-4000:]
+    assert "AddressSanitizer" not in res.stderr
+    assert " passed" in res.stdout and " failed" not in res.stdout, res.stdout[-2000:]
