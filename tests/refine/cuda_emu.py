@@ -59,53 +59,95 @@ def _compiler():
     return cxx
 
 
-def build(verbose: bool = False) -> Path:
-    """Compile the emulation module (or find it in the cache); returns its path."""
+def compile_module(name: str, sources, headers, flags, per_source=None, cache_tag="",
+                   verbose: bool = False) -> Path:
+    """Compile `sources` (C++; ``.cu`` files as C++) into the Python extension `name` with the
+    host compiler, pybind11 and Python headers on the include path, in parallel, into a cache
+    folder keyed by the sources, headers, flags and toolchain; returns the module's path.
+    `per_source` maps a file name to extra flags for that file."""
     try:
         import pybind11
     except ImportError as exc:  # pragma: no cover - pybind11 is in the test extras
         raise Unavailable("pybind11 is not installed") from exc
-    files, headers = _sources()
+    missing = [str(f) for f in list(sources) + list(headers) if not Path(f).is_file()]
+    if missing:
+        raise Unavailable(f"sources not found (not a source checkout?): {missing[:3]}")
     cxx = _compiler()
+    per_source = per_source or {}
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     h = hashlib.sha256()
-    for f in files + headers:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    extra = os.environ.get("DIFFCAM_EMU_CXXFLAGS", "").split()  # e.g. -fsanitize=address
-    h.update(f"{cxx}|{sys.version}|{pybind11.__version__}|{extra}".encode())
+    for f in list(sources) + list(headers):
+        h.update(Path(f).name.encode())
+        h.update(Path(f).read_bytes())
+    h.update(f"{name}|{cxx}|{sys.version}|{pybind11.__version__}|{flags}|{per_source}".encode())
     cache = Path(os.environ.get("DIFFCAM_EMU_CACHE") or Path(tempfile.gettempdir()) / "diffcam-cuda-emu")
-    out_dir = cache / h.hexdigest()[:16]
-    target = out_dir / f"{NAME}{suffix}"
+    out_dir = cache / f"{cache_tag}{h.hexdigest()[:16]}"
+    target = out_dir / f"{name}{suffix}"
     if target.is_file():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=out_dir))
-    common = [cxx, "-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-w",
-              "-DDIFFCAM_CUDA_EMU", f"-DDIFFCAM_CUDA_MODULE={NAME}",
-              f"-I{CUDA_SRC / 'emu'}", f"-I{CUDA_SRC}", f"-I{pybind11.get_include()}",
-              f"-I{sysconfig.get_paths()['include']}"] + extra
+    common = [cxx, "-std=c++17", "-fPIC", "-fvisibility=hidden", "-w",
+              f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"] + list(flags)
     jobs, objs = [], []
-    for f in files:
+    for f in sources:
+        f = Path(f)
         obj = work / (f.name + ".o")
         lang = ["-x", "c++"] if f.suffix == ".cu" else []
-        cmd = common + lang + ["-c", str(f), "-o", str(obj)]
+        cmd = common + per_source.get(f.name, []) + lang + ["-c", str(f), "-o", str(obj)]
         jobs.append((cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)))
         objs.append(str(obj))
     for cmd, p in jobs:
         log = p.communicate()[0].decode(errors="replace")
         if p.returncode:
-            raise RuntimeError(f"compiling the CUDA emulation failed:\n{' '.join(cmd)}\n{log}")
+            raise RuntimeError(f"compiling {name} failed:\n{' '.join(cmd)}\n{log}")
         if verbose and log:
             print(log)
     tmp = work / target.name
-    link = [cxx, "-shared", "-o", str(tmp)] + objs + extra
-    res = subprocess.run(link, capture_output=True, text=True)
+    link = [cxx, "-shared", "-o", str(tmp)] + objs + [f for f in flags if f.startswith("-fsan")]
+    res = subprocess.run(link + ["-pthread"], capture_output=True, text=True)
     if res.returncode:
-        raise RuntimeError(f"linking the CUDA emulation failed:\n{res.stdout}{res.stderr}")
+        raise RuntimeError(f"linking {name} failed:\n{res.stdout}{res.stderr}")
     os.replace(tmp, target)  # atomic: a concurrent build finds a complete file or none
     shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the emulation module (or find it in the cache); returns its path."""
+    files, headers = _sources()
+    extra = os.environ.get("DIFFCAM_EMU_CXXFLAGS", "").split()  # e.g. -fsanitize=address
+    flags = ["-O2", "-DDIFFCAM_CUDA_EMU", f"-DDIFFCAM_CUDA_MODULE={NAME}",
+             f"-I{CUDA_SRC / 'emu'}", f"-I{CUDA_SRC}"] + extra
+    return compile_module(NAME, files, headers, flags, verbose=verbose)
+
+
+ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer"]
+
+
+def build_native_asan() -> Path:
+    """diffcam._core (csrc/bindings.cpp and the two rank-filter translation units, with the
+    flags of cmake/core.cmake) built with AddressSanitizer; returns the module's path."""
+    src = ROOT / "csrc"
+    sources = [src / "bindings.cpp", src / "refine" / "simd_scalar.cpp",
+               src / "refine" / "simd_avx2.cpp"]
+    headers = sorted((src / "refine").glob("*.hpp"))
+    flags = ["-O1", "-ffp-contract=off", "-fno-math-errno", f"-I{src}", "-pthread"] + ASAN_FLAGS
+    import platform
+    avx = ["-mavx2", "-mfma"] if platform.machine().lower() in ("x86_64", "amd64") else []
+    return compile_module("_core", sources, headers, flags, {"simd_avx2.cpp": avx},
+                          cache_tag="core-asan-")
+
+
+def libasan():
+    """Path of the compiler's AddressSanitizer runtime (to LD_PRELOAD), or None."""
+    try:
+        cxx = _compiler()
+    except Unavailable:
+        return None
+    path = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True,
+                          text=True).stdout.strip()
+    return path if path.startswith("/") else None
 
 
 def load():

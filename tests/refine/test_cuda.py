@@ -339,18 +339,6 @@ def test_localization(dev):
     np.testing.assert_allclose(dev.h(got), want, rtol=1e-9, atol=1e-12)
 
 
-def _libasan():
-    import shutil
-    import subprocess
-
-    cxx = shutil.which("c++") or shutil.which("g++")
-    if not cxx:
-        return None
-    path = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True,
-                          text=True).stdout.strip()
-    return path if path.startswith("/") else None
-
-
 @pytest.mark.parametrize("asan", [False, True], ids=["plain", "asan"])
 def test_gpu_sanitize_script_runs_on_the_emulation(cuda_emu_ext, asan):
     """bench/gpu_sanitize.py (what compute-sanitizer watches in bench/gpu_check.sh on a lent
@@ -369,7 +357,7 @@ def test_gpu_sanitize_script_runs_on_the_emulation(cuda_emu_ext, asan):
         pytest.skip("bench/ is not in this checkout")
     env = dict(os.environ)
     if asan:
-        lib = _libasan()
+        lib = cuda_emu.libasan()
         if lib is None:
             pytest.skip("the compiler has no AddressSanitizer runtime")
         env.update(DIFFCAM_EMU_CXXFLAGS="-fsanitize=address -fno-omit-frame-pointer",
@@ -392,7 +380,7 @@ def test_kernels_under_address_sanitizer(cuda_emu_ext):
     import subprocess
     import sys
 
-    lib = _libasan()
+    lib = cuda_emu.libasan()
     if lib is None:
         pytest.skip("the compiler has no AddressSanitizer runtime")
     env = dict(os.environ, DIFFCAM_EMU_CXXFLAGS="-fsanitize=address -fno-omit-frame-pointer",
