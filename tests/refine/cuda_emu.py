@@ -122,7 +122,8 @@ def build(verbose: bool = False) -> Path:
     return compile_module(NAME, files, headers, flags, verbose=verbose)
 
 
-ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer"]
+ASAN_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+              "-fno-omit-frame-pointer"]
 
 
 def build_native_asan() -> Path:

@@ -339,15 +339,10 @@ def test_localization(dev):
     np.testing.assert_allclose(dev.h(got), want, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("asan", [False, True], ids=["plain", "asan"])
-def test_gpu_sanitize_script_runs_on_the_emulation(cuda_emu_ext, asan):
+def test_gpu_sanitize_script_runs_on_the_emulation(cuda_emu_ext):
     """bench/gpu_sanitize.py (what compute-sanitizer watches in bench/gpu_check.sh on a lent
     GPU) runs every check and finds no mismatch when its kernels run on the CPU emulation, so
-    scarce GPU time is not spent on a broken script.  ``asan``: the emulation built with
-    AddressSanitizer, whose redzones around the NumPy buffers standing in for device memory
-    catch an out-of-bounds access of any kernel (compute-sanitizer memcheck's job on a GPU; a
-    planted ``i <= n`` in akd_kernel's loop is reported as a heap-buffer-overflow)."""
-    import os
+    scarce GPU time is not spent on a broken script."""
     import subprocess
     import sys
     from pathlib import Path
@@ -355,17 +350,9 @@ def test_gpu_sanitize_script_runs_on_the_emulation(cuda_emu_ext, asan):
     script = Path(__file__).resolve().parents[2] / "bench" / "gpu_sanitize.py"
     if not script.is_file():
         pytest.skip("bench/ is not in this checkout")
-    env = dict(os.environ)
-    if asan:
-        lib = cuda_emu.libasan()
-        if lib is None:
-            pytest.skip("the compiler has no AddressSanitizer runtime")
-        env.update(DIFFCAM_EMU_CXXFLAGS="-fsanitize=address -fno-omit-frame-pointer",
-                   LD_PRELOAD=lib, ASAN_OPTIONS="detect_leaks=0")
     res = subprocess.run([sys.executable, "-P", str(script), "--emulate"], capture_output=True,
-                         text=True, timeout=900, env=env)
+                         text=True, timeout=900)
     assert res.returncode == 0, res.stdout + res.stderr[-4000:]
-    assert "AddressSanitizer" not in res.stderr
     lines = [ln for ln in res.stdout.splitlines() if "max|err|" in ln]
     assert len(lines) == 13 and all(ln.endswith("ok") for ln in lines), res.stdout
     assert "mismatches: 0" in res.stdout
@@ -373,9 +360,11 @@ def test_gpu_sanitize_script_runs_on_the_emulation(cuda_emu_ext, asan):
 
 def test_kernels_under_address_sanitizer(cuda_emu_ext):
     """Every emulated kernel test of this file again, in a Python process running the
-    emulation built with AddressSanitizer: an out-of-bounds read or write of any kernel on any
-    of these shapes (1x1 maps, kernels wider than the map, odd sizes, the shared- and
-    global-memory stage kernels) aborts it with a report."""
+    emulation built with AddressSanitizer and UBSan (cuda_emu.ASAN_FLAGS): an out-of-bounds read
+    or write of any kernel on any of these shapes (1x1 maps, kernels wider than the map, odd
+    sizes, the shared- and global-memory stage kernels) -- compute-sanitizer memcheck's job on
+    a GPU -- or undefined behaviour aborts it with a report (a planted ``i <= n`` in a loop of
+    akd_kernel is reported as a heap-buffer-overflow in the NumPy buffer of the maps)."""
     import os
     import subprocess
     import sys
@@ -383,7 +372,7 @@ def test_kernels_under_address_sanitizer(cuda_emu_ext):
     lib = cuda_emu.libasan()
     if lib is None:
         pytest.skip("the compiler has no AddressSanitizer runtime")
-    env = dict(os.environ, DIFFCAM_EMU_CXXFLAGS="-fsanitize=address -fno-omit-frame-pointer",
+    env = dict(os.environ, DIFFCAM_EMU_CXXFLAGS=" ".join(cuda_emu.ASAN_FLAGS),
                LD_PRELOAD=lib, ASAN_OPTIONS="detect_leaks=0")
     res = subprocess.run(
         [sys.executable, "-P", "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__,
