@@ -140,15 +140,28 @@ def build_native_asan() -> Path:
                           cache_tag="core-asan-")
 
 
-def libasan():
-    """Path of the compiler's AddressSanitizer runtime (to LD_PRELOAD), or None."""
+# the emulation's thread mode under ThreadSanitizer (csrc/cuda/emu/cuda_runtime.h)
+TSAN_FLAGS = ["-fsanitize=thread", "-DDCEMU_THREADS", "-g"]
+
+
+def _runtime(name):
     try:
         cxx = _compiler()
     except Unavailable:
         return None
-    path = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True,
+    path = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True,
                           text=True).stdout.strip()
-    return path if path.startswith("/") else None
+    return path if path.startswith("/") and Path(path).exists() else None
+
+
+def libasan():
+    """Path of the compiler's AddressSanitizer runtime (to LD_PRELOAD), or None."""
+    return _runtime("libasan.so")
+
+
+def libtsan():
+    """Path of the compiler's ThreadSanitizer runtime (to LD_PRELOAD), or None."""
+    return _runtime("libtsan.so")
 
 
 def load():

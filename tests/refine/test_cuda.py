@@ -381,3 +381,31 @@ def test_kernels_under_address_sanitizer(cuda_emu_ext):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-4000:]
     assert "AddressSanitizer" not in res.stderr
     assert " passed" in res.stdout and " failed" not in res.stdout, res.stdout[-2000:]
+
+
+def test_kernels_under_thread_sanitizer(cuda_emu_ext):
+    """The emulation's thread mode (-DDCEMU_THREADS: every thread of a block is an OS thread,
+    barriers and warp shuffles are mutex rendezvous, each warp its own) built with
+    ThreadSanitizer runs bench/gpu_sanitize.py --quick: two threads of a block touching the
+    same shared or global address, one writing, with no barrier between them is a data race
+    report (compute-sanitizer racecheck's job on a GPU).  It finds a __syncthreads() removed
+    from the bitonic sort and the one at the top of block_reduce (a write-after-read hazard on
+    the per-warp partials that the fiber mode cannot see)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    lib = cuda_emu.libtsan()
+    if lib is None:
+        pytest.skip("the compiler has no ThreadSanitizer runtime")
+    script = Path(__file__).resolve().parents[2] / "bench" / "gpu_sanitize.py"
+    if not script.is_file():
+        pytest.skip("bench/ is not in this checkout")
+    env = dict(os.environ, DIFFCAM_EMU_CXXFLAGS=" ".join(cuda_emu.TSAN_FLAGS), LD_PRELOAD=lib,
+               TSAN_OPTIONS="halt_on_error=1 report_signal_unsafe=0")
+    res = subprocess.run([sys.executable, "-P", str(script), "--emulate", "--quick"],
+                         capture_output=True, text=True, timeout=1200, env=env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert "ThreadSanitizer" not in res.stderr, res.stderr[-4000:]
+    assert "mismatches: 0" in res.stdout

@@ -20,10 +20,12 @@
 // the static `__shared__` bytes are unknown here, so a launch whose dynamic part stays under 48
 // KiB but whose total does not (it needs the opt-in on a GPU) is not caught.  Device pointers are host pointers; streams are ignored (launches are synchronous).
 //
+// Fibers switch only at barriers, so an unsynchronised access pair between threads of a block
+// gives the "sequential" answer there; the thread mode (-DDCEMU_THREADS: OS threads, one pool
+// per launch, mutex rendezvous for barriers and, per warp, for shuffles) exists to be built
+// with -fsanitize=thread, which reports such pairs as data races (tests/refine/test_cuda.py).
 // What emulation does not show: the timing, the device's own libm (1-ulp differences in exp),
-// races that need true concurrency (fibers switch only at barriers, so an unsynchronised
-// read-after-write between threads of a block gives the "sequential" answer), and the memory
-// model of warps without __syncwarp().
+// and the memory model of warps without __syncwarp().
 #pragma once
 
 #include <sys/mman.h>
@@ -37,9 +39,17 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#ifdef DCEMU_THREADS
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#endif
 #include <map>
+#include <array>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #define DIFFCAM_CUDA_EMU_HEADER 1
@@ -230,6 +240,139 @@ inline bool run_block(const dim3& bdim, const std::function<void()>& body, unsig
   return ok;
 }
 
+#ifdef DCEMU_THREADS
+// ---- thread mode (-DDCEMU_THREADS, for ThreadSanitizer): every thread of a block is an OS
+// thread that runs concurrently with the others (one pool per launch, reused block after
+// block); barriers and warp exchanges are mutex /
+// condition-variable rendezvous (synchronisation TSan understands), so any pair of accesses
+// to shared or global memory by two threads of a block, one of them a write, with no barrier
+// between them is reported as a data race.  A rendezvous that never completes (20 s) is a
+// deadlock: reported on stderr, then abort().
+struct TWarp {  // a warp's own rendezvous: it orders the accesses of that warp's threads only
+  std::mutex mu;
+  std::condition_variable cv;
+  int live = 0, arrived = 0;
+  unsigned long gen = 0;
+};
+struct TBlock {
+  std::mutex mu;
+  std::condition_variable cv;
+  int live = 0, arrived = 0;
+  unsigned long gen = 0;
+  const char* site = "";
+  int line = 0;
+  std::vector<TWarp> warps;
+  std::vector<std::array<unsigned char, 8>> xchg;
+  explicit TBlock(int nt) : warps((nt + 31) / 32), xchg(nt) {}
+};
+inline thread_local TBlock* t_block = nullptr;
+inline thread_local int t_me = 0;
+
+inline void t_wait(std::condition_variable& cv, std::unique_lock<std::mutex>& lk,
+                   unsigned long* gen_ptr, unsigned long g, const char* what) {
+  if (!cv.wait_for(lk, std::chrono::seconds(20), [&] { return *gen_ptr != g; })) {
+    std::fprintf(stderr, "dcemu: deadlock at %s in block (%u,%u,%u), thread %d\n", what,
+                 blockIdx.x, blockIdx.y, blockIdx.z, t_me);
+    std::abort();
+  }
+}
+
+inline void t_block_barrier(const char* file, int line) {
+  TBlock& b = *t_block;
+  std::unique_lock<std::mutex> lk(b.mu);
+  if (b.arrived == 0) {
+    b.site = file, b.line = line;
+  } else if (line != b.line || std::strcmp(file, b.site) != 0) {
+    char buf[400];
+    std::snprintf(buf, sizeof buf, "divergent __syncthreads in block (%u,%u,%u): %s:%d and %s:%d",
+                  blockIdx.x, blockIdx.y, blockIdx.z, b.site, b.line, file, line);
+    fail(cudaErrorLaunchFailure, buf);
+  }
+  const unsigned long g = b.gen;
+  if (++b.arrived == b.live) {
+    b.arrived = 0, ++b.gen;
+    b.cv.notify_all();
+    return;
+  }
+  t_wait(b.cv, lk, &b.gen, g, "__syncthreads");
+}
+
+inline void t_warp_barrier() {
+  TWarp& w = t_block->warps[t_me >> 5];
+  std::unique_lock<std::mutex> lk(w.mu);
+  const unsigned long g = w.gen;
+  if (++w.arrived == w.live) {
+    w.arrived = 0, ++w.gen;
+    w.cv.notify_all();
+    return;
+  }
+  t_wait(w.cv, lk, &w.gen, g, "a warp shuffle");
+}
+
+// The whole grid on one pool of blockDim OS threads: every thread runs its part of block 0,
+// then of block 1, ... (blocks in order, as in fiber mode); a block starts when every thread
+// has returned from the previous one, so thread creation is paid once per launch.
+inline void run_grid_threads(const dim3& grid, const dim3& bdim, const std::function<void()>& body) {
+  const int nt = static_cast<int>(bdim.x * bdim.y * bdim.z);
+  const int nw = (nt + 31) / 32;
+  const unsigned long nblocks = 1ul * grid.x * grid.y * grid.z;
+  TBlock b(nt);
+  unsigned long started = 0;  // blocks started (under b.mu)
+  int finished = 0;           // threads done with the current block
+  auto reset = [&] {          // counters of a fresh block (under b.mu; every thread is idle)
+    b.live = nt, b.arrived = 0;
+    for (int w = 0; w < nw; ++w) {
+      std::lock_guard<std::mutex> wl(b.warps[w].mu);
+      b.warps[w].live = std::min(32, nt - 32 * w), b.warps[w].arrived = 0;
+    }
+    finished = 0;
+  };
+  reset();
+  const dim3 bd = blockDim, gd = gridDim;
+  unsigned char* smem = g_dyn_smem;
+  std::vector<std::thread> threads;
+  threads.reserve(nt);
+  for (int i = 0; i < nt; ++i) {
+    threads.emplace_back([&, i] {
+      t_block = &b, t_me = i;
+      threadIdx = dim3(i % bdim.x, (i / bdim.x) % bdim.y, i / (bdim.x * bdim.y));
+      blockDim = bd, gridDim = gd, g_dyn_smem = smem;
+      for (unsigned long k = 0; k < nblocks; ++k) {
+        {
+          std::unique_lock<std::mutex> lk(b.mu);
+          b.cv.wait(lk, [&] { return started > k; });
+        }
+        blockIdx = dim3(static_cast<unsigned>(k % grid.x),
+                        static_cast<unsigned>((k / grid.x) % grid.y),
+                        static_cast<unsigned>(k / (1ul * grid.x * grid.y)));
+        body();
+        {  // a returned thread counts as arrived
+          TWarp& w = b.warps[i >> 5];
+          std::lock_guard<std::mutex> wl(w.mu);
+          --w.live;
+          if (w.arrived > 0 && w.arrived == w.live) w.arrived = 0, ++w.gen;
+          w.cv.notify_all();
+        }
+        std::lock_guard<std::mutex> lk(b.mu);
+        --b.live;
+        if (b.arrived > 0 && b.arrived == b.live) b.arrived = 0, ++b.gen;
+        if (++finished == nt) {
+          reset();
+          ++started;
+        }
+        b.cv.notify_all();
+      }
+    });
+  }
+  {
+    std::lock_guard<std::mutex> lk(b.mu);
+    started = 1;
+  }
+  b.cv.notify_all();
+  for (auto& t : threads) t.join();
+}
+#endif
+
 // Stacks for n fibers, mapped once per OS thread (lazily backed: only touched pages use memory).
 inline unsigned char* fiber_stacks(size_t n) {
   thread_local unsigned char* base = nullptr;
@@ -277,6 +420,11 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, const void* fn,
   g_dyn_smem = dyn.data();
   blockDim = block;
   gridDim = grid;
+#ifdef DCEMU_THREADS
+  s.blocks += 1ull * grid.x * grid.y * grid.z;
+  run_grid_threads(grid, block, body);
+  goto out;
+#endif
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
@@ -313,11 +461,29 @@ Launcher<P...> launcher(dim3 grid, dim3 block, size_t smem, void (*fn)(P...)) {
 #define DC_LAUNCH(kern, grid, block, smem, stream) ::dcemu::launcher(grid, block, smem, kern)
 #define DC_DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(::dcemu::dynamic_smem())
 
+#ifdef DCEMU_THREADS
+#define __syncthreads() ::dcemu::t_block_barrier(__FILE__, __LINE__)
+#else
 #define __syncthreads() ::dcemu::park(::dcemu::kBlockBarrier, __FILE__, __LINE__)
+#endif
 
 template <class T>
 inline T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask, int width = 32) {
   static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");
+#ifdef DCEMU_THREADS
+  {
+    dcemu::TBlock& b = *dcemu::t_block;
+    const int me = dcemu::t_me, nt = static_cast<int>(b.xchg.size());
+    std::memcpy(b.xchg[me].data(), &v, sizeof(T));
+    dcemu::t_warp_barrier();
+    const int lane = me & 31, base = me - lane, seg = lane & ~(width - 1);
+    const int src = base + seg + ((lane ^ lane_mask) & (width - 1));
+    T out = v;
+    if (src < nt) std::memcpy(&out, b.xchg[src].data(), sizeof(T));
+    dcemu::t_warp_barrier();
+    return out;
+  }
+#endif
   dcemu::BlockRun* r = dcemu::g_run;
   const int me = r->cur, nt = static_cast<int>(r->fibers.size());
   std::memcpy(r->fibers[me].xchg, &v, sizeof(T));
@@ -342,12 +508,26 @@ inline float __uint_as_float(unsigned u) {
   return f;
 }
 
-// Fibers never preempt each other between barriers, so plain read-modify-writes are atomic.
+// Fibers never preempt each other between barriers, so plain read-modify-writes are atomic;
+// thread mode uses real atomics.
 template <class T>
 inline T atomicAdd(T* p, T v) {
+#ifdef DCEMU_THREADS
+  if constexpr (std::is_integral_v<T>) {
+    return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+  } else {
+    T old = __atomic_load_n(p, __ATOMIC_RELAXED);
+    for (;;) {
+      T want = old + v;
+      if (__atomic_compare_exchange(p, &old, &want, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        return old;
+    }
+  }
+#else
   const T old = *p;
   *p = old + v;
   return old;
+#endif
 }
 
 // CUDA's global min/max overloads
