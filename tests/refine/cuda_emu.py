@@ -126,18 +126,19 @@ ASAN_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
               "-fno-omit-frame-pointer"]
 
 
-def build_native_asan() -> Path:
+def build_native(sanitize_flags, tag="asan") -> Path:
     """diffcam._core (csrc/bindings.cpp and the two rank-filter translation units, with the
-    flags of cmake/core.cmake) built with AddressSanitizer; returns the module's path."""
+    flags of cmake/core.cmake) built with the given sanitizer flags; returns the module's path."""
+    import platform
+
     src = ROOT / "csrc"
     sources = [src / "bindings.cpp", src / "refine" / "simd_scalar.cpp",
                src / "refine" / "simd_avx2.cpp"]
     headers = sorted((src / "refine").glob("*.hpp"))
-    flags = ["-O1", "-ffp-contract=off", "-fno-math-errno", f"-I{src}", "-pthread"] + ASAN_FLAGS
-    import platform
+    flags = ["-O1", "-ffp-contract=off", "-fno-math-errno", f"-I{src}", "-pthread"] + list(sanitize_flags)
     avx = ["-mavx2", "-mfma"] if platform.machine().lower() in ("x86_64", "amd64") else []
     return compile_module("_core", sources, headers, flags, {"simd_avx2.cpp": avx},
-                          cache_tag="core-asan-")
+                          cache_tag=f"core-{tag}-")
 
 
 # the emulation's thread mode under ThreadSanitizer (csrc/cuda/emu/cuda_runtime.h)
