@@ -243,25 +243,41 @@ inline bool run_block(const dim3& bdim, const std::function<void()>& body, unsig
 #ifdef DCEMU_THREADS
 // ---- thread mode (-DDCEMU_THREADS, for ThreadSanitizer): every thread of a block is an OS
 // thread that runs concurrently with the others (one pool per launch, reused block after
-// block); barriers and warp exchanges are mutex /
-// condition-variable rendezvous (synchronisation TSan understands), so any pair of accesses
-// to shared or global memory by two threads of a block, one of them a write, with no barrier
-// between them is reported as a data race.  A rendezvous that never completes (20 s) is a
+// block); barriers and warp exchanges are mutex / condition-variable rendezvous
+// (synchronisation TSan understands), so any pair of accesses to shared or global memory by
+// two threads of a block, one of them a write, with no barrier between them is reported as a
+// data race.  A rendezvous that never completes (20 s) is a
 // deadlock: reported on stderr, then abort().
-struct TWarp {  // a warp's own rendezvous: it orders the accesses of that warp's threads only
+inline void t_wait(std::condition_variable& cv, std::unique_lock<std::mutex>& lk,
+                   unsigned long* gen_ptr, unsigned long g, const char* what);
+
+// A rendezvous of `live` threads: the block's barrier, or one warp's exchange (which orders
+// the accesses of that warp's threads only).  Every member is called with `mu` held.
+struct Rendezvous {
   std::mutex mu;
   std::condition_variable cv;
   int live = 0, arrived = 0;
   unsigned long gen = 0;
+  void arrive(std::unique_lock<std::mutex>& lk, const char* what) {
+    const unsigned long g = gen;
+    if (++arrived == live) {
+      arrived = 0, ++gen;
+      cv.notify_all();
+      return;
+    }
+    t_wait(cv, lk, &gen, g, what);
+  }
+  void leave() {  // a thread returned: it counts as arrived from now on
+    --live;
+    if (arrived > 0 && arrived == live) arrived = 0, ++gen;
+    cv.notify_all();
+  }
 };
 struct TBlock {
-  std::mutex mu;
-  std::condition_variable cv;
-  int live = 0, arrived = 0;
-  unsigned long gen = 0;
+  Rendezvous all;
   const char* site = "";
   int line = 0;
-  std::vector<TWarp> warps;
+  std::vector<Rendezvous> warps;
   std::vector<std::array<unsigned char, 8>> xchg;
   explicit TBlock(int nt) : warps((nt + 31) / 32), xchg(nt) {}
 };
@@ -279,8 +295,8 @@ inline void t_wait(std::condition_variable& cv, std::unique_lock<std::mutex>& lk
 
 inline void t_block_barrier(const char* file, int line) {
   TBlock& b = *t_block;
-  std::unique_lock<std::mutex> lk(b.mu);
-  if (b.arrived == 0) {
+  std::unique_lock<std::mutex> lk(b.all.mu);
+  if (b.all.arrived == 0) {
     b.site = file, b.line = line;
   } else if (line != b.line || std::strcmp(file, b.site) != 0) {
     char buf[400];
@@ -288,25 +304,13 @@ inline void t_block_barrier(const char* file, int line) {
                   blockIdx.x, blockIdx.y, blockIdx.z, b.site, b.line, file, line);
     fail(cudaErrorLaunchFailure, buf);
   }
-  const unsigned long g = b.gen;
-  if (++b.arrived == b.live) {
-    b.arrived = 0, ++b.gen;
-    b.cv.notify_all();
-    return;
-  }
-  t_wait(b.cv, lk, &b.gen, g, "__syncthreads");
+  b.all.arrive(lk, "__syncthreads");
 }
 
 inline void t_warp_barrier() {
-  TWarp& w = t_block->warps[t_me >> 5];
+  Rendezvous& w = t_block->warps[t_me >> 5];
   std::unique_lock<std::mutex> lk(w.mu);
-  const unsigned long g = w.gen;
-  if (++w.arrived == w.live) {
-    w.arrived = 0, ++w.gen;
-    w.cv.notify_all();
-    return;
-  }
-  t_wait(w.cv, lk, &w.gen, g, "a warp shuffle");
+  w.arrive(lk, "a warp shuffle");
 }
 
 // The whole grid on one pool of blockDim OS threads: every thread runs its part of block 0,
@@ -317,10 +321,10 @@ inline void run_grid_threads(const dim3& grid, const dim3& bdim, const std::func
   const int nw = (nt + 31) / 32;
   const unsigned long nblocks = 1ul * grid.x * grid.y * grid.z;
   TBlock b(nt);
-  unsigned long started = 0;  // blocks started (under b.mu)
+  unsigned long started = 0;  // blocks started (under b.all.mu)
   int finished = 0;           // threads done with the current block
-  auto reset = [&] {          // counters of a fresh block (under b.mu; every thread is idle)
-    b.live = nt, b.arrived = 0;
+  auto reset = [&] {          // counters of a fresh block (under b.all.mu; every thread is idle)
+    b.all.live = nt, b.all.arrived = 0;
     for (int w = 0; w < nw; ++w) {
       std::lock_guard<std::mutex> wl(b.warps[w].mu);
       b.warps[w].live = std::min(32, nt - 32 * w), b.warps[w].arrived = 0;
@@ -339,36 +343,33 @@ inline void run_grid_threads(const dim3& grid, const dim3& bdim, const std::func
       blockDim = bd, gridDim = gd, g_dyn_smem = smem;
       for (unsigned long k = 0; k < nblocks; ++k) {
         {
-          std::unique_lock<std::mutex> lk(b.mu);
-          b.cv.wait(lk, [&] { return started > k; });
+          std::unique_lock<std::mutex> lk(b.all.mu);
+          b.all.cv.wait(lk, [&] { return started > k; });
         }
         blockIdx = dim3(static_cast<unsigned>(k % grid.x),
                         static_cast<unsigned>((k / grid.x) % grid.y),
                         static_cast<unsigned>(k / (1ul * grid.x * grid.y)));
         body();
-        {  // a returned thread counts as arrived
-          TWarp& w = b.warps[i >> 5];
+        {
+          Rendezvous& w = b.warps[i >> 5];
           std::lock_guard<std::mutex> wl(w.mu);
-          --w.live;
-          if (w.arrived > 0 && w.arrived == w.live) w.arrived = 0, ++w.gen;
-          w.cv.notify_all();
+          w.leave();
         }
-        std::lock_guard<std::mutex> lk(b.mu);
-        --b.live;
-        if (b.arrived > 0 && b.arrived == b.live) b.arrived = 0, ++b.gen;
+        std::lock_guard<std::mutex> lk(b.all.mu);
+        b.all.leave();
         if (++finished == nt) {
           reset();
           ++started;
         }
-        b.cv.notify_all();
+        b.all.cv.notify_all();
       }
     });
   }
   {
-    std::lock_guard<std::mutex> lk(b.mu);
+    std::lock_guard<std::mutex> lk(b.all.mu);
     started = 1;
   }
-  b.cv.notify_all();
+  b.all.cv.notify_all();
   for (auto& t : threads) t.join();
 }
 #endif
