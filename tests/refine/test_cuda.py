@@ -408,4 +408,6 @@ def test_kernels_under_thread_sanitizer(cuda_emu_ext):
                          capture_output=True, text=True, timeout=1200, env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert "ThreadSanitizer" not in res.stderr, res.stderr[-4000:]
+    lines = [ln for ln in res.stdout.splitlines() if "max|err|" in ln]
+    assert len(lines) == 9 and all(ln.endswith("ok") for ln in lines), res.stdout
     assert "mismatches: 0" in res.stdout
