@@ -246,7 +246,7 @@ inline bool run_block(const dim3& bdim, const std::function<void()>& body, unsig
 // block); barriers and warp exchanges are mutex / condition-variable rendezvous
 // (synchronisation TSan understands), so any pair of accesses to shared or global memory by
 // two threads of a block, one of them a write, with no barrier between them is reported as a
-// data race.  A rendezvous that never completes (20 s) is a
+// data race.  A rendezvous that never completes (120 s) is a
 // deadlock: reported on stderr, then abort().
 inline void t_wait(std::condition_variable& cv, std::unique_lock<std::mutex>& lk,
                    unsigned long* gen_ptr, unsigned long g, const char* what);
@@ -286,7 +286,7 @@ inline thread_local int t_me = 0;
 
 inline void t_wait(std::condition_variable& cv, std::unique_lock<std::mutex>& lk,
                    unsigned long* gen_ptr, unsigned long g, const char* what) {
-  if (!cv.wait_for(lk, std::chrono::seconds(20), [&] { return *gen_ptr != g; })) {
+  if (!cv.wait_for(lk, std::chrono::seconds(120), [&] { return *gen_ptr != g; })) {
     std::fprintf(stderr, "dcemu: deadlock at %s in block (%u,%u,%u), thread %d\n", what,
                  blockIdx.x, blockIdx.y, blockIdx.z, t_me);
     std::abort();
