@@ -339,17 +339,24 @@ def test_localization(dev):
     np.testing.assert_allclose(dev.h(got), want, rtol=1e-9, atol=1e-12)
 
 
+def _sanitize_script():
+    """bench/gpu_sanitize.py of this checkout (skips when bench/ is absent)."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "gpu_sanitize.py"
+    if not script.is_file():
+        pytest.skip("bench/ is not in this checkout")
+    return script
+
+
 def test_gpu_sanitize_script_runs_on_the_emulation(cuda_emu_ext):
     """bench/gpu_sanitize.py (what compute-sanitizer watches in bench/gpu_check.sh on a lent
     GPU) runs every check and finds no mismatch when its kernels run on the CPU emulation, so
     scarce GPU time is not spent on a broken script."""
     import subprocess
     import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[2] / "bench" / "gpu_sanitize.py"
-    if not script.is_file():
-        pytest.skip("bench/ is not in this checkout")
+    script = _sanitize_script()
     res = subprocess.run([sys.executable, "-P", str(script), "--emulate"], capture_output=True,
                          text=True, timeout=900)
     assert res.returncode == 0, res.stdout + res.stderr[-4000:]
@@ -394,14 +401,11 @@ def test_kernels_under_thread_sanitizer(cuda_emu_ext):
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     lib = cuda_emu.libtsan()
     if lib is None:
         pytest.skip("the compiler has no ThreadSanitizer runtime")
-    script = Path(__file__).resolve().parents[2] / "bench" / "gpu_sanitize.py"
-    if not script.is_file():
-        pytest.skip("bench/ is not in this checkout")
+    script = _sanitize_script()
     env = dict(os.environ, DIFFCAM_EMU_CXXFLAGS=" ".join(cuda_emu.TSAN_FLAGS), LD_PRELOAD=lib,
                TSAN_OPTIONS="halt_on_error=1 report_signal_unsafe=0")
     res = subprocess.run([sys.executable, "-P", str(script), "--emulate", "--quick"],

@@ -18,7 +18,8 @@
 // per block, a non-empty grid, dynamic shared memory above 48 KiB only after
 // cudaFuncSetAttribute(MaxDynamicSharedMemorySize) and never above the opt-in limit (227 KiB);
 // the static `__shared__` bytes are unknown here, so a launch whose dynamic part stays under 48
-// KiB but whose total does not (it needs the opt-in on a GPU) is not caught.  Device pointers are host pointers; streams are ignored (launches are synchronous).
+// KiB but whose total does not (it needs the opt-in on a GPU) is not caught.  Device pointers
+// are host pointers; streams are ignored (launches are synchronous).
 //
 // Fibers switch only at barriers, so an unsynchronised access pair between threads of a block
 // gives the "sequential" answer there; the thread mode (-DDCEMU_THREADS: OS threads, one pool
@@ -101,7 +102,6 @@ struct State {
   std::string detail;
   int device = 0;
   std::map<const void*, int> max_dyn_smem;  // cudaFuncSetAttribute
-  size_t launches = 0, blocks = 0, switches = 0;
 };
 inline State& state() {
   static State s;  // the API is used from one Python thread at a time in the tests
@@ -132,7 +132,6 @@ struct BlockRun {
   ucontext_t main_ctx;
   int cur = 0;
   const std::function<void()>* body = nullptr;
-  unsigned char* stacks = nullptr;
 };
 
 inline thread_local BlockRun* g_run = nullptr;
@@ -155,7 +154,6 @@ inline void park(int st, const char* file = "", int line = 0) {
   f.state = st;
   f.site = file;
   f.line = line;
-  ++state().switches;
   swapcontext(&f.ctx, &r->main_ctx);
 }
 
@@ -164,7 +162,6 @@ inline bool run_block(const dim3& bdim, const std::function<void()>& body, unsig
   const int nt = static_cast<int>(bdim.x * bdim.y * bdim.z);
   BlockRun r;
   r.body = &body;
-  r.stacks = stacks;
   r.fibers.resize(nt);
   for (int i = 0; i < nt; ++i) {
     Fiber& f = r.fibers[i];
@@ -394,7 +391,6 @@ inline unsigned char* fiber_stacks(size_t n) {
 inline void run_grid(dim3 grid, dim3 block, size_t smem, const void* fn,
                      const std::function<void()>& body) {
   State& s = state();
-  ++s.launches;
   const unsigned long long nt = 1ull * block.x * block.y * block.z;
   if (nt == 0 || nt > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
       grid.y > 65535 || grid.z > 65535) {
@@ -411,29 +407,26 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, const void* fn,
     }
   }
   std::vector<unsigned char> dyn(smem + 16, 0xCD);  // poisoned, like uninitialised smem
-  unsigned char* stacks = fiber_stacks(static_cast<size_t>(nt));
-  if (!stacks) {
-    fail(cudaErrorLaunchFailure, "could not map the fiber stacks");
-    return;
-  }
   unsigned char* saved_smem = g_dyn_smem;
   const dim3 saved_b = blockDim, saved_g = gridDim, saved_bi = blockIdx, saved_ti = threadIdx;
   g_dyn_smem = dyn.data();
   blockDim = block;
   gridDim = grid;
 #ifdef DCEMU_THREADS
-  s.blocks += 1ull * grid.x * grid.y * grid.z;
   run_grid_threads(grid, block, body);
-  goto out;
-#endif
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = dim3(x, y, z);
-        ++s.blocks;
-        if (!run_block(block, body, stacks)) goto out;
-      }
+#else
+  if (unsigned char* stacks = fiber_stacks(static_cast<size_t>(nt))) {
+    for (unsigned z = 0; z < grid.z; ++z)
+      for (unsigned y = 0; y < grid.y; ++y)
+        for (unsigned x = 0; x < grid.x; ++x) {
+          blockIdx = dim3(x, y, z);
+          if (!run_block(block, body, stacks)) goto out;
+        }
+  } else {
+    fail(cudaErrorLaunchFailure, "could not map the fiber stacks");
+  }
 out:
+#endif
   g_dyn_smem = saved_smem;
   blockDim = saved_b, gridDim = saved_g, blockIdx = saved_bi, threadIdx = saved_ti;
 }
