@@ -292,14 +292,28 @@ PYBIND11_MODULE(_core, m) {
       py::arg("maps"), py::arg("rep"), py::arg("rep_const"), py::arg("params"), py::kw_only(),
       py::arg("threads") = 0);
 
+  // refine(maps, rep, rep_const, params, *, threads=0, info=True, max_value=None):
+  // rep_const may be None (all zeros).  info=False returns only the refined maps (no per-map
+  // arrays: the API's calls without return_info).  max_value: first check in one pass that every
+  // value is finite, >= 0 and <= max_value * (1 + 1e-6) (the API's as_batch rule) and return
+  // None, without refining, when one is not (the caller then takes its validating path).
   m.def(
       "refine",
-      [check_rep](py::object maps, py::object rep, py::object rep_const, py::object params, int threads) {
+      [check_rep](py::object maps, py::object rep, py::object rep_const, py::object params, int threads,
+                  bool info, py::object max_value) -> py::object {
         Maps mp = check_maps(maps);
-        const float* rp;
-        const double* rc;
+        const float* rp = nullptr;
+        const double* rc = nullptr;
         py::array k1, k2;
-        check_rep(mp, rep, rep_const, rp, rc, k1, k2);
+        if (rep_const.is_none()) {
+          if (!rep.is_none()) {
+            k1 = as_checked<float>(rep, "rep", 3, "None or a C-contiguous float32 array of the maps' shape (N, H, W)",
+                                   {mp.N, mp.H, mp.W});
+            rp = static_cast<const float*>(k1.data());
+          }
+        } else {
+          check_rep(mp, rep, rep_const, rp, rc, k1, k2);
+        }
         const double* p = check_params(params);
         if (p[P::kernel_size] > 0) {
           int k = static_cast<int>(p[P::kernel_size]);
@@ -309,24 +323,53 @@ PYBIND11_MODULE(_core, m) {
         if (p[P::k_max] < 1 || p[P::k_max] > 31)
           throw py::value_error("params[k_max] must be in [1, 31]");
         const int N = mp.N;
-        auto out = new_array<float>({N, mp.H, mp.W});
-        auto ka = new_array<int32_t>({N});
-        auto ba = new_array<int32_t>({N});
-        auto ta = new_array<double>({N});
-        auto tba = new_array<double>({N});
-        auto la = new_array<double>({N});
-        auto aa = new_array<uint8_t>({N});
-        float* o = out.mutable_data();
-        int32_t *k_ = ka.mutable_data(), *b_ = ba.mutable_data();
-        double *t_ = ta.mutable_data(), *tb_ = tba.mutable_data(), *l_ = la.mutable_data();
-        uint8_t* a_ = aa.mutable_data();
         const long n = static_cast<long>(mp.H) * mp.W;
+        if (!max_value.is_none()) {
+          const double hi = max_value.cast<double>() * (1 + 1e-6);
+          bool ok = true;
+          {
+            py::gil_scoped_release rel;
+            const size_t total = static_cast<size_t>(N) * static_cast<size_t>(n);
+            // 4 independent flags; !(v >= 0 && v <= hi) is true for NaN, negatives, Inf and
+            // values above the bound
+            unsigned bad4[4] = {0, 0, 0, 0};
+            size_t i = 0;
+            for (; i + 4 <= total; i += 4)
+              for (int j = 0; j < 4; ++j) {
+                const double v = mp.ptr[i + j];
+                bad4[j] |= static_cast<unsigned>(!(v >= 0.0 && v <= hi));
+              }
+            for (; i < total; ++i) {
+              const double v = mp.ptr[i];
+              bad4[0] |= static_cast<unsigned>(!(v >= 0.0 && v <= hi));
+            }
+            ok = (bad4[0] | bad4[1] | bad4[2] | bad4[3]) == 0;
+          }
+          if (!ok) return py::none();
+        }
+        auto out = new_array<float>({N, mp.H, mp.W});
+        py::array_t<int32_t> ka, ba;
+        py::array_t<double> ta, tba, la;
+        py::array_t<uint8_t> aa;
+        int32_t *k_ = nullptr, *b_ = nullptr;
+        double *t_ = nullptr, *tb_ = nullptr, *l_ = nullptr;
+        uint8_t* a_ = nullptr;
+        if (info) {
+          ka = new_array<int32_t>({N}), ba = new_array<int32_t>({N});
+          ta = new_array<double>({N}), tba = new_array<double>({N}), la = new_array<double>({N});
+          aa = new_array<uint8_t>({N});
+          k_ = ka.mutable_data(), b_ = ba.mutable_data();
+          t_ = ta.mutable_data(), tb_ = tba.mutable_data(), l_ = la.mutable_data();
+          a_ = aa.mutable_data();
+        }
+        float* o = out.mutable_data();
         {
           py::gil_scoped_release rel;
           int t = batch_threads(threads, N, n, 32);
           auto one = [&](long i, Workspace& ws, int ft) {
-            RefineInfo ri = refine_map(mp.ptr + i * n, rp ? rp + i * n : nullptr, rc[i], o + i * n, mp.H, mp.W, p, ws, ft);
-            k_[i] = ri.k, b_[i] = ri.branch, t_[i] = ri.tau, tb_[i] = ri.tau_bg, l_[i] = ri.lam, a_[i] = ri.applied;
+            RefineInfo ri = refine_map(mp.ptr + i * n, rp ? rp + i * n : nullptr, rc ? rc[i] : 0.0, o + i * n,
+                                       mp.H, mp.W, p, ws, ft);
+            if (k_) k_[i] = ri.k, b_[i] = ri.branch, t_[i] = ri.tau, tb_[i] = ri.tau_bg, l_[i] = ri.lam, a_[i] = ri.applied;
           };
           // the calling thread keeps its scratch between calls (no allocation for small maps)
           static thread_local Workspace ws_caller;
@@ -342,10 +385,11 @@ PYBIND11_MODULE(_core, m) {
             for (long i = 0; i < N; ++i) one(i, ws_caller, t);
           }
         }
+        if (!info) return std::move(out);
         return py::make_tuple(out, ka, ba, ta, tba, la, aa);
       },
       py::arg("maps"), py::arg("rep"), py::arg("rep_const"), py::arg("params"), py::kw_only(),
-      py::arg("threads") = 0);
+      py::arg("threads") = 0, py::arg("info") = true, py::arg("max_value") = py::none());
 
   m.def(
       "otsu_threshold_u8",

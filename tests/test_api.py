@@ -384,6 +384,69 @@ def test_source_tree_shadowing_the_installed_package_is_named(tmp_path, monkeypa
         _backend._probe.cache_clear()
 
 
+def _native_core():
+    mod, why = diffcam._backend._probe("native")
+    if mod is None:
+        pytest.skip(f"native backend unavailable: {why}")
+    return mod
+
+
+def test_native_refine_info_and_rep_const_options():
+    """The native kernel's options for the API's fast calls: info=False returns just the maps
+    (the same maps as info=True), rep_const=None means zeros, with or without rep."""
+    core = _native_core()
+    rng = np.random.default_rng(5)
+    maps = make_batch(rng, 6, 20, 17)
+    p = RefineConfig.paper().to_params()
+    full = core.refine(maps, None, np.zeros(6), p, threads=1)
+    only = core.refine(maps, None, None, p, threads=1, info=False)
+    assert isinstance(only, np.ndarray)
+    np.testing.assert_array_equal(only, full[0])
+    rep = np.ascontiguousarray(rng.random(maps.shape, dtype=np.float32))
+    np.testing.assert_array_equal(core.refine(maps, rep, None, p, threads=2)[0],
+                                  core.refine(maps, rep, np.zeros(6), p, threads=2)[0])
+    with pytest.raises(ValueError, match="rep must be"):
+        core.refine(maps, rep[:, :3], None, p, info=False)
+
+
+def test_native_value_check_agrees_with_the_api():
+    """refine(..., max_value=1.0) returns None exactly for the maps the API's as_batch rejects
+    (NaN, +-Inf, negatives, values above 1 + 1e-6: the float32 neighbours of the bound), so the
+    shortcut never refines a map the general path would refuse, and refines every map it
+    accepts -- at any position in the batch (the 4-way unrolled scan and its tail)."""
+    core = _native_core()
+    p = RefineConfig.paper().to_params()
+    bound = np.float32(1.0 + 1e-6)
+    over = np.nextafter(bound, np.float32(2)) if float(bound) <= 1.0 + 1e-6 else bound
+    under = np.nextafter(over, np.float32(0))
+    values = [0.0, 1.0, float(under), float(over), -0.0, -1e-45, -1.0, np.nan, np.inf, -np.inf,
+              3.0e38, 1e-45]
+    for h, w in ((1, 1), (3, 5), (7, 9)):
+        for v in values:
+            for pos in {0, h * w - 1, (h * w) // 2}:
+                m = np.full((2, h, w), 0.5, np.float32)
+                m.reshape(-1)[h * w + pos] = v
+                out = core.refine(m, None, None, p, info=False, max_value=1.0)
+                try:
+                    diffcam.refine(m, config=RefineConfig.paper())
+                    api_ok = True
+                except ValueError:
+                    api_ok = False
+                assert (out is not None) == api_ok, (v, h, w, pos)
+                if out is not None:
+                    np.testing.assert_array_equal(
+                        out, core.refine(m, None, None, p, info=False))
+
+
+def test_refine_module_call_is_the_pipeline_function():
+    """diffcam.refine is a package that calls the pipeline function itself (no forwarding)."""
+    from diffcam.refine import pipeline
+
+    assert type(diffcam.refine).__call__ is pipeline.refine
+    m = make_map(np.random.default_rng(2), 9, 9, "peaks").astype(np.float32)
+    np.testing.assert_array_equal(diffcam.refine(m, "paper"), pipeline.refine(m, "paper"))
+
+
 def test_default_call_shortcut_equals_the_general_path(monkeypatch):
     """refine(maps) with every default skips the argument plumbing for valid float32 NumPy maps
     when the native backend is the automatic choice: bit-identical to the general path (the
@@ -424,4 +487,13 @@ def test_default_call_shortcut_equals_the_general_path(monkeypatch):
     monkeypatch.setenv("DIFFCAM_BACKEND", "numpy")
     taken.clear()
     np.testing.assert_allclose(diffcam.refine(m), diffcam.refine(m, backend="numpy"), atol=0)
+    assert taken == [False]
+    for env in (" Native ", "auto", ""):              # the automatic choice, or native named
+        monkeypatch.setenv("DIFFCAM_BACKEND", env)
+        taken.clear()
+        np.testing.assert_array_equal(diffcam.refine(m), diffcam.refine(m, RefineConfig.paper()))
+        assert taken == [native]
+    monkeypatch.setenv("DIFFCAM_BACKEND", "numba")
+    taken.clear()
+    diffcam.refine(m)
     assert taken == [False]

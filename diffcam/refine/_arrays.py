@@ -108,7 +108,12 @@ def as_batch(x, name: str = "maps", *, allow_negative: bool = False, max_value: 
     """
     if x is None:
         raise TypeError(f"{name} is None; expected an (H, W) or (N, H, W) float array")
-    if _is_torch(x):
+    if type(x) is np.ndarray and x.dtype.kind == "f":      # the common case first, cheaply
+        arr = x
+        kind, on_gpu, dtype, device = "numpy", False, x.dtype, None
+        if dtype == np.float16:
+            dtype = np.dtype(np.float32)
+    elif _is_torch(x):
         import torch
 
         if not x.dtype.is_floating_point:
@@ -141,7 +146,7 @@ def as_batch(x, name: str = "maps", *, allow_negative: bool = False, max_value: 
 
     if arr.ndim not in (2, 3):
         raise ValueError(f"{name} must have shape (H, W) or (N, H, W), got shape {tuple(arr.shape)}")
-    if any(int(s) == 0 for s in arr.shape):
+    if arr.size == 0:
         raise ValueError(f"{name} is empty (shape {tuple(arr.shape)})")
     single = arr.ndim == 2
     if single:

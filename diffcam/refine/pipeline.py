@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +98,10 @@ def refine(maps, config=None, tokens=None, interference=None, backend=None, retu
     mod = _common.backend_for(batch, backend)
     rep, rep_const = _common.sicd_inputs(batch, cfg, tokens, interference)
     batch = _common.add_reference_noise(batch, cfg)
+    if not return_info and getattr(mod, "__name__", "") == "diffcam._core":
+        # the native kernel can skip the per-map info arrays nobody reads
+        return batch.wrap(mod.refine(batch.data, rep, rep_const, cfg.to_params(),
+                                     threads=nthreads, info=False))
     out, k, branch, tau, tau_bg, lam, applied = _common.call(
         mod, "refine", batch.data, rep, rep_const, cfg.to_params(), threads=nthreads)
     result = batch.wrap(out)
@@ -116,7 +120,6 @@ def refine(maps, config=None, tokens=None, interference=None, backend=None, retu
 
 
 
-_ZERO = np.zeros(1, dtype=np.float64)
 #: the shortcut's size limit: beyond it the general path's cost is noise next to the kernels'
 #: (and NumPy's vectorised range check beats the native one-pass scan, _arrays.host_range)
 _SHORTCUT_MAX = 1 << 16
@@ -124,27 +127,48 @@ _SHORTCUT_MAX = 1 << 16
 
 def _default_call(maps):
     """``refine(maps)`` with every default, for a valid C-contiguous float32 NumPy map or batch
-    when the native backend is the automatic choice: the same kernel call as the general path
-    without its argument plumbing (about 5 us less per call, which is a third of a single
-    token-grid map's time).  None for anything else (other types, dtypes or layouts, a
-    DIFFCAM_BACKEND choice, values the checks would reject), which then takes the general
-    path and its errors."""
+    when the native backend is the automatic choice: the same kernel, run by one native call
+    that also does the value checks (finite, >= 0, <= 1 + 1e-6) and returns no per-map info --
+    about 5 us less per call than the general path, a third of a single token-grid map's time.
+    None for anything else (other types, dtypes or layouts, a DIFFCAM_BACKEND choice, values the
+    checks reject), which then takes the general path and its errors."""
     if (type(maps) is not np.ndarray or maps.dtype != np.float32 or maps.ndim not in (2, 3)
             or not maps.flags.c_contiguous or not 0 < maps.size <= _SHORTCUT_MAX):
         return None
-    if _backend.resolve_backend_name() != "native":     # DIFFCAM_BACKEND, availability
+    mod = _native_if_automatic()
+    if mod is None:
         return None
-    mod = _backend._probe("native")[0]
-    value_range = getattr(mod, "value_range", None)
-    if value_range is None:
+    out = mod.refine(maps[None] if maps.ndim == 2 else maps, None, None,
+                     _common._PAPER.to_params(), threads=0, info=False, max_value=1.0)
+    if out is None:                    # a value failed the checks: the general path says which
         return None
-    lo, hi = value_range(maps)
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo >= 0 and hi <= 1.0 + 1e-6):
-        return None
-    batch = maps[None] if maps.ndim == 2 else maps
-    zeros = _ZERO if batch.shape[0] == 1 else np.zeros(batch.shape[0], dtype=np.float64)
-    out = mod.refine(batch, None, zeros, _common._PAPER.to_params(), threads=0)[0]
     return out[0] if maps.ndim == 2 else out
+
+
+# os.environ.get of a missing key costs ~0.7 us (a KeyError inside); the mapping's own dict
+# answers in ~20 ns and is what os.environ reads and writes (CPython's os._Environ); other
+# implementations fall back to os.environ.get.
+try:
+    _ENV_DATA, _ENV_KEY = os.environ._data, os.environ.encodekey("DIFFCAM_BACKEND")
+except AttributeError:  # pragma: no cover - not CPython's os._Environ
+    _ENV_DATA = _ENV_KEY = None
+
+
+def _env_backend():
+    """The value of DIFFCAM_BACKEND now (None when unset)."""
+    if _ENV_DATA is None:  # pragma: no cover
+        return os.environ.get("DIFFCAM_BACKEND")
+    v = _ENV_DATA.get(_ENV_KEY)
+    return None if v is None else os.environ.decodevalue(v)
+
+
+def _native_if_automatic():
+    """diffcam._core when the automatic backend choice is the native one (what
+    ``_backend.resolve_backend_name()`` would say, without its general machinery), else None."""
+    env = _env_backend()
+    if env and env.strip().lower() not in ("auto", "native"):
+        return None
+    return _backend._probe("native")[0]
 
 
 def _backend_name(mod) -> str:
