@@ -111,7 +111,7 @@ def as_batch(x, name: str = "maps", *, allow_negative: bool = False, max_value: 
     if type(x) is np.ndarray and x.dtype.kind == "f":      # the common case first, cheaply
         arr = x
         kind, on_gpu, dtype, device = "numpy", False, x.dtype, None
-        if dtype == np.float16:
+        if dtype.itemsize == 2:                  # float16 maps come back as float32
             dtype = np.dtype(np.float32)
     elif _is_torch(x):
         import torch

@@ -96,9 +96,13 @@ def refine(maps, config=None, tokens=None, interference=None, backend=None, retu
     nthreads = _common.check_threads(threads)
     batch = as_batch(maps, "maps", max_value=1.0, normalize=normalize)
     mod = _common.backend_for(batch, backend)
-    rep, rep_const = _common.sicd_inputs(batch, cfg, tokens, interference)
+    native = getattr(mod, "__name__", "") == "diffcam._core"
+    if native and tokens is None and interference is None:
+        rep, rep_const = None, None                       # the native kernel's "all zeros"
+    else:
+        rep, rep_const = _common.sicd_inputs(batch, cfg, tokens, interference)
     batch = _common.add_reference_noise(batch, cfg)
-    if not return_info and getattr(mod, "__name__", "") == "diffcam._core":
+    if native and not return_info:
         # the native kernel can skip the per-map info arrays nobody reads
         return batch.wrap(mod.refine(batch.data, rep, rep_const, cfg.to_params(),
                                      threads=nthreads, info=False))
