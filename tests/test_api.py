@@ -497,3 +497,17 @@ def test_default_call_shortcut_equals_the_general_path(monkeypatch):
     taken.clear()
     diffcam.refine(m)
     assert taken == [False]
+
+
+def test_float_dtypes_round_trip():
+    """float64 maps come back float64, float16 maps float32 (float16 cannot hold the refined
+    values' precision); the values are those of the float32 maps, on every path."""
+    m32 = make_map(np.random.default_rng(4), 11, 13, "peaks").astype(np.float32)
+    want = diffcam.refine(m32)
+    for dt, back in ((np.float64, np.float64), (np.float16, np.float32)):
+        x = m32.astype(dt)
+        for got in (diffcam.refine(x), diffcam.refine(x, RefineConfig.paper(), threads=1)):
+            assert got.dtype == back
+            np.testing.assert_array_equal(
+                got, diffcam.refine(x.astype(np.float32)).astype(back))
+    np.testing.assert_array_equal(diffcam.refine(m32.astype(np.float64)), want.astype(np.float64))
