@@ -292,7 +292,8 @@ PYBIND11_MODULE(_core, m) {
       py::arg("maps"), py::arg("rep"), py::arg("rep_const"), py::arg("params"), py::kw_only(),
       py::arg("threads") = 0);
 
-  // refine(maps, rep, rep_const, params, *, threads=0, info=True, max_value=None):
+  // refine(maps, rep, rep_const, params, threads=0, info=True, max_value=None) (positional or
+  // keyword: pybind11 matches keywords by name, about 1 us a call, so the API passes them by position);
   // rep_const may be None (all zeros).  info=False returns only the refined maps (no per-map
   // arrays: the API's calls without return_info).  max_value: first check in one pass that every
   // value is finite, >= 0 and <= max_value * (1 + 1e-6) (the API's as_batch rule) and return
@@ -388,7 +389,7 @@ PYBIND11_MODULE(_core, m) {
         if (!info) return std::move(out);
         return py::make_tuple(out, ka, ba, ta, tba, la, aa);
       },
-      py::arg("maps"), py::arg("rep"), py::arg("rep_const"), py::arg("params"), py::kw_only(),
+      py::arg("maps"), py::arg("rep"), py::arg("rep_const"), py::arg("params"),
       py::arg("threads") = 0, py::arg("info") = true, py::arg("max_value") = py::none());
 
   m.def(

@@ -104,8 +104,8 @@ def refine(maps, config=None, tokens=None, interference=None, backend=None, retu
     batch = _common.add_reference_noise(batch, cfg)
     if native and not return_info:
         # the native kernel can skip the per-map info arrays nobody reads
-        return batch.wrap(mod.refine(batch.data, rep, rep_const, cfg.to_params(),
-                                     threads=nthreads, info=False))
+        # (positional: threads, info=False; see _default_call)
+        return batch.wrap(mod.refine(batch.data, rep, rep_const, cfg.to_params(), nthreads, False))
     out, k, branch, tau, tau_bg, lam, applied = _common.call(
         mod, "refine", batch.data, rep, rep_const, cfg.to_params(), threads=nthreads)
     result = batch.wrap(out)
@@ -142,8 +142,10 @@ def _default_call(maps):
     mod = _native_if_automatic()
     if mod is None:
         return None
+    # positional (threads=0, info=False, max_value=1.0): pybind11 matches keywords by name,
+    # which costs about 1 us a call
     out = mod.refine(maps[None] if maps.ndim == 2 else maps, None, None,
-                     _common._PAPER.to_params(), threads=0, info=False, max_value=1.0)
+                     _common._PAPER.to_params(), 0, False, 1.0)
     if out is None:                    # a value failed the checks: the general path says which
         return None
     return out[0] if maps.ndim == 2 else out
