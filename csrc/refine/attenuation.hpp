@@ -6,7 +6,10 @@
 // M < tau_bg -> M * max(gamma, M / tau_bg), in float64.  O(H W): one branch-free SSE2 pass
 // (count, sum and max of the positives; the sums in the scalar loop's order), then ONE
 // select_ranks_f of the 4 ranks of S1 and S2 (the positive pixels are the top np ranks of the
-// map, so their median is at shifted ranks).
+// map, so their median is at shifted ranks).  In the pipeline the statistics come from DACG's
+// output pass (PosStats, the same sums in the same order) and the attenuation runs fused with
+// the clip and the min-max (cba_clip_normalize_map: CBA is nondecreasing, so the extremes of its
+// output are the images of its input's).
 #pragma once
 
 #include <algorithm>

@@ -5,7 +5,8 @@
 // (M_rep = rep map or the constant rep_const); lam = <M, I> / <I, I> (0 when <I, I> = 0) clipped
 // to [lambda_min, lambda_max]; M' = max(M - lam I, 0) in float64; the range guard and the
 // optional final min-max act on the float64 M'.  O(H W), a few passes; in the pipeline the sum
-// and the extremes of M come from clip_normalize_map's pass (MapStats4), and the constant-M_rep
+// and the extremes of M come from the clip + min-max pass (clip_normalize_map or CBA's fused
+// cba_clip_normalize_map; MapStats4), and the constant-M_rep
 // path runs its class and output passes in SSE2 with the scalar code's exact operations.
 #pragma once
 
