@@ -6,14 +6,19 @@
 // M < tau_bg -> M * max(gamma, M / tau_bg), in float64.  O(H W): one branch-free SSE2 pass
 // (count, sum and max of the positives; the sums in the scalar loop's order), then ONE
 // select_ranks_f of the 4 ranks of S1 and S2 (the positive pixels are the top np ranks of the
-// map, so their median is at shifted ranks).
+// map, so their median is at shifted ranks).  In the pipeline the statistics come from DACG's
+// output pass (PosStats, the same sums in the same order) and the attenuation runs fused with
+// the clip and the min-max (cba_clip_normalize_map: CBA is nondecreasing, so the extremes of its
+// output are the images of its input's).
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
 
+#include "debias.hpp"
 #include "params.hpp"
 #include "stats.hpp"
 
@@ -23,58 +28,17 @@
 
 namespace diffcam {
 
-inline double background_threshold(const float* m, size_t n, const double* p, std::vector<float>& scratch) {
-  (void)scratch;
-  thread_local std::vector<float> work;
-  thread_local std::vector<uint8_t> bidx;
-  if (work.size() < 10 * n + 64) work.resize(10 * n + 64);
-  if (bidx.size() < n) bidx.resize(n);
-  size_t np = 0;
-  double ps0 = 0.0, ps1 = 0.0;
-  float mx = m[0];
-  size_t i = 0;
-#if defined(__SSE2__)
-  // the same sums in the same order: lane 0 of ps holds ps0 (even i), lane 1 ps1 (odd i)
-  if (n >= 4) {
-    const __m128 z = _mm_setzero_ps();
-    __m128d ps = _mm_setzero_pd();
-    __m128i cnt = _mm_setzero_si128();
-    __m128 vmx = _mm_loadu_ps(m);
-    for (; i + 4 <= n; i += 4) {
-      const __m128 x = _mm_loadu_ps(m + i);
-      const __m128 pos = _mm_cmpgt_ps(x, z);
-      const __m128 xp = _mm_and_ps(pos, x);  // x if positive else +0.0
-      ps = _mm_add_pd(ps, _mm_cvtps_pd(xp));
-      ps = _mm_add_pd(ps, _mm_cvtps_pd(_mm_movehl_ps(xp, xp)));
-      cnt = _mm_sub_epi32(cnt, _mm_castps_si128(pos));
-      vmx = _mm_max_ps(vmx, x);
-    }
-    alignas(16) double pd[2];
-    alignas(16) uint32_t pc[4];
-    alignas(16) float pm[4];
-    _mm_store_pd(pd, ps);
-    _mm_store_si128(reinterpret_cast<__m128i*>(pc), cnt);
-    _mm_store_ps(pm, vmx);
-    ps0 = pd[0], ps1 = pd[1];
-    np = static_cast<size_t>(pc[0]) + pc[1] + pc[2] + pc[3];
-    mx = std::max(std::max(pm[0], pm[1]), std::max(pm[2], pm[3]));
-  }
-#endif
-  for (; i + 2 <= n; i += 2) {  // branch-free
-    const float a = m[i], b = m[i + 1];
-    np += (a > 0.0f) + (b > 0.0f);
-    ps0 += a > 0.0f ? static_cast<double>(a) : 0.0;
-    ps1 += b > 0.0f ? static_cast<double>(b) : 0.0;
-    mx = std::max(mx, std::max(a, b));
-  }
-  for (; i < n; ++i) {
-    const float a = m[i];
-    np += a > 0.0f;
-    ps0 += a > 0.0f ? static_cast<double>(a) : 0.0;
-    mx = std::max(mx, a);
-  }
-  if (np == 0) return p[P::tau_bg_floor];
-  const double psum = ps0 + ps1;
+// tau_bg from the PosStats of m (pos_stats(), or the DACG output pass that computed them);
+// scratch: the select's work space (select_scratch).
+inline double background_threshold_from(const float* m, size_t n, const double* p, const PosStats& ps,
+                                        std::vector<float>& scratch) {
+  if (ps.np == 0) return p[P::tau_bg_floor];
+  float* work;
+  uint8_t* bidx;
+  select_scratch(scratch, n, work, bidx);
+  const size_t np = ps.np;
+  const double psum = ps.ps[0] + ps.ps[1];
+  const float mx = ps.mx;
   // the positive pixels are the top np ranks: their median is a percentile of the whole map at
   // shifted ranks.  Select the 4 ranks at once.
   size_t ranks[4];
@@ -105,7 +69,7 @@ inline double background_threshold(const float* m, size_t n, const double* p, st
       std::swap(ord[b - 1], ord[b]);
     }
   float sk[4], kk[4];
-  select_ranks_f(m, n, sr, 4, sk, work.data(), bidx.data());
+  select_ranks_f(m, n, sr, 4, sk, work, bidx);
   for (int a = 0; a < 4; ++a) kk[ord[a]] = sk[a];
   const double s1 = numpy_lerp(kk[0], kk[1], t1);
   const double s2 = numpy_lerp(kk[2], kk[3], t2);
@@ -115,33 +79,96 @@ inline double background_threshold(const float* m, size_t n, const double* p, st
   return tau > 0 ? tau : p[P::tau_bg_floor];
 }
 
-inline double background_attenuation_map(const float* m, float* out, size_t n, const double* p,
-                                         std::vector<float>& scratch) {
-  const double tau = background_threshold(m, n, p, scratch);
-  const double gamma = p[P::gamma];
-  size_t i = 0;
+inline double background_threshold(const float* m, size_t n, const double* p, std::vector<float>& scratch) {
+  return background_threshold_from(m, n, p, pos_stats(m, n), scratch);
+}
+
+// CBA's attenuation of one pixel: M < tau -> float(M * max(gamma, M / tau)) in float64, else M.
+// sse4(): 4 pixels, 2 per float64 op, the same operations (exact same results; _mm_max_pd equals
+// std::max for these non-NaN values).
+struct CbaOp {
+  double tau, gamma;
+  float operator()(float x) const {
+    const double v = x;
+    const double f = std::max(gamma, v / tau);
+    const float att = static_cast<float>(v * f);
+    return v < tau ? att : x;
+  }
 #if defined(__SSE2__)
-  // 2 pixels per step in float64: the same operations as the scalar loop (exact same results;
-  // _mm_max_pd equals std::max for these non-NaN values).
-  const __m128d vt = _mm_set1_pd(tau), vg = _mm_set1_pd(gamma);
-  for (; i + 4 <= n; i += 4) {
-    const __m128 x = _mm_loadu_ps(m + i);
+  __m128 sse4(__m128 x) const {
+    const __m128d vt = _mm_set1_pd(tau), vg = _mm_set1_pd(gamma);
     const __m128d a = _mm_cvtps_pd(x), b = _mm_cvtps_pd(_mm_movehl_ps(x, x));
     const __m128d fa = _mm_max_pd(vg, _mm_div_pd(a, vt)), fb = _mm_max_pd(vg, _mm_div_pd(b, vt));
     const __m128 att = _mm_movelh_ps(_mm_cvtpd_ps(_mm_mul_pd(a, fa)), _mm_cvtpd_ps(_mm_mul_pd(b, fb)));
     // masks of the two double compares packed to 4 float lanes
     const __m128 ma = _mm_castpd_ps(_mm_cmplt_pd(a, vt)), mb = _mm_castpd_ps(_mm_cmplt_pd(b, vt));
     const __m128 msk = _mm_shuffle_ps(ma, mb, _MM_SHUFFLE(2, 0, 2, 0));
-    _mm_storeu_ps(out + i, _mm_or_ps(_mm_and_ps(msk, att), _mm_andnot_ps(msk, x)));
+    return _mm_or_ps(_mm_and_ps(msk, att), _mm_andnot_ps(msk, x));
   }
 #endif
-  for (; i < n; ++i) {
-    const double v = m[i];
-    const double f = std::max(gamma, v / tau);
-    const float att = static_cast<float>(v * f);
-    out[i] = v < tau ? att : m[i];
-  }
+  // M -> CBA(M) is nondecreasing when tau > 0 and 0 <= gamma <= 1: below 0 it is gamma M; on
+  // [0, tau) both factors of M * max(gamma, M / tau) are >= 0 and nondecreasing (rounding is
+  // monotone) and the product is <= M (the factor rounds to <= 1); from tau on it is M.
+  bool monotone() const { return tau > 0 && std::isfinite(tau) && gamma >= 0 && gamma <= 1; }
+};
+
+inline void cba_apply(const float* m, float* out, size_t n, const CbaOp& cba) {
+  size_t i = 0;
+#if defined(__SSE2__)
+  for (; i + 4 <= n; i += 4) _mm_storeu_ps(out + i, cba.sse4(_mm_loadu_ps(m + i)));
+#endif
+  for (; i < n; ++i) out[i] = cba(m[i]);
+}
+
+inline double background_attenuation_map(const float* m, float* out, size_t n, const double* p,
+                                         std::vector<float>& scratch) {
+  const double tau = background_threshold(m, n, p, scratch);
+  cba_apply(m, out, n, CbaOp{tau, p[P::gamma]});
   return tau;
+}
+
+// The pipeline's CBA attenuation (tau given), then clip + min-max (ClipNorm, what
+// clip_normalize_map computes) in ONE pass, with st the sum4 sums and the extremes of the
+// result for SICD.  The min / max that the normalisation needs are those of CBA's output, known
+// before the pass: CBA is nondecreasing (CbaOp::monotone), so they are the images of the
+// input's min / max mn / mx.  Outside those parameters: the two passes of before.
+inline void cba_clip_normalize_map(const float* m, float* out, size_t n, const CbaOp& cba, float mn, float mx,
+                                   double clip_max, double eps, MapStats4* st) {
+  if (!cba.monotone()) {
+    cba_apply(m, out, n, cba);
+    clip_normalize_map(out, n, clip_max, eps, st);
+    return;
+  }
+  const float fmin = cba(mn), fmax = cba(mx);
+  const ClipNorm f(fmin, fmax, clip_max, eps);
+  double s[4] = {0.0, 0.0, 0.0, 0.0};
+  size_t i = 0;
+#if defined(__SSE2__)
+  {
+    __m128d sa = _mm_setzero_pd(), sb = _mm_setzero_pd();
+    for (; i + 4 <= n; i += 4) {
+      const __m128 y = f.sse4(cba.sse4(_mm_loadu_ps(m + i)));
+      _mm_storeu_ps(out + i, y);
+      sa = _mm_add_pd(sa, _mm_cvtps_pd(y));
+      sb = _mm_add_pd(sb, _mm_cvtps_pd(_mm_movehl_ps(y, y)));
+    }
+    _mm_storeu_pd(s, sa);
+    _mm_storeu_pd(s + 2, sb);
+  }
+#endif
+  for (; i + 4 <= n; i += 4)
+    for (int l = 0; l < 4; ++l) {
+      out[i + l] = f(cba(m[i + l]));
+      s[l] += out[i + l];
+    }
+  for (; i < n; ++i) {
+    out[i] = f(cba(m[i]));
+    s[0] += out[i];
+  }
+  if (st) {
+    for (int l = 0; l < 4; ++l) st->s[l] = s[l];
+    st->mn = f(fmin), st->mx = f(fmax);
+  }
 }
 
 }  // namespace diffcam

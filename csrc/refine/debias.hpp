@@ -5,7 +5,8 @@
 // (M_rep = rep map or the constant rep_const); lam = <M, I> / <I, I> (0 when <I, I> = 0) clipped
 // to [lambda_min, lambda_max]; M' = max(M - lam I, 0) in float64; the range guard and the
 // optional final min-max act on the float64 M'.  O(H W), a few passes; in the pipeline the sum
-// and the extremes of M come from clip_normalize_map's pass (MapStats4), and the constant-M_rep
+// and the extremes of M come from the clip + min-max pass (clip_normalize_map or CBA's fused
+// cba_clip_normalize_map; MapStats4), and the constant-M_rep
 // path runs its class and output passes in SSE2 with the scalar code's exact operations.
 #pragma once
 
@@ -22,12 +23,6 @@
 #endif
 
 namespace diffcam {
-
-// sum4 sums (stats.hpp) and the float min / max of a map, handed from one pass to the next.
-struct MapStats4 {
-  double s[4];
-  float mn, mx;
-};
 
 struct DebiasInfo {
   double lam;
@@ -228,32 +223,27 @@ inline DebiasInfo causal_debiasing_map(const float* m, const float* rep, double 
   return {lam, 1};
 }
 
-// clip to [0, max(clip_max, 0)] then (M - min) / (max - min + eps), float64.  Clipping is
-// monotone, so the clipped min/max are the clipped float min/max (exact).  With st, also the
-// sum4 sums of the result (same order as sum4) and its float min / max: the map is monotone
-// nondecreasing, so they are the images of the input min / max.  SSE2: the same float64
-// operations (std::max(v, 0) == _mm_max_pd(0, v), std::min(u, h) == _mm_min_pd(h, u)).
-inline void clip_normalize_map(float* m, size_t n, double clip_max, double eps, MapStats4* st = nullptr) {
-  const double hi_clip = std::max(clip_max, 0.0);
+// clip to [0, max(clip_max, 0)] then (M - min) / (max - min + eps), float64 (ClipNorm,
+// stats.hpp).  With st, also the sum4 sums of the result (same order as sum4) and its float
+// min / max: the map is monotone nondecreasing, so they are the images of the input min / max.
+// known_mn / known_mx (optional, both or neither): the float min / max of m, already computed
+// by an earlier pass (the pipeline's DACG output pass), so no min / max pass here.
+inline void clip_normalize_map(float* m, size_t n, double clip_max, double eps, MapStats4* st = nullptr,
+                               const float* known_mn = nullptr, const float* known_mx = nullptr) {
   float fmin, fmax;
-  minmax_f(m, n, fmin, fmax);
-  const double lo = std::min(std::max(static_cast<double>(fmin), 0.0), hi_clip);
-  const double hi = std::min(std::max(static_cast<double>(fmax), 0.0), hi_clip);
-  const double den = hi - lo + eps;
-  auto f = [&](float x) {
-    const double v = std::min(std::max(static_cast<double>(x), 0.0), hi_clip);
-    return static_cast<float>((v - lo) / den);
-  };
+  if (known_mn && known_mx) {
+    fmin = *known_mn, fmax = *known_mx;
+  } else {
+    minmax_f(m, n, fmin, fmax);
+  }
+  const ClipNorm f(fmin, fmax, clip_max, eps);
   double s[4] = {0.0, 0.0, 0.0, 0.0};
   size_t i = 0;
 #if defined(__SSE2__)
   {
-    const __m128d z = _mm_setzero_pd(), vh = _mm_set1_pd(hi_clip), vlo = _mm_set1_pd(lo), vden = _mm_set1_pd(den);
     __m128d sa = _mm_setzero_pd(), sb = _mm_setzero_pd();
-    auto one = [&](__m128d x) { return _mm_cvtpd_ps(_mm_div_pd(_mm_sub_pd(_mm_min_pd(vh, _mm_max_pd(z, x)), vlo), vden)); };
     for (; i + 4 <= n; i += 4) {
-      const __m128 x = _mm_loadu_ps(m + i);
-      const __m128 y = _mm_movelh_ps(one(_mm_cvtps_pd(x)), one(_mm_cvtps_pd(_mm_movehl_ps(x, x))));
+      const __m128 y = f.sse4(_mm_loadu_ps(m + i));
       _mm_storeu_ps(m + i, y);
       sa = _mm_add_pd(sa, _mm_cvtps_pd(y));
       sb = _mm_add_pd(sb, _mm_cvtps_pd(_mm_movehl_ps(y, y)));

@@ -13,16 +13,22 @@
 
 namespace diffcam {
 
-inline int kernel_size_map(const float* m, int H, int W, const double* p) {
+// k from the map's population std sd (kernel_size_map; the pipeline passes the std it computed
+// in its first pass over the map, fused with the raw min / max).
+inline int kernel_size_from_std(int H, const double* p, double sd) {
   if (p[P::kernel_size] > 0) return static_cast<int>(p[P::kernel_size]);
   const double f_step = std::min(p[P::steps] / p[P::step_div], p[P::step_cap]);
-  const double sd = mean_std(m, static_cast<size_t>(H) * W).std;
   const double f_std = std::min(p[P::std_factor] * sd, p[P::std_cap]);
   const double f_size = std::min(static_cast<double>(H) / p[P::size_div], p[P::size_cap]);
   long k = static_cast<long>(p[P::k_base] * f_step * f_std * f_size);
   if (k % 2 == 0) k += 1;
   const long kmax = static_cast<long>(p[P::k_max]);
   return static_cast<int>(std::min(std::max(k, 3L), kmax));
+}
+
+inline int kernel_size_map(const float* m, int H, int W, const double* p) {
+  if (p[P::kernel_size] > 0) return static_cast<int>(p[P::kernel_size]);
+  return kernel_size_from_std(H, p, mean_std(m, static_cast<size_t>(H) * W).std);
 }
 
 }  // namespace diffcam

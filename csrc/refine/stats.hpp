@@ -124,6 +124,136 @@ inline size_t sum4_count_pos(const float* m, size_t n, double* s) {
   return np;
 }
 
+// sum4 (the same sums, the same order) and the exact float min / max, in one pass (n >= 1).
+inline void sum4_minmax(const float* m, size_t n, double* s, float& lo, float& hi) {
+  size_t i = 0;
+  const size_t n4 = n & ~static_cast<size_t>(3);
+  float l = m[0], h = m[0];
+#if defined(__SSE2__)
+  __m128d a = _mm_setzero_pd(), b = _mm_setzero_pd();
+  __m128 vl = _mm_set1_ps(m[0]), vh = vl;
+  for (; i < n4; i += 4) {
+    const __m128 x = _mm_loadu_ps(m + i);
+    a = _mm_add_pd(a, _mm_cvtps_pd(x));
+    b = _mm_add_pd(b, _mm_cvtps_pd(_mm_movehl_ps(x, x)));
+    vl = _mm_min_ps(vl, x), vh = _mm_max_ps(vh, x);
+  }
+  _mm_storeu_pd(s, a);
+  _mm_storeu_pd(s + 2, b);
+  alignas(16) float tl[4], th[4];
+  _mm_store_ps(tl, vl);
+  _mm_store_ps(th, vh);
+  l = std::min(std::min(tl[0], tl[1]), std::min(tl[2], tl[3]));
+  h = std::max(std::max(th[0], th[1]), std::max(th[2], th[3]));
+#else
+  s[0] = s[1] = s[2] = s[3] = 0.0;
+  for (; i < n4; i += 4)
+    for (int q = 0; q < 4; ++q) {
+      s[q] += m[i + q];
+      l = std::min(l, m[i + q]), h = std::max(h, m[i + q]);
+    }
+#endif
+  for (; i < n; ++i) {
+    s[0] += m[i];
+    l = std::min(l, m[i]), h = std::max(h, m[i]);
+  }
+  lo = l, hi = h;
+}
+
+// Count, float64 sum and float extremes of the positive pixels of a map (CBA's statistics; the
+// min / max of the whole map ride along for the normalisation).  The sum is two float64
+// accumulators, element i to ps[i & 1] in increasing i (the order of the SSE2 pairs of lanes).
+struct PosStats {
+  size_t np = 0;
+  double ps[2] = {0.0, 0.0};
+  float mn = INFINITY, mx = -INFINITY;
+  void add(size_t i, float x) {
+    np += x > 0.0f;
+    ps[i & 1] += x > 0.0f ? static_cast<double>(x) : 0.0;
+    mn = std::min(mn, x), mx = std::max(mx, x);
+  }
+#if defined(__SSE2__)
+  // 4 values at a multiple-of-4 index, accumulated into SSE2 registers (flush() folds them in)
+  __m128d vps = _mm_setzero_pd();
+  __m128i vnp = _mm_setzero_si128();
+  __m128 vmn = _mm_set1_ps(INFINITY), vmx = _mm_set1_ps(-INFINITY);
+  void add4(__m128 x) {
+    const __m128 pos = _mm_cmpgt_ps(x, _mm_setzero_ps());
+    const __m128 xp = _mm_and_ps(pos, x);  // x if positive else +0.0
+    vps = _mm_add_pd(vps, _mm_cvtps_pd(xp));
+    vps = _mm_add_pd(vps, _mm_cvtps_pd(_mm_movehl_ps(xp, xp)));
+    vnp = _mm_sub_epi32(vnp, _mm_castps_si128(pos));
+    vmn = _mm_min_ps(vmn, x), vmx = _mm_max_ps(vmx, x);
+  }
+  // call once, after the add4() calls and before the add() calls of the tail
+  void flush() {
+    alignas(16) double pd[2];
+    alignas(16) uint32_t pc[4];
+    alignas(16) float pl[4], ph[4];
+    _mm_store_pd(pd, vps);
+    _mm_store_si128(reinterpret_cast<__m128i*>(pc), vnp);
+    _mm_store_ps(pl, vmn);
+    _mm_store_ps(ph, vmx);
+    ps[0] = pd[0], ps[1] = pd[1];
+    np = static_cast<size_t>(pc[0]) + pc[1] + pc[2] + pc[3];
+    mn = std::min(std::min(pl[0], pl[1]), std::min(pl[2], pl[3]));
+    mx = std::max(std::max(ph[0], ph[1]), std::max(ph[2], ph[3]));
+  }
+#endif
+};
+
+// PosStats of m[0..n) in one pass.
+inline PosStats pos_stats(const float* m, size_t n) {
+  PosStats st;
+  size_t i = 0;
+#if defined(__SSE2__)
+  for (; i + 4 <= n; i += 4) st.add4(_mm_loadu_ps(m + i));
+  st.flush();
+#endif
+  for (; i < n; ++i) st.add(i, m[i]);
+  return st;
+}
+
+// sum4 sums of a map and its float min / max, handed from one pass to the next (SICD).
+struct MapStats4 {
+  double s[4];
+  float mn, mx;
+};
+
+// Clip to [0, max(clip_max, 0)] then (M - lo) / (hi - lo + eps) in float64, lo / hi the clipped
+// float min / max of the map (clipping is monotone: they are the clipped extremes).  One pixel:
+// operator(); 4 pixels: sse4() (the same float64 operations: std::max(v, 0) == _mm_max_pd(0, v),
+// std::min(u, h) == _mm_min_pd(h, u)).
+struct ClipNorm {
+  double hi_clip, lo, hi, den;
+  ClipNorm(float fmin, float fmax, double clip_max, double eps) {
+    hi_clip = std::max(clip_max, 0.0);
+    lo = std::min(std::max(static_cast<double>(fmin), 0.0), hi_clip);
+    hi = std::min(std::max(static_cast<double>(fmax), 0.0), hi_clip);
+    den = hi - lo + eps;
+  }
+  float operator()(float x) const {
+    const double v = std::min(std::max(static_cast<double>(x), 0.0), hi_clip);
+    return static_cast<float>((v - lo) / den);
+  }
+#if defined(__SSE2__)
+  __m128 sse4(__m128 x) const {
+    const __m128d z = _mm_setzero_pd(), vh = _mm_set1_pd(hi_clip), vlo = _mm_set1_pd(lo), vden = _mm_set1_pd(den);
+    auto one = [&](__m128d d) { return _mm_cvtpd_ps(_mm_div_pd(_mm_sub_pd(_mm_min_pd(vh, _mm_max_pd(z, d)), vlo), vden)); };
+    return _mm_movelh_ps(one(_mm_cvtps_pd(x)), one(_mm_cvtps_pd(_mm_movehl_ps(x, x))));
+  }
+#endif
+};
+
+// Select scratch carved from one float vector (no thread_local lookups in the hot path):
+// work = 10 n + 64 floats (select_ranks_f needs >= 5 (n + 8)), then n bytes of bucket indices.
+inline void select_scratch(std::vector<float>& buf, size_t n, float*& work, uint8_t*& bidx) {
+  const size_t nw = 10 * n + 64, need = nw + n / sizeof(float) + 1;
+  if (buf.size() < need) buf.resize(need);
+  work = buf.data();
+  bidx = reinterpret_cast<uint8_t*>(buf.data() + nw);
+}
+
 // The largest float f <= t (t a double): for every float v, (v > t) == (v > float_floor(t)),
 // so a float64 threshold can be applied with float compares (NaN stays NaN: both false).
 inline float float_floor(double t) {
@@ -178,20 +308,56 @@ inline double numpy_lerp(double a, double b, double t) {
 // b = min(floor((v - lo) * (T / (hi - lo))), T) in float32, T = nb - 1, nb = 16..256 buckets
 // (about 16 values each; monotone in v, so buckets are ordered and exact), a histogram in 4
 // tables, then per bucket holding requested ranks a gather (gather_bucket: 16 bucket indices
-// per SSE2 compare, only matches visited); buckets of <= 32 values are insertion-sorted, larger ones recurse (the
+// per SSE2 compare, only matches visited); buckets of <= kSmallSelect (48) values go to
+// small_select_f (rank counting, branch-free), larger ones recurse (the
 // bucket of lo and the bucket of hi differ, so every level shrinks the set; after 4 levels the
 // rest goes to std::nth_element).  Deterministic and exact; no allocation (work >= 5 (n + 8) floats,
 // bidx >= n bytes).
-inline void small_sort_f(float* a, size_t n) {
-  for (size_t i = 1; i < n; ++i) {
-    float v = a[i];
-    size_t j = i;
-    while (j > 0 && a[j - 1] > v) {
-      a[j] = a[j - 1];
-      --j;
-    }
-    a[j] = v;
+// Exact ranks of a small set by rank counting (no sort, no data-dependent branches):
+// lt[j] = #{i : v[i] < v[j]}; the r-th smallest is max{v[j] : lt[j] <= r} (s_r has lt <= r, and
+// any v[j] > s_r has lt >= r + 1).  O(n^2 / 4) compares; n <= kSmallSelect.  Finite (or +-inf)
+// values; the scalar loop computes the same counts and the same maxima.
+constexpr size_t kSmallSelect = 48;
+inline void small_select_f(const float* v, size_t n, const size_t* ranks, int nr, float* out) {
+  alignas(16) float t[kSmallSelect + 4];
+  alignas(16) int32_t lt[kSmallSelect + 4];
+  const size_t n4 = (n + 3) & ~static_cast<size_t>(3);
+  for (size_t i = 0; i < n; ++i) t[i] = v[i];
+  for (size_t i = n; i < n4; ++i) t[i] = INFINITY;  // padding: never < anything, never a candidate
+#if defined(__SSE2__)
+  __m128i c[kSmallSelect / 4 + 1];
+  for (size_t q = 0; q < n4 / 4; ++q) c[q] = _mm_setzero_si128();
+  for (size_t i = 0; i < n; ++i) {
+    const __m128 b = _mm_set1_ps(t[i]);
+    for (size_t q = 0; q < n4 / 4; ++q)
+      c[q] = _mm_sub_epi32(c[q], _mm_castps_si128(_mm_cmplt_ps(b, _mm_load_ps(t + 4 * q))));
   }
+  for (size_t q = 0; q < n4 / 4; ++q) _mm_store_si128(reinterpret_cast<__m128i*>(lt + 4 * q), c[q]);
+  for (size_t j = n; j < n4; ++j) lt[j] = static_cast<int32_t>(n);  // padding lanes: rank n
+  for (int k = 0; k < nr; ++k) {
+    const __m128i r = _mm_set1_epi32(static_cast<int32_t>(ranks[k]));
+    __m128 best = _mm_set1_ps(-INFINITY);
+    for (size_t q = 0; q < n4 / 4; ++q) {
+      const __m128 ok = _mm_castsi128_ps(_mm_cmpgt_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(lt + 4 * q)), r));
+      best = _mm_max_ps(best, _mm_or_ps(_mm_and_ps(ok, _mm_set1_ps(-INFINITY)), _mm_andnot_ps(ok, _mm_load_ps(t + 4 * q))));
+    }
+    alignas(16) float b4[4];
+    _mm_store_ps(b4, best);
+    out[k] = std::max(std::max(b4[0], b4[1]), std::max(b4[2], b4[3]));
+  }
+#else
+  for (size_t j = 0; j < n; ++j) {
+    int32_t cnt = 0;
+    for (size_t i = 0; i < n; ++i) cnt += t[i] < t[j];
+    lt[j] = cnt;
+  }
+  for (int k = 0; k < nr; ++k) {
+    float best = -INFINITY;
+    for (size_t j = 0; j < n; ++j)
+      if (static_cast<size_t>(lt[j]) <= ranks[k]) best = std::max(best, t[j]);
+    out[k] = best;
+  }
+#endif
 }
 
 // w[0..m) = the v[t] with bidx[t] == b, in increasing t; returns m.  SSE2: 16 bucket indices
@@ -220,11 +386,8 @@ inline size_t gather_bucket(const float* v, const uint8_t* bidx, size_t n, uint8
 inline void select_ranks_f(const float* v, size_t n, const size_t* ranks, int nr, float* out,
                            float* work, uint8_t* bidx, int depth = 0) {
   if (nr == 0) return;
-  if (n <= 32) {
-    float t[32];
-    for (size_t i = 0; i < n; ++i) t[i] = v[i];
-    small_sort_f(t, n);
-    for (int j = 0; j < nr; ++j) out[j] = t[ranks[j]];
+  if (n <= kSmallSelect) {
+    small_select_f(v, n, ranks, nr, out);
     return;
   }
   if (depth >= 4) {  // pathological spreads: finish with nth_element (exact)
