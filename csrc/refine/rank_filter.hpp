@@ -107,7 +107,10 @@ void rank_rows_fixed(const float* pad, int stride, float* out, int W, int y0, in
         vs[u] = v;
       }
       V res[U];
-      for (int u = 0; u < U; u += 2) O::template finish_k<N, 2>(vs + u, res + u);
+      if constexpr (K == 3)
+        O::template finish_k<N, U>(vs, res);  // the float32 finish: all U blocks interleaved
+      else
+        for (int u = 0; u < U; u += 2) O::template finish_k<N, 2>(vs + u, res + u);
       float* o = out + static_cast<size_t>(y) * W + x;
       for (int u = 0; u < U - 1; ++u) O::store(o + u * L, res[u]);
       if (x + U * L <= W) {

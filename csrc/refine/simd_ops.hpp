@@ -164,8 +164,129 @@ struct OpsAVX2 {
   // finish_k) everything unrolls and, for U = 1..2, the live values fit the 16 ymm registers.
   template <int N, int U>
   static inline void finish_k(const V* const* vs, V* out) {
-    finish_n<U, N>(vs, N, out);
+    if constexpr (N == 9)
+      finish9<U>(vs, out);
+    else
+      finish_n<U, N>(vs, N, out);
   }
+
+  // exp(-x) for x in [0, 44] in float32 (the caller clamps x and masks the weights of larger
+  // x), max error ~1 ulp: -x = n ln2 + r, |r| <= ln2/2 (Cody-Waite two-part ln2), Cephes' expf
+  // polynomial e^r = 1 + r + r^2 P(r) (degree 5), scale by 2^n (n in [-64, 0], so 2^n and the
+  // result stay normal) through the exponent bits.
+  static inline __m256 exp_neg_ps(__m256 x) {
+    const __m256 magic = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23
+    const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(-1.44269504088896341f), magic);
+    const __m256 nf = _mm256_sub_ps(t, magic);
+    __m256 r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(0.693359375f), _mm256_sub_ps(_mm256_setzero_ps(), x));
+    r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500e-4f), r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
+    p = _mm256_add_ps(p, _mm256_set1_ps(1.0f));
+    const __m256i ni = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(magic));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  }
+
+  // Lane-wise a = mu^2 / (2 var) of one block of 9 sorted values in float64 (mean and variance
+  // too): the rare lanes whose float32 mean or variance could overflow or lose precision.
+  __attribute__((noinline, cold)) static __m256 a9_double(const V* v) {
+    __m256d a[2];
+    for (int h = 0; h < 2; ++h) {
+      __m256d x[9];
+      for (int i = 0; i < 9; ++i)
+        x[i] = _mm256_cvtps_pd(h ? _mm256_extractf128_ps(v[i], 1) : _mm256_castps256_ps128(v[i]));
+      __m256d s = x[0];
+      for (int i = 1; i < 9; ++i) s = _mm256_add_pd(s, x[i]);
+      const __m256d m = _mm256_div_pd(s, _mm256_set1_pd(9.0));
+      __m256d q = _mm256_setzero_pd();
+      for (int i = 0; i < 9; ++i) {
+        const __m256d d = _mm256_sub_pd(x[i], m);
+        q = _mm256_fmadd_pd(d, d, q);
+      }
+      a[h] = _mm256_div_pd(_mm256_mul_pd(_mm256_mul_pd(m, m), _mm256_set1_pd(4.5)), q);
+    }
+    return _mm256_set_m128(_mm256_cvtpd_ps(a[1]), _mm256_cvtpd_ps(a[0]));
+  }
+
+  // finish() for k = 3 (9 values, centre c = 4, d = 1..4) entirely in float32, all 8 lanes at
+  // once: mu and S = sum (v - mu)^2 as in finish_n, a = 4.5 mu^2 / S (= mu^2 / (2 var)), and
+  // the four weights g_d = exp(-a d^2) as four separate float exponentials (no recurrence or
+  // powers of one exponential, whose relative error would grow with d^2); g_d = 0 where
+  // a d^2 > 44 (g < 8e-20: dropped, as in finish_n; also a = +inf for s = 0 and a = NaN) so
+  // no weight is ever denormal.  Lanes with mu > 0 outside [2^-50, 2^60] or with S not finite
+  // (mu^2 or (v - mu)^2 could overflow, or lose precision near the underflow) take a from
+  // a9_double instead (per lane, so the result is a function of the window alone).
+  template <int U>
+  static inline void finish9(const V* const* vs, V* out) {
+    const __m256 zero = _mm256_setzero_ps();
+    __m256 mu[U], a[U];
+    for (int u = 0; u < U; ++u) {
+      const V* v = vs[u];
+      const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(v[0], v[4]), v[8]), _mm256_add_ps(v[1], v[5]));
+      const __m256 t = _mm256_add_ps(_mm256_add_ps(v[2], v[6]), _mm256_add_ps(v[3], v[7]));
+      mu[u] = _mm256_mul_ps(_mm256_add_ps(s, t), _mm256_set1_ps(1.0f / 9.0f));
+    }
+    {
+      __m256 allnp = _mm256_cmp_ps(mu[0], zero, _CMP_LE_OQ);
+      for (int u = 1; u < U; ++u) allnp = _mm256_and_ps(allnp, _mm256_cmp_ps(mu[u], zero, _CMP_LE_OQ));
+      if (_mm256_movemask_ps(allnp) == 0xFF) {
+        for (int u = 0; u < U; ++u) out[u] = zero;
+        return;
+      }
+    }
+    for (int u = 0; u < U; ++u) {
+      const V* v = vs[u];
+      __m256 q[4];
+      for (int j = 0; j < 4; ++j) {
+        const __m256 d0 = _mm256_sub_ps(v[j], mu[u]);
+        q[j] = _mm256_mul_ps(d0, d0);
+      }
+      for (int j = 0; j < 4; ++j) {
+        const __m256 d0 = _mm256_sub_ps(v[4 + j], mu[u]);
+        q[j] = _mm256_fmadd_ps(d0, d0, q[j]);
+      }
+      {
+        const __m256 d0 = _mm256_sub_ps(v[8], mu[u]);
+        q[0] = _mm256_fmadd_ps(d0, d0, q[0]);
+      }
+      const __m256 S = _mm256_add_ps(_mm256_add_ps(q[0], q[1]), _mm256_add_ps(q[2], q[3]));
+      a[u] = _mm256_div_ps(_mm256_mul_ps(_mm256_mul_ps(mu[u], mu[u]), _mm256_set1_ps(4.5f)), S);
+      const __m256 ok = _mm256_and_ps(
+          _mm256_and_ps(_mm256_cmp_ps(mu[u], _mm256_set1_ps(0x1p-50f), _CMP_GE_OQ),
+                        _mm256_cmp_ps(mu[u], _mm256_set1_ps(0x1p60f), _CMP_LE_OQ)),
+          _mm256_cmp_ps(S, _mm256_set1_ps(3.0e38f), _CMP_LE_OQ));
+      const __m256 bad = _mm256_andnot_ps(ok, _mm256_cmp_ps(mu[u], zero, _CMP_GT_OQ));
+      if (__builtin_expect(_mm256_movemask_ps(bad) != 0, 0)) a[u] = _mm256_blendv_ps(a[u], a9_double(v), bad);
+    }
+    const __m256 xmax = _mm256_set1_ps(44.0f);
+    for (int u = 0; u < U; ++u) {
+      const V* v = vs[u];
+      const __m256 x1 = a[u];
+      const __m256 x2 = _mm256_mul_ps(a[u], _mm256_set1_ps(4.0f));
+      const __m256 x3 = _mm256_mul_ps(a[u], _mm256_set1_ps(9.0f));
+      const __m256 x4 = _mm256_mul_ps(a[u], _mm256_set1_ps(16.0f));
+      // x <= 44 is false for NaN: those weights are 0 too; min() maps NaN to 44 (its second
+      // operand), so the exponential never sees NaN or x > 44.
+      auto w = [&](__m256 x) {
+        return _mm256_and_ps(_mm256_cmp_ps(x, xmax, _CMP_LE_OQ), exp_neg_ps(_mm256_min_ps(x, xmax)));
+      };
+      const __m256 g1 = w(x1), g2 = w(x2), g3 = w(x3), g4 = w(x4);
+      __m256 acc0 = _mm256_fmadd_ps(g1, _mm256_add_ps(v[3], v[5]), v[4]);
+      __m256 acc1 = _mm256_mul_ps(g2, _mm256_add_ps(v[2], v[6]));
+      acc0 = _mm256_fmadd_ps(g3, _mm256_add_ps(v[1], v[7]), acc0);
+      acc1 = _mm256_fmadd_ps(g4, _mm256_add_ps(v[0], v[8]), acc1);
+      const __m256 gs = _mm256_add_ps(_mm256_add_ps(g1, g2), _mm256_add_ps(g3, g4));
+      const __m256 den = _mm256_fmadd_ps(_mm256_set1_ps(2.0f), gs, _mm256_set1_ps(1.0f));
+      const __m256 o = _mm256_div_ps(_mm256_add_ps(acc0, acc1), den);
+      out[u] = _mm256_blendv_ps(o, zero, _mm256_cmp_ps(mu[u], zero, _CMP_LE_OQ));
+    }
+  }
+
 
   template <int U, int NC>
   static inline void finish_n(const V* const* vs, int n_rt, V* out) {
