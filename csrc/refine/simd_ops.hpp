@@ -225,6 +225,7 @@ struct OpsAVX2 {
   static inline void finish9(const V* const* vs, V* out) {
     const __m256 zero = _mm256_setzero_ps();
     __m256 mu[U], a[U];
+#pragma GCC unroll 8
     for (int u = 0; u < U; ++u) {
       const V* v = vs[u];
       const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(v[0], v[4]), v[8]), _mm256_add_ps(v[1], v[5]));
@@ -239,6 +240,7 @@ struct OpsAVX2 {
         return;
       }
     }
+#pragma GCC unroll 8
     for (int u = 0; u < U; ++u) {
       const V* v = vs[u];
       __m256 q[4];
@@ -264,6 +266,7 @@ struct OpsAVX2 {
       if (__builtin_expect(_mm256_movemask_ps(bad) != 0, 0)) a[u] = _mm256_blendv_ps(a[u], a9_double(v), bad);
     }
     const __m256 xmax = _mm256_set1_ps(44.0f);
+#pragma GCC unroll 8
     for (int u = 0; u < U; ++u) {
       const V* v = vs[u];
       const __m256 x1 = a[u];
