@@ -19,7 +19,11 @@
 // O(H W k^2 log^2(k^2) / L); rows are independent, so a big map is split over threads in
 // dynamic bands of 16 rows (always starting at an even row, so the row pairs are the same for
 // any thread count; the banding is the same for 1 thread) and results never depend on the split.  finish() is the compile-time-N
-// finish_k of the policy for k = 3..11.
+// finish_k of the policy for k = 3..11; k = 3 finishes its U = 4 blocks of L pixels in one
+// call (with AVX2 that is the all-float32 finish9, see simd_ops.hpp).  (Sorting each 3-value
+// column once per row and merging three sorted columns per window, 19 instead of 28
+// compare-exchanges per L pixels, was tried for k = 3 and gained only 1-3 %: the k = 3 rows are
+// not bound by the network, so it was left out.)
 #pragma once
 
 #include <algorithm>
@@ -107,7 +111,10 @@ void rank_rows_fixed(const float* pad, int stride, float* out, int W, int y0, in
         vs[u] = v;
       }
       V res[U];
-      for (int u = 0; u < U; u += 2) O::template finish_k<N, 2>(vs + u, res + u);
+      if constexpr (K == 3)
+        O::template finish_k<N, U>(vs, res);  // the float32 finish: all U blocks interleaved
+      else
+        for (int u = 0; u < U; u += 2) O::template finish_k<N, 2>(vs + u, res + u);
       float* o = out + static_cast<size_t>(y) * W + x;
       for (int u = 0; u < U - 1; ++u) O::store(o + u * L, res[u]);
       if (x + U * L <= W) {

@@ -15,6 +15,15 @@
 // variance, exponential and weights are skipped).  finish_u<U> does U blocks at once (interleaved
 // latency chains; the fixed-k rows use U = 2).  Cost per pixel: the network (k^2 log^2 k^2
 // compare-exchanges / L) plus O(k^2) adds and O(effective weight support) multiplies.
+// Exception, AVX2 with k = 3 (n = 9, d = 1..4, the common case): finish9 stays in float32 for
+// all 8 lanes (no float64 conversions): a in float32 (float64 only for lanes whose mean or
+// variance could overflow or underflow), two float32 exponentials e^{-a}, e^{-4a} (exp2-based,
+// <= 1.2 ulp for a d^2 < 1, 1.8 ulp below 5, growing as (a d^2) 2^-24 beyond, where the weight
+// is small: absolute error <= 6.5e-8) and e^{-9a} = e^{-a} (e^{-4a})^2,
+// e^{-16a} = (e^{-4a})^4 (~4-6 ulp where they matter), every weight with a d^2 > 44 set
+// to 0 (never denormal); 4 blocks at once.  The scalar policy keeps the float64 finish for
+// every k (so its k = 3 outputs may differ from AVX2's in the last bits; both are within the
+// tests' tolerance of the float64 reference).
 #pragma once
 
 #include <cmath>
@@ -160,11 +169,152 @@ struct OpsAVX2 {
   // The weights of U blocks of L pixels (one window per lane, values sorted): the float32
   // two-pass mean / var with 4 partial sums, a and q = exp(-a) in float64, the float64 weight
   // recurrence, the symmetric sum into 2 float32 accumulators, the d loop in steps of 4 with
-  // the early exit between steps.  With the window size NC known at compile time (k = 3..11:
+  // the early exit between steps.  With the window size NC known at compile time (k = 5..11:
   // finish_k) everything unrolls and, for U = 1..2, the live values fit the 16 ymm registers.
+  // k = 3 (N = 9) takes the all-float32 finish9 instead.
   template <int N, int U>
   static inline void finish_k(const V* const* vs, V* out) {
-    finish_n<U, N>(vs, N, out);
+    if constexpr (N == 9)
+      finish9<U>(vs, out);
+    else
+      finish_n<U, N>(vs, N, out);
+  }
+
+  // exp(-x) for x in [0, 44] in float32 (the caller clamps x and masks the weights of larger
+  // x): exp(-x) = 2^t, t = -x log2(e) = n + f, n = round(t) (in [-64, 0], so 2^n and
+  // the result stay normal), f = fma(-x, log2 e, -n) in [-1/2, 1/2], 2^f by a degree-6
+  // polynomial (a Chebyshev fit, relative error 8e-8), scaled by 2^n through the exponent bits.
+  // The rounding of x log2(e) adds up to ~x * 2^-24 relative (the same order as the rounding
+  // of x = a d^2 itself): measured against exp() in float64, max 1.13 ulp for x < 1, 1.74 for
+  // x < 5, 4.9 for x < 20, 10.3 up to 44; absolute error <= 6.5e-8 everywhere (Cephes' expf
+  // with a Cody-Waite reduction: 1.0 ulp, but 5 more operations, ~8 % of the k = 3 filter).
+  static inline __m256 exp_neg_ps(__m256 x) {
+    const __m256 magic = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23
+    const __m256 nl2e = _mm256_set1_ps(-1.44269504088896341f);
+    const __m256 t = _mm256_fmadd_ps(x, nl2e, magic);
+    const __m256 nf = _mm256_sub_ps(t, magic);
+    const __m256 f = _mm256_fmsub_ps(x, nl2e, nf);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(0.00015337577497120947f), f, _mm256_set1_ps(0.0013399859890341759f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.009618519805371761f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.05550329014658928f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.24022646248340607f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.6931471824645996f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i ni = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(magic));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  }
+
+  // Lane-wise a = mu^2 / (2 var) of one block of 9 sorted values in float64 (mean and variance
+  // too): the rare lanes whose float32 mean or variance could overflow or lose precision.
+  __attribute__((noinline, cold)) static __m256 a9_double(const V* v) {
+    __m256d a[2];
+    for (int h = 0; h < 2; ++h) {
+      __m256d x[9];
+      for (int i = 0; i < 9; ++i)
+        x[i] = _mm256_cvtps_pd(h ? _mm256_extractf128_ps(v[i], 1) : _mm256_castps256_ps128(v[i]));
+      __m256d s = x[0];
+      for (int i = 1; i < 9; ++i) s = _mm256_add_pd(s, x[i]);
+      const __m256d m = _mm256_div_pd(s, _mm256_set1_pd(9.0));
+      __m256d q = _mm256_setzero_pd();
+      for (int i = 0; i < 9; ++i) {
+        const __m256d d = _mm256_sub_pd(x[i], m);
+        q = _mm256_fmadd_pd(d, d, q);
+      }
+      a[h] = _mm256_div_pd(_mm256_mul_pd(_mm256_mul_pd(m, m), _mm256_set1_pd(4.5)), q);
+    }
+    return _mm256_set_m128(_mm256_cvtpd_ps(a[1]), _mm256_cvtpd_ps(a[0]));
+  }
+
+  // finish() for k = 3 (9 sorted values, centre c = 4, d = 1..4) entirely in float32, all 8
+  // lanes at once, U blocks interleaved: mu (the partial sums of finish_n, times 1/9) and
+  // S = sum (v - mu)^2, a = 4.5 mu^2 / S (= mu^2 / (2 var); +inf for s = 0), then
+  // g_1 = exp(-a) and g_2 = exp(-4a) by exp_neg_ps, g_3 = g_1 g_2^2, g_4 = (g_2^2)^2.  Each
+  // g_d is 0 where a d^2 > 44 (g_d < 8e-20, dropped as in finish_n; also for a = +inf or NaN),
+  // and the factors of a product are masked by the product's cutoff before multiplying, so no
+  // weight (nor a product of weights) is ever denormal.  Lanes with mu > 0 outside
+  // [2^-50, 2^60] or a non-finite S (mu^2 or (v - mu)^2 could overflow, or lose precision near
+  // the underflow) take a from a9_double (float64 mean and variance), per lane, so every output
+  // is a function of its window alone.  Measured against the float64 reference: <= 2.7 * 2^-24 of the window's
+  // largest magnitude for a in [1e-4, 50] and window magnitudes 1e-36 .. 1e30 (the backend
+  // tests allow 1e-6 of the map's maximum; test_rank_filter_lanes.py holds this path to 5 * 2^-24
+  // per window).  Inputs are assumed below ~FLT_MAX / 9 in magnitude (the float32 sums overflow
+  // beyond; finish_n has the same limit).
+  template <int U>
+  static inline void finish9(const V* const* vs, V* out) {
+    const __m256 zero = _mm256_setzero_ps();
+    __m256 mu[U], a[U];
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      const V* v = vs[u];
+      const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(v[0], v[4]), v[8]), _mm256_add_ps(v[1], v[5]));
+      const __m256 t = _mm256_add_ps(_mm256_add_ps(v[2], v[6]), _mm256_add_ps(v[3], v[7]));
+      mu[u] = _mm256_mul_ps(_mm256_add_ps(s, t), _mm256_set1_ps(1.0f / 9.0f));
+    }
+    {
+      __m256 allnp = _mm256_cmp_ps(mu[0], zero, _CMP_LE_OQ);
+      for (int u = 1; u < U; ++u) allnp = _mm256_and_ps(allnp, _mm256_cmp_ps(mu[u], zero, _CMP_LE_OQ));
+      if (_mm256_movemask_ps(allnp) == 0xFF) {
+        for (int u = 0; u < U; ++u) out[u] = zero;
+        return;
+      }
+    }
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      const V* v = vs[u];
+      __m256 q[4];
+      for (int j = 0; j < 4; ++j) {
+        const __m256 d0 = _mm256_sub_ps(v[j], mu[u]);
+        q[j] = _mm256_mul_ps(d0, d0);
+      }
+      for (int j = 0; j < 4; ++j) {
+        const __m256 d0 = _mm256_sub_ps(v[4 + j], mu[u]);
+        q[j] = _mm256_fmadd_ps(d0, d0, q[j]);
+      }
+      {
+        const __m256 d0 = _mm256_sub_ps(v[8], mu[u]);
+        q[0] = _mm256_fmadd_ps(d0, d0, q[0]);
+      }
+      const __m256 S = _mm256_add_ps(_mm256_add_ps(q[0], q[1]), _mm256_add_ps(q[2], q[3]));
+      a[u] = _mm256_div_ps(_mm256_mul_ps(_mm256_mul_ps(mu[u], mu[u]), _mm256_set1_ps(4.5f)), S);
+      const __m256 ok = _mm256_and_ps(
+          _mm256_and_ps(_mm256_cmp_ps(mu[u], _mm256_set1_ps(0x1p-50f), _CMP_GE_OQ),
+                        _mm256_cmp_ps(mu[u], _mm256_set1_ps(0x1p60f), _CMP_LE_OQ)),
+          _mm256_cmp_ps(S, _mm256_set1_ps(3.0e38f), _CMP_LE_OQ));
+      const __m256 bad = _mm256_andnot_ps(ok, _mm256_cmp_ps(mu[u], zero, _CMP_GT_OQ));
+      if (__builtin_expect(_mm256_movemask_ps(bad) != 0, 0)) a[u] = _mm256_blendv_ps(a[u], a9_double(v), bad);
+    }
+    const __m256 xmax = _mm256_set1_ps(44.0f);
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      const V* v = vs[u];
+      const __m256 x1 = a[u];
+      const __m256 x2 = _mm256_mul_ps(a[u], _mm256_set1_ps(4.0f));
+      const __m256 x3 = _mm256_mul_ps(a[u], _mm256_set1_ps(9.0f));
+      const __m256 x4 = _mm256_mul_ps(a[u], _mm256_set1_ps(16.0f));
+      // x <= 44 is false for NaN: those weights are 0 too; min() maps NaN to 44 (its second
+      // operand), so the exponential never sees NaN or x > 44.
+      auto w = [&](__m256 x) {
+        return _mm256_and_ps(_mm256_cmp_ps(x, xmax, _CMP_LE_OQ), exp_neg_ps(_mm256_min_ps(x, xmax)));
+      };
+      // Two exponentials: g_1 = e^{-a}, g_2 = e^{-4a}; g_3 = g_1 g_2^2, g_4 = (g_2^2)^2 (relative
+      // error ~4 ulp on g_3, g_4, instead of ~16 ulp for powers of one e^{-a}).  The factors of
+      // g_3, g_4 are masked by their own cutoff first (9a, 16a <= 44), so no product is denormal.
+      const __m256 g1 = w(x1), g2 = w(x2);
+      const __m256 g2a = _mm256_and_ps(g2, _mm256_cmp_ps(x3, xmax, _CMP_LE_OQ));
+      const __m256 g2b = _mm256_and_ps(g2, _mm256_cmp_ps(x4, xmax, _CMP_LE_OQ));
+      const __m256 g3 = _mm256_mul_ps(_mm256_mul_ps(g1, g2a), g2a);
+      const __m256 h = _mm256_mul_ps(g2b, g2b);
+      const __m256 g4 = _mm256_mul_ps(h, h);
+      __m256 acc0 = _mm256_fmadd_ps(g1, _mm256_add_ps(v[3], v[5]), v[4]);
+      __m256 acc1 = _mm256_mul_ps(g2, _mm256_add_ps(v[2], v[6]));
+      acc0 = _mm256_fmadd_ps(g3, _mm256_add_ps(v[1], v[7]), acc0);
+      acc1 = _mm256_fmadd_ps(g4, _mm256_add_ps(v[0], v[8]), acc1);
+      const __m256 gs = _mm256_add_ps(_mm256_add_ps(g1, g2), _mm256_add_ps(g3, g4));
+      const __m256 den = _mm256_fmadd_ps(_mm256_set1_ps(2.0f), gs, _mm256_set1_ps(1.0f));
+      const __m256 o = _mm256_div_ps(_mm256_add_ps(acc0, acc1), den);
+      out[u] = _mm256_blendv_ps(o, zero, _mm256_cmp_ps(mu[u], zero, _CMP_LE_OQ));
+    }
   }
 
   template <int U, int NC>

@@ -1,4 +1,5 @@
-"""Rank filter: adversarial lane mixes for the compile-time finish (issue 2 performance work).
+"""Rank filter: adversarial lane mixes for the compile-time finish (issue 2 performance work),
+and the float32 k = 3 finish of the AVX2 path (windows around its cutoffs and magnitude bounds).
 
 One 8-pixel vector can hold windows with very different sigma_r: near-constant windows
 (a = 1 / (2 sigma_r^2) huge: the weight recurrence would underflow into denormals, so a > 44
@@ -12,6 +13,7 @@ import pytest
 
 from diffcam.refine import reference as ref
 
+from ..conftest import backend_or_skip
 from .mapgen import make_map
 from .test_backends import assert_maps, uses_threads
 
@@ -83,3 +85,124 @@ def test_big_map_bands_and_zero_areas(fast_backend, k, rng):
     assert_maps(got, ref.rank_gaussian_filter(m, ks), m)
     for t in (2, 3):
         np.testing.assert_array_equal(got, fast_backend.rank_gaussian_filter(m, ks, threads=t))
+
+
+# --------------------------------------------------------------------------- k = 3, AVX2
+# The all-float32 finish of k = 3 (finish9 in csrc/refine/simd_ops.hpp): a = mu^2 / (2 s^2) in
+# float32 (float64 only for lanes whose mean is outside [2^-50, 2^60] or whose sum of squares is
+# not finite), g_1 = e^{-a}, g_2 = e^{-4a} by a float32 exponential, g_3 = g_1 g_2^2,
+# g_4 = (g_2^2)^2, g_d = 0 where a d^2 > 44.  These tests put windows on every side of those
+# cutoffs and use a tolerance per window (relative to the largest magnitude of that 3 x 3 map),
+# tighter than the 1e-6 of the map maximum above: measured, the path stays within 2.5 * 2^-24.
+# The magnitude tests need the AVX2 path (the scalar policy keeps its float32 variance, which
+# overflows for windows above ~1e19).
+
+ULP = 2.0 ** -24
+TOL = 5 * ULP                      # per 3 x 3 map, times its largest magnitude
+CUTS = (44 / 16, 44 / 9, 44 / 4, 44.0)  # a at which g_4, g_3, g_2, g_1 drop to 0
+
+
+@pytest.fixture
+def native():
+    mod = backend_or_skip("native")
+    if mod.simd() != "avx2":
+        pytest.skip("the float32 k = 3 finish is the AVX2 path")
+    return mod
+
+
+def _windows(rng, a, scale):
+    """One 3 x 3 map per a: 9 values with mean `scale`, population std scale / sqrt(2 a)
+    (so the centre pixel's window, the whole map, has exactly that a), in float32."""
+    n = len(a)
+    z = rng.standard_normal((n, 9))
+    z[::3] = rng.exponential(1.0, (len(z[::3]), 9)) ** 3   # skewed windows too
+    z -= z.mean(1, keepdims=True)
+    z /= z.std(1, keepdims=True)
+    s = 1.0 / np.sqrt(2.0 * a)
+    return ((1.0 + s[:, None] * z) * scale).astype(np.float32).reshape(n, 3, 3)
+
+
+def _a_grid():
+    around = np.concatenate([c * (1 + np.linspace(-2e-3, 2e-3, 41)) for c in CUTS])
+    return np.concatenate([np.geomspace(1e-6, 1e3, 400), around, [1e-12, 1e6, 1e12]])
+
+
+def _check_per_map(got, want, maps, tol=TOL):
+    scale = np.abs(maps.astype(np.float64)).reshape(len(maps), -1).max(1)
+    err = np.abs(got.astype(np.float64) - want).reshape(len(maps), -1).max(1)
+    bad = err > tol * scale + 2.0 ** -149
+    assert not bad.any(), (f"{bad.sum()} maps off; worst relative error "
+                           f"{np.max(err / np.maximum(scale, 1e-300)):.3g}")
+
+
+# window magnitudes: float32's range, and both sides of the float64 fallback's bounds
+SCALES = [1e-36, 1e-20, 2.0 ** -50 * 0.9, 2.0 ** -50 * 1.1, 1e-6, 1.0, 1e12,
+          2.0 ** 60 * 0.9, 2.0 ** 60 * 1.1, 1e20, 1e30]
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_k3_prescribed_a(native, scale, rng):
+    a = _a_grid()
+    m = _windows(rng, a, scale)
+    keep = (m.astype(np.float64).reshape(len(m), -1).mean(1) > 0) & np.isfinite(m).reshape(len(m), -1).all(1)
+    m = m[keep]
+    ks = np.full(len(m), 3, np.int32)
+    _check_per_map(native.rank_gaussian_filter(m, ks, threads=1), ref.rank_gaussian_filter(m, ks), m)
+
+
+def _window_max(m):
+    p = np.pad(np.abs(m.astype(np.float64)), 1, mode="reflect")
+    h, w = m.shape
+    return np.max([p[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], axis=0)
+
+
+def test_k3_fallback_lanes_mixed_with_fast_lanes(native, rng):
+    # Columns of very different magnitude, so one 8-pixel vector mixes lanes that take the
+    # float64 a (mean outside [2^-50, 2^60]) with float32 ones; each output is checked against
+    # its own window's magnitude.
+    h, w = 29, 61
+    col_scale = np.array([1.0, 1e-30, 1e25, 2.0 ** -50, 2.0 ** 60, 1e-12, 1e19])[np.arange(w) % 7]
+    base = 1.0 + rng.choice([0.02, 0.3, 2.0], (h, w)) * rng.standard_normal((h, w))
+    m = (np.abs(base) * col_scale[None, :]).astype(np.float32)
+    m[5:9, :] = 0.0                                   # zero windows and mu <= 0 lanes
+    m[12, ::3] *= -1.0
+    got = native.rank_gaussian_filter(m[None], np.array([3], np.int32), threads=1)[0]
+    want = ref.rank_gaussian_filter(m[None], np.array([3], np.int32))[0]
+    err = np.abs(got.astype(np.float64) - want)
+    assert np.all(err <= TOL * _window_max(m) + 2.0 ** -149), float(np.max(err / _window_max(m)))
+
+
+def test_k3_special_windows(native, rng):
+    maps = []
+    maps.append(np.zeros((9, 11)))                                  # all +0.0: 0
+    maps.append(np.full((9, 11), 0.375))                            # constant: its value
+    maps.append(0.375 + 1e-7 * rng.standard_normal((9, 11)))        # near-constant: a ~ 1e12
+    maps.append(-rng.random((9, 11)))                               # mu < 0: 0
+    d = rng.random((9, 11)) * 1e-39                                 # denormal inputs
+    maps.append(d)
+    mixed = d.copy()
+    mixed[::2, ::3] = 0.5
+    maps.append(mixed)
+    lv = rng.integers(0, 2, (9, 11)) * 1e30                         # S = inf in float32
+    maps.append(lv)
+    m = np.stack(maps).astype(np.float32)
+    m[2, 4, 4] = -0.0
+    ks = np.full(len(m), 3, np.int32)
+    got = native.rank_gaussian_filter(m, ks, threads=1)
+    _check_per_map(got, ref.rank_gaussian_filter(m, ks), m)
+    assert np.all(got[0] == 0.0) and np.all(got[3] == 0.0)
+    assert np.all(got[1] == np.float32(0.375))
+    assert np.isfinite(got).all()
+
+
+def test_k3_native_row_blocks_and_threads(native, rng):
+    # 301 x 129 x 9 >= 2^18 and H >= 64: the banded path; U = 4 blocks plus single tails.
+    m = rng.random((301, 129)) ** 3
+    m[40:90, 10:50] = 0.0
+    m[100:110] = 0.7 + 1e-5 * rng.random((10, 129))
+    m = m.astype(np.float32)[None]
+    ks = np.array([3], np.int32)
+    got = native.rank_gaussian_filter(m, ks, threads=1)
+    _check_per_map(got, ref.rank_gaussian_filter(m, ks), m, tol=1e-6)
+    for t in (2, 3):
+        np.testing.assert_array_equal(got, native.rank_gaussian_filter(m, ks, threads=t))
