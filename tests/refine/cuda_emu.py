@@ -12,7 +12,8 @@ The module is built once per source state into a cache folder (``DIFFCAM_EMU_CAC
 system temporary directory) and reused.  ``DIFFCAM_EMU_CXXFLAGS`` adds compiler flags, e.g.
 ``-fsanitize=address`` for an AddressSanitizer build that finds out-of-bounds accesses of the
 kernels in the NumPy buffers standing in for device memory (run Python with
-``LD_PRELOAD=$(c++ -print-file-name=libasan.so)``).
+``LD_PRELOAD="$(c++ -print-file-name=libasan.so) $(c++ -print-file-name=libstdc++.so)"``;
+see ``preload``).
 """
 
 from __future__ import annotations
@@ -161,6 +162,17 @@ def libasan():
 def libtsan():
     """Path of the compiler's ThreadSanitizer runtime (to LD_PRELOAD), or None."""
     return _runtime("libtsan.so")
+
+
+def preload(runtime: str) -> str:
+    """LD_PRELOAD for a sanitizer runtime: the runtime, then the compiler's libstdc++.
+
+    A sanitizer preloaded into a Python that has not loaded libstdc++ yet finds no real
+    ``__cxa_throw`` to forward its interceptor to, and the first C++ exception (a kernel's
+    ValueError for a bad argument) aborts the process with "CHECK failed ... real___cxa_throw";
+    loading libstdc++ right behind the runtime gives it one."""
+    cxx = _runtime("libstdc++.so")
+    return f"{runtime} {cxx}" if cxx else runtime
 
 
 def load():

@@ -380,7 +380,7 @@ def test_kernels_under_address_sanitizer(cuda_emu_ext):
     if lib is None:
         pytest.skip("the compiler has no AddressSanitizer runtime")
     env = dict(os.environ, DIFFCAM_EMU_CXXFLAGS=" ".join(cuda_emu.ASAN_FLAGS),
-               LD_PRELOAD=lib, ASAN_OPTIONS="detect_leaks=0")
+               LD_PRELOAD=cuda_emu.preload(lib), ASAN_OPTIONS="detect_leaks=0")
     res = subprocess.run(
         [sys.executable, "-P", "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__,
          "-k", "(emu or every_size) and not sanitize and not address_sanitizer"],
@@ -406,7 +406,8 @@ def test_kernels_under_thread_sanitizer(cuda_emu_ext):
     if lib is None:
         pytest.skip("the compiler has no ThreadSanitizer runtime")
     script = _sanitize_script()
-    env = dict(os.environ, DIFFCAM_EMU_CXXFLAGS=" ".join(cuda_emu.TSAN_FLAGS), LD_PRELOAD=lib,
+    env = dict(os.environ, DIFFCAM_EMU_CXXFLAGS=" ".join(cuda_emu.TSAN_FLAGS),
+               LD_PRELOAD=cuda_emu.preload(lib),
                TSAN_OPTIONS="halt_on_error=1 report_signal_unsafe=0")
     res = subprocess.run([sys.executable, "-P", str(script), "--emulate", "--quick"],
                          capture_output=True, text=True, timeout=1200, env=env)

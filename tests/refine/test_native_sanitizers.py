@@ -60,7 +60,7 @@ def test_native_kernels_under_sanitizer(tmp_path, sanitizer):
                     ignore=shutil.ignore_patterns("weights", "*.so", "*.pyd", "__pycache__"))
     shutil.copy2(core, pkg / core.name)
     root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, PYTHONPATH=str(tmp_path), LD_PRELOAD=lib,
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), LD_PRELOAD=cuda_emu.preload(lib),
                DIFFCAM_REQUIRE_BACKENDS="native", **{opt_var: opts})
     env.pop("DIFFCAM_DISABLE_EXTENSIONS", None)
     res = subprocess.run(
