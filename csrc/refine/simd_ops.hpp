@@ -3,9 +3,10 @@
 //
 // Each policy provides load/store, the compare-exchange ce(a, b) used by the sorting networks,
 // and finish(v, n): given the n sorted window values of L pixels (one pixel per lane) it
-// computes the window mean and population std (two-pass, float32 with 4 partial sums), the
-// per-pixel rank weights g_d = exp(-a d^2), a = mu^2 / (2 s^2) = 1 / (2 sigma_r^2), with ONE
-// double-precision exponential per pixel (q = exp(-a)) and the recurrence
+// computes the window mean and population std (two-pass, float32 with 4 partial sums; see
+// "Magnitudes" below), the per-pixel rank weights g_d = exp(-a d^2),
+// a = mu^2 / (2 s^2) = 1 / (2 sigma_r^2), with ONE double-precision exponential per pixel
+// (q = exp(-a)) and the recurrence
 // g_{d+1} = g_d * r_d, r_{d+1} = r_d * q^2 (r_0 = q), in float64 so that no error accumulates
 // over up to 480 ranks, and the symmetric weighted sum
 // (v_c + sum_d g_d (v_{c-d} + v_{c+d})) / (1 + 2 sum_d g_d).  The loop over d stops once every
@@ -15,17 +16,32 @@
 // variance, exponential and weights are skipped).  finish_u<U> does U blocks at once (interleaved
 // latency chains; the fixed-k rows use U = 2).  Cost per pixel: the network (k^2 log^2 k^2
 // compare-exchanges / L) plus O(k^2) adds and O(effective weight support) multiplies.
+// Magnitudes: float32 squared deviations underflow for windows below ~1e-19 and overflow above
+// ~1e19 (their sum of n terms already from ~sqrt(FLT_MAX / n): ~2e18 at k = 31), which made a
+// wrong (errors up to 20 % of the map's maximum).  So a lane whose mean is in (0, 2^-50) (or
+// NaN), or whose float32 sum of squared deviations S is not finite, gets a from a float64 mean
+// and variance of its own window (a_double).  From mu >= 2^-50 on, the float32 S is accurate
+// wherever a matters: a <= 44 means s >= mu / 9.4, so S >= n 2^-106.4, far above the denormal
+// range (for a > 44 only the centre weight is kept, and an underflowed S only makes a larger);
+// mu^2 and a are float64, so only S can overflow, and it is tested itself (mu does not bound
+// the window's spread).  In finish_n the test is 5 vector ops per block and one movemask branch
+// per call; a call with such a lane re-runs out of line (finish_n_fix, cold), where only those
+// lanes take the float64 a: every output depends on its own window alone (not on the other
+// lanes of its vector, nor on the thread split).  The scalar finish tests the same bounds per
+// window.  Inputs are assumed below ~FLT_MAX / n in magnitude (the float32 weighted sums).
 // Exception, AVX2 with k = 3 (n = 9, d = 1..4, the common case): finish9 stays in float32 for
 // all 8 lanes (no float64 conversions): a in float32 (float64 only for lanes whose mean or
 // variance could overflow or underflow), two float32 exponentials e^{-a}, e^{-4a} (exp2-based,
 // <= 1.2 ulp for a d^2 < 1, 1.8 ulp below 5, growing as (a d^2) 2^-24 beyond, where the weight
 // is small: absolute error <= 6.5e-8) and e^{-9a} = e^{-a} (e^{-4a})^2,
 // e^{-16a} = (e^{-4a})^4 (~4-6 ulp where they matter), every weight with a d^2 > 44 set
-// to 0 (never denormal); 4 blocks at once.  The scalar policy keeps the float64 finish for
-// every k (so its k = 3 outputs may differ from AVX2's in the last bits; both are within the
-// tests' tolerance of the float64 reference).
+// to 0 (never denormal); 4 blocks at once; its own magnitude fallback (a9_double: mean outside
+// [2^-50, 2^60] or S not finite, a being float32 there).  The scalar policy keeps the float64
+// finish for every k (so its k = 3 outputs may differ from AVX2's in the last bits; both are
+// within the tests' tolerance of the float64 reference).
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -61,6 +77,16 @@ struct OpsScalar {
     a = lo;
     b = hi;
   }
+  // a = mu^2 / (2 var) of one window of n values with the mean and the variance in float64
+  // (+inf for var = 0): the rare windows whose float32 statistics could be wrong.
+  __attribute__((noinline, cold)) static double a_double(const V* v, int n) {
+    double s = 0.0;
+    for (int i = 0; i < n; ++i) s += v[i];
+    const double m = s / n;
+    double q = 0.0;
+    for (int i = 0; i < n; ++i) q += (v[i] - m) * (v[i] - m);
+    return (m * m) * (0.5 * n) / q;
+  }
   static inline V finish(const V* v, int n) {
     const int c = (n - 1) / 2;
     float s4[4] = {0.f, 0.f, 0.f, 0.f};
@@ -71,10 +97,15 @@ struct OpsScalar {
       float d = v[i] - mu;
       q4[i & 3] += d * d;
     }
-    const float var = ((q4[0] + q4[1]) + (q4[2] + q4[3])) / static_cast<float>(n);
+    const float S = (q4[0] + q4[1]) + (q4[2] + q4[3]);
+    const float var = S / static_cast<float>(n);
     if (!(mu > 0.f)) return 0.f;
     const double mud = mu, vard = var;
-    const double a = (mud * mud) / (2.0 * vard);  // +inf when var == 0
+    // mu < 2^-50 or S not finite: the float32 squares may have underflowed or overflowed (see
+    // the header); this window's a from its float64 mean and variance instead (rare).
+    const double a = __builtin_expect(mu >= 0x1p-50f && S <= FLT_MAX, 1)
+                         ? (mud * mud) / (2.0 * vard)  // +inf when var == 0
+                         : a_double(v, n);
     const double q = std::exp(-a), q2 = q * q;
     double g = 1.0, r = q, wsum = 0.0;
     float acc = v[c];
@@ -317,12 +348,43 @@ struct OpsAVX2 {
     }
   }
 
+  // a = mu^2 / (2 var) of the 8 windows of one block of n sorted values, the mean and the
+  // variance in float64 (lanes 0-3 in lo, 4-7 in hi; +inf or NaN for var = 0): the rare lanes
+  // of finish_n whose float32 statistics could be wrong.
+  struct A2 {
+    __m256d lo, hi;
+  };
+  __attribute__((noinline, cold)) static A2 a_double(const V* v, int n) {
+    __m256d a[2];
+    const __m256d fn = _mm256_set1_pd(n);
+    for (int h = 0; h < 2; ++h) {
+      auto x = [&](int i) { return _mm256_cvtps_pd(h ? _mm256_extractf128_ps(v[i], 1) : _mm256_castps256_ps128(v[i])); };
+      __m256d s = _mm256_setzero_pd();
+      for (int i = 0; i < n; ++i) s = _mm256_add_pd(s, x(i));
+      const __m256d m = _mm256_div_pd(s, fn);
+      __m256d q = _mm256_setzero_pd();
+      for (int i = 0; i < n; ++i) {
+        const __m256d d = _mm256_sub_pd(x(i), m);
+        q = _mm256_fmadd_pd(d, d, q);
+      }
+      a[h] = _mm256_div_pd(_mm256_mul_pd(_mm256_mul_pd(m, m), _mm256_mul_pd(fn, _mm256_set1_pd(0.5))), q);
+    }
+    return A2{a[0], a[1]};
+  }
+
+  // The rare path of finish_n (some lane needs the float64 a): the same block again, out of
+  // line, so the fast path holds no call and no extra live values.
   template <int U, int NC>
+  __attribute__((noinline, cold)) static void finish_n_fix(const V* const* vs, int n_rt, V* out) {
+    finish_n<U, NC, true>(vs, n_rt, out);
+  }
+
+  template <int U, int NC, bool Fix = false>
   static inline void finish_n(const V* const* vs, int n_rt, V* out) {
     const int N = NC > 0 ? NC : n_rt;  // NC > 0: the size is a compile-time constant
     const int C = (N - 1) / 2;
     const __m256 fn = _mm256_set1_ps(static_cast<float>(N));
-    __m256 mu[U], var[U];
+    __m256 mu[U], var[U], fine[U];
     for (int u = 0; u < U; ++u) {
       const V* v = vs[u];
       __m256 s[4] = {v[0], v[1], v[2], v[3]};
@@ -357,7 +419,21 @@ struct OpsAVX2 {
         __m256 d0 = _mm256_sub_ps(v[i], mu[u]);
         s[0] = _mm256_fmadd_ps(d0, d0, s[0]);
       }
-      var[u] = _mm256_div_ps(_mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3])), fn);
+      const __m256 S = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3]));
+      var[u] = _mm256_div_ps(S, fn);
+      // A lane is fine when mu <= 0 (output 0) or mu >= 2^-50 with S finite (see the header);
+      // the others (mean tiny or NaN, squares overflowed) need a from a_double.
+      fine[u] = _mm256_or_ps(_mm256_and_ps(_mm256_cmp_ps(mu[u], _mm256_set1_ps(0x1p-50f), _CMP_GE_OQ),
+                                           _mm256_cmp_ps(S, _mm256_set1_ps(FLT_MAX), _CMP_LE_OQ)),
+                             _mm256_cmp_ps(mu[u], _mm256_setzero_ps(), _CMP_LE_OQ));
+    }
+    if constexpr (!Fix) {
+      __m256 all = fine[0];
+      for (int u = 1; u < U; ++u) all = _mm256_and_ps(all, fine[u]);
+      if (__builtin_expect(_mm256_movemask_ps(all) != 0xFF, 0)) {
+        finish_n_fix<U, NC>(vs, n_rt, out);
+        return;
+      }
     }
     const __m256d zero = _mm256_setzero_pd();
     const __m256d dinf = _mm256_set1_pd(INFINITY), amax = _mm256_set1_pd(44.0);
@@ -369,6 +445,15 @@ struct OpsAVX2 {
       const __m256d vhi = _mm256_cvtps_pd(_mm256_extractf128_ps(var[u], 1));
       __m256d alo = _mm256_div_pd(_mm256_mul_pd(mlo, mlo), _mm256_add_pd(vlo, vlo));
       __m256d ahi = _mm256_div_pd(_mm256_mul_pd(mhi, mhi), _mm256_add_pd(vhi, vhi));
+      if constexpr (Fix) {
+        if (_mm256_movemask_ps(fine[u]) != 0xFF) {
+          // the lanes that are not fine take a from float64 statistics of their own window
+          const A2 f = a_double(vs[u], N);
+          const __m256i b = _mm256_castps_si256(fine[u]);
+          alo = _mm256_blendv_pd(f.lo, alo, _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(b))));
+          ahi = _mm256_blendv_pd(f.hi, ahi, _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(b, 1))));
+        }
+      }
       alo = _mm256_blendv_pd(dinf, alo, _mm256_cmp_pd(alo, alo, _CMP_ORD_Q));
       ahi = _mm256_blendv_pd(dinf, ahi, _mm256_cmp_pd(ahi, ahi, _CMP_ORD_Q));
       // a > 44: every weight but the centre's is below 1e-19 (dropped, like the early exit

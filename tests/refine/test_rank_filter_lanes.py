@@ -94,8 +94,8 @@ def test_big_map_bands_and_zero_areas(fast_backend, k, rng):
 # g_4 = (g_2^2)^2, g_d = 0 where a d^2 > 44.  These tests put windows on every side of those
 # cutoffs and use a tolerance per window (relative to the largest magnitude of that 3 x 3 map),
 # tighter than the 1e-6 of the map maximum above: measured, the path stays within 2.5 * 2^-24.
-# The magnitude tests need the AVX2 path (the scalar policy keeps its float32 variance, which
-# overflows for windows above ~1e19).
+# These tests need the AVX2 path: finish9 is AVX2 only (the scalar policy's k = 3 is its float64
+# finish, with the magnitude fallback tested at k >= 5 below, held to the backends' 1e-6).
 
 ULP = 2.0 ** -24
 TOL = 5 * ULP                      # per 3 x 3 map, times its largest magnitude
@@ -206,3 +206,99 @@ def test_k3_native_row_blocks_and_threads(native, rng):
     _check_per_map(got, ref.rank_gaussian_filter(m, ks), m, tol=1e-6)
     for t in (2, 3):
         np.testing.assert_array_equal(got, native.rank_gaussian_filter(m, ks, threads=t))
+
+
+# --------------------------------------------------------------------------- k >= 5, magnitudes
+# The float32 mean and variance of finish_n (AVX2, k = 5..31) and OpsScalar::finish (every k
+# without AVX2): a lane whose mean is below 2^-50 (squared deviations may underflow) or whose
+# sum of n squared deviations is not finite (overflow: for k = 31 already at window magnitudes
+# ~2e18, where each square still fits) takes a = mu^2 / (2 s^2) from float64 statistics of its
+# own window.  Before that fix the outputs were off by up to 20 % of the map's maximum at 1e20
+# and 6 % at 1e-25.  Both policies run these tests (the scalar one on CPUs without AVX2).
+
+KN = [5, 7, 9, 11, 13, 31]
+TOL_N = 4e-7   # per map (or window), times its largest magnitude; measured <= 1.4e-7 (AVX2), 1.9e-7 (scalar)
+# both sides of 2^-50 (mean) and of the overflow of the sum of squares (k = 31: ~2e18; k = 5:
+# ~1e19), float32's range at both ends
+SCALES_N = [1e-36, 1e-30, 1e-20, 2.0 ** -50 * 0.9, 2.0 ** -50 * 1.1, 1e-6, 1.0, 1e12, 1e18,
+            3e18, 1e19, 1e20, 1e30]
+
+
+@pytest.fixture
+def native_any():
+    return backend_or_skip("native")
+
+
+def _magnitude_batch(rng, k, scale):
+    # odd heights (row pairs plus a single last row) and widths that end in a partial vector
+    h, w = (29, 37) if k <= 13 else (33, 41)
+    maps = [rng.random((h, w)),                                    # mean 0.5, wide weights
+            rng.random((h, w)) ** 3,                               # skewed
+            1.0 + 0.02 * rng.standard_normal((h, w)),              # narrow weights (a ~ 1e3)
+            make_map(rng, h, w, "sparse").astype(np.float64),      # zeros, ties
+            0.2 + rng.standard_normal((h, w))]                     # negative values, mu of both signs
+    maps[1][h // 3: h // 2] = 0.75                                 # constant windows: s = 0
+    m = np.stack(maps) / np.abs(np.stack(maps)).reshape(len(maps), -1).max(1)[:, None, None]
+    return (m * scale).astype(np.float32)
+
+
+def _check_maps(got, want, maps, tol):
+    scale = np.abs(maps.astype(np.float64)).reshape(len(maps), -1).max(1)
+    err = np.abs(got.astype(np.float64) - want).reshape(len(maps), -1).max(1)
+    assert np.isfinite(got).all()
+    assert np.all(err <= tol * scale + 2.0 ** -149), f"relative errors per map {err / scale}"
+
+
+@pytest.mark.parametrize("k", KN)
+@pytest.mark.parametrize("scale", SCALES_N)
+def test_kn_magnitudes(native_any, k, scale, rng):
+    m = _magnitude_batch(rng, k, scale)
+    ks = np.full(len(m), k, np.int32)
+    _check_maps(native_any.rank_gaussian_filter(m, ks, threads=1), ref.rank_gaussian_filter(m, ks), m, TOL_N)
+
+
+def _window_max_k(m, k):
+    r = k // 2
+    p = np.pad(np.abs(m.astype(np.float64)), r, mode="reflect")    # reflect-101, as the filter
+    return np.lib.stride_tricks.sliding_window_view(p, (k, k)).max(axis=(-2, -1))
+
+
+def _mixed_magnitudes(rng, k, h, w):
+    # Column blocks of k + 1 at 1, 1e-30 (mean below 2^-50: float64 a) and 1e25 (squares
+    # overflow: float64 a), so every 8-pixel vector holds windows inside one block and windows
+    # that straddle two (dominated by the larger one: float32 a), side by side; zero rows
+    # (mu = 0), a negative row (mu < 0) and a constant row (s = 0) cut through all of them.
+    block = np.arange(w) // (k + 1) % 3
+    col_scale = np.array([1.0, 1e-30, 1e25])[block]
+    base = 1.0 + rng.choice([0.02, 0.3, 2.0], (h, w)) * rng.standard_normal((h, w))
+    m = np.abs(base)
+    m[h // 4: h // 4 + 2] = 0.0
+    m[h // 2] *= -1.0
+    m[h // 2 + 3: h // 2 + k + 4] = 0.6
+    return (m * col_scale[None, :]).astype(np.float32)
+
+
+@pytest.mark.parametrize("k", KN)
+def test_kn_fallback_lanes_mixed_with_fast_lanes(native_any, k, rng):
+    h, w = (2 * k + 9, 6 * (k + 1) + 5)                 # odd: row pairs and a single last row
+    m = _mixed_magnitudes(rng, k, h, w)
+    ks = np.array([k], np.int32)
+    got = native_any.rank_gaussian_filter(m[None], ks, threads=1)[0]
+    want = ref.rank_gaussian_filter(m[None], ks)[0]
+    assert np.isfinite(got).all()
+    wmax = _window_max_k(m, k)
+    err = np.abs(got.astype(np.float64) - want)
+    assert np.all(err <= TOL_N * wmax + 2.0 ** -149), float(np.max(err / np.maximum(wmax, 1e-300)))
+
+
+@pytest.mark.parametrize("k", [5, 11, 13])
+def test_kn_magnitudes_bands_and_threads(native_any, k, rng):
+    # the banded big-map path (h w k^2 >= 2^18, h >= 64) with fallback lanes: per-window result,
+    # the same for any thread count
+    m = _mixed_magnitudes(rng, k, 71, 131)[None]
+    ks = np.array([k], np.int32)
+    got = native_any.rank_gaussian_filter(m, ks, threads=1)
+    err = np.abs(got[0].astype(np.float64) - ref.rank_gaussian_filter(m, ks)[0])
+    assert np.all(err <= TOL_N * _window_max_k(m[0], k) + 2.0 ** -149)
+    for t in (2, 3):
+        np.testing.assert_array_equal(got, native_any.rank_gaussian_filter(m, ks, threads=t))
