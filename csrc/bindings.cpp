@@ -349,19 +349,20 @@ PYBIND11_MODULE(_core, m) {
           if (!ok) return py::none();
         }
         auto out = new_array<float>({N, mp.H, mp.W});
-        py::array_t<int32_t> ka, ba;
-        py::array_t<double> ta, tba, la;
-        py::array_t<uint8_t> aa;
+        // null handles until needed (a default-constructed py::array_t allocates an empty array)
+        py::object ka, ba, ta, tba, la, aa;
         int32_t *k_ = nullptr, *b_ = nullptr;
         double *t_ = nullptr, *tb_ = nullptr, *l_ = nullptr;
         uint8_t* a_ = nullptr;
         if (info) {
-          ka = new_array<int32_t>({N}), ba = new_array<int32_t>({N});
-          ta = new_array<double>({N}), tba = new_array<double>({N}), la = new_array<double>({N});
-          aa = new_array<uint8_t>({N});
-          k_ = ka.mutable_data(), b_ = ba.mutable_data();
-          t_ = ta.mutable_data(), tb_ = tba.mutable_data(), l_ = la.mutable_data();
-          a_ = aa.mutable_data();
+          auto k = new_array<int32_t>({N}), b = new_array<int32_t>({N});
+          auto t = new_array<double>({N}), tb = new_array<double>({N}), l = new_array<double>({N});
+          auto a = new_array<uint8_t>({N});
+          k_ = k.mutable_data(), b_ = b.mutable_data();
+          t_ = t.mutable_data(), tb_ = tb.mutable_data(), l_ = l.mutable_data();
+          a_ = a.mutable_data();
+          ka = std::move(k), ba = std::move(b), ta = std::move(t), tba = std::move(tb), la = std::move(l);
+          aa = std::move(a);
         }
         float* o = out.mutable_data();
         {
