@@ -141,30 +141,8 @@ inline void cba_clip_normalize_map(const float* m, float* out, size_t n, const C
   }
   const float fmin = cba(mn), fmax = cba(mx);
   const ClipNorm f(fmin, fmax, clip_max, eps);
-  double s[4] = {0.0, 0.0, 0.0, 0.0};
-  size_t i = 0;
-#if defined(__SSE2__)
-  {
-    __m128d sa = _mm_setzero_pd(), sb = _mm_setzero_pd();
-    for (; i + 4 <= n; i += 4) {
-      const __m128 y = f.sse4(cba.sse4(_mm_loadu_ps(m + i)));
-      _mm_storeu_ps(out + i, y);
-      sa = _mm_add_pd(sa, _mm_cvtps_pd(y));
-      sb = _mm_add_pd(sb, _mm_cvtps_pd(_mm_movehl_ps(y, y)));
-    }
-    _mm_storeu_pd(s, sa);
-    _mm_storeu_pd(s + 2, sb);
-  }
-#endif
-  for (; i + 4 <= n; i += 4)
-    for (int l = 0; l < 4; ++l) {
-      out[i + l] = f(cba(m[i + l]));
-      s[l] += out[i + l];
-    }
-  for (; i < n; ++i) {
-    out[i] = f(cba(m[i]));
-    s[0] += out[i];
-  }
+  double s[4];
+  apply_sum4(m, out, n, Then<CbaOp, ClipNorm>{cba, f}, s);
   if (st) {
     for (int l = 0; l < 4; ++l) st->s[l] = s[l];
     st->mn = f(fmin), st->mx = f(fmax);

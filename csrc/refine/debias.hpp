@@ -223,6 +223,49 @@ inline DebiasInfo causal_debiasing_map(const float* m, const float* rep, double 
   return {lam, 1};
 }
 
+// out[i] = op(m[i]) for i < n (out may alias m), and s[0..4) = the sum4 sums (stats.hpp order)
+// of the results in one pass.  op: a per-pixel functor with float operator()(float) and, with
+// SSE2, __m128 sse4(__m128) doing the same float operations on 4 pixels (ClipNorm, CbaOp, or
+// Then<A, B>).
+template <class Op>
+inline void apply_sum4(const float* m, float* out, size_t n, const Op& op, double* s) {
+  s[0] = s[1] = s[2] = s[3] = 0.0;
+  size_t i = 0;
+#if defined(__SSE2__)
+  {
+    __m128d sa = _mm_setzero_pd(), sb = _mm_setzero_pd();
+    for (; i + 4 <= n; i += 4) {
+      const __m128 y = op.sse4(_mm_loadu_ps(m + i));
+      _mm_storeu_ps(out + i, y);
+      sa = _mm_add_pd(sa, _mm_cvtps_pd(y));
+      sb = _mm_add_pd(sb, _mm_cvtps_pd(_mm_movehl_ps(y, y)));
+    }
+    _mm_storeu_pd(s, sa);
+    _mm_storeu_pd(s + 2, sb);
+  }
+#endif
+  for (; i + 4 <= n; i += 4)
+    for (int l = 0; l < 4; ++l) {
+      out[i + l] = op(m[i + l]);
+      s[l] += out[i + l];
+    }
+  for (; i < n; ++i) {
+    out[i] = op(m[i]);
+    s[0] += out[i];
+  }
+}
+
+// b(a(x)): two per-pixel functors applied one after the other (apply_sum4's op).
+template <class A, class B>
+struct Then {
+  const A& a;
+  const B& b;
+  float operator()(float x) const { return b(a(x)); }
+#if defined(__SSE2__)
+  __m128 sse4(__m128 x) const { return b.sse4(a.sse4(x)); }
+#endif
+};
+
 // clip to [0, max(clip_max, 0)] then (M - min) / (max - min + eps), float64 (ClipNorm,
 // stats.hpp).  With st, also the sum4 sums of the result (same order as sum4) and its float
 // min / max: the map is monotone nondecreasing, so they are the images of the input min / max.
@@ -237,30 +280,8 @@ inline void clip_normalize_map(float* m, size_t n, double clip_max, double eps, 
     minmax_f(m, n, fmin, fmax);
   }
   const ClipNorm f(fmin, fmax, clip_max, eps);
-  double s[4] = {0.0, 0.0, 0.0, 0.0};
-  size_t i = 0;
-#if defined(__SSE2__)
-  {
-    __m128d sa = _mm_setzero_pd(), sb = _mm_setzero_pd();
-    for (; i + 4 <= n; i += 4) {
-      const __m128 y = f.sse4(_mm_loadu_ps(m + i));
-      _mm_storeu_ps(m + i, y);
-      sa = _mm_add_pd(sa, _mm_cvtps_pd(y));
-      sb = _mm_add_pd(sb, _mm_cvtps_pd(_mm_movehl_ps(y, y)));
-    }
-    _mm_storeu_pd(s, sa);
-    _mm_storeu_pd(s + 2, sb);
-  }
-#endif
-  for (; i + 4 <= n; i += 4)
-    for (int l = 0; l < 4; ++l) {
-      m[i + l] = f(m[i + l]);
-      s[l] += m[i + l];
-    }
-  for (; i < n; ++i) {
-    m[i] = f(m[i]);
-    s[0] += m[i];
-  }
+  double s[4];
+  apply_sum4(m, m, n, f, s);
   if (st) {
     for (int l = 0; l < 4; ++l) st->s[l] = s[l];
     st->mn = f(fmin), st->mx = f(fmax);
