@@ -488,7 +488,8 @@ def test_default_call_shortcut_equals_the_general_path(monkeypatch):
     taken.clear()
     np.testing.assert_allclose(diffcam.refine(m), diffcam.refine(m, backend="numpy"), atol=0)
     assert taken == [False]
-    for env in (" Native ", "auto", ""):              # the automatic choice, or native named
+    # the automatic choice, or native named (an error of the general path when it is disabled)
+    for env in ((" Native ",) if native else ()) + ("auto", ""):
         monkeypatch.setenv("DIFFCAM_BACKEND", env)
         taken.clear()
         np.testing.assert_array_equal(diffcam.refine(m), diffcam.refine(m, RefineConfig.paper()))
