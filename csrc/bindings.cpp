@@ -256,8 +256,11 @@ PYBIND11_MODULE(_core, m) {
                                 {mp.N, mp.H, mp.W});
       rp = static_cast<const float*>(keep1.data());
     }
-    keep2 = as_checked<double>(rep_const, "rep_const", 1, "a C-contiguous float64 array of shape (N,)", {mp.N});
-    rc = static_cast<const double*>(keep2.data());
+    rc = nullptr;  // rep_const None: all zeros
+    if (!rep_const.is_none()) {
+      keep2 = as_checked<double>(rep_const, "rep_const", 1, "None or a C-contiguous float64 array of shape (N,)", {mp.N});
+      rc = static_cast<const double*>(keep2.data());
+    }
   };
 
   m.def(
@@ -281,7 +284,7 @@ PYBIND11_MODULE(_core, m) {
           parallel_for(mp.N, batch_threads(threads, mp.N, n), [&](long b, long e, int) {
             std::vector<double> d;
             for (long i = b; i < e; ++i) {
-              DebiasInfo di = causal_debiasing_map(mp.ptr + i * n, rp ? rp + i * n : nullptr, rc[i], o + i * n, n, p, d);
+              DebiasInfo di = causal_debiasing_map(mp.ptr + i * n, rp ? rp + i * n : nullptr, rc ? rc[i] : 0.0, o + i * n, n, p, d);
               l_[i] = di.lam;
               a_[i] = di.applied;
             }
@@ -294,7 +297,7 @@ PYBIND11_MODULE(_core, m) {
 
   // refine(maps, rep, rep_const, params, threads=0, info=True, max_value=None) (positional or
   // keyword: pybind11 matches keywords by name, about 1 us a call, so the API passes them by position);
-  // rep_const may be None (all zeros).  info=False returns only the refined maps (no per-map
+  // rep_const may be None (all zeros, as for causal_debiasing).  info=False returns only the refined maps (no per-map
   // arrays: the API's calls without return_info).  max_value: first check in one pass that every
   // value is finite, >= 0 and <= max_value * (1 + 1e-6) (the API's as_batch rule) and return
   // None, without refining, when one is not (the caller then takes its validating path).
@@ -303,18 +306,10 @@ PYBIND11_MODULE(_core, m) {
       [check_rep](py::object maps, py::object rep, py::object rep_const, py::object params, int threads,
                   bool info, py::object max_value) -> py::object {
         Maps mp = check_maps(maps);
-        const float* rp = nullptr;
-        const double* rc = nullptr;
+        const float* rp;
+        const double* rc;
         py::array k1, k2;
-        if (rep_const.is_none()) {
-          if (!rep.is_none()) {
-            k1 = as_checked<float>(rep, "rep", 3, "None or a C-contiguous float32 array of the maps' shape (N, H, W)",
-                                   {mp.N, mp.H, mp.W});
-            rp = static_cast<const float*>(k1.data());
-          }
-        } else {
-          check_rep(mp, rep, rep_const, rp, rc, k1, k2);
-        }
+        check_rep(mp, rep, rep_const, rp, rc, k1, k2);
         const double* p = check_params(params);
         if (p[P::kernel_size] > 0) {
           int k = static_cast<int>(p[P::kernel_size]);

@@ -512,3 +512,13 @@ def test_float_dtypes_round_trip():
             np.testing.assert_array_equal(
                 got, diffcam.refine(x.astype(np.float32)).astype(back))
     np.testing.assert_array_equal(diffcam.refine(m32.astype(np.float64)), want.astype(np.float64))
+
+
+def test_native_causal_debiasing_rep_const_none():
+    """The native causal_debiasing takes rep_const=None as zeros, like refine."""
+    core = _native_core()
+    maps = make_batch(np.random.default_rng(6), 4, 12, 9)
+    p = RefineConfig.paper().to_params()
+    for a, b in zip(core.causal_debiasing(maps, None, None, p),
+                    core.causal_debiasing(maps, None, np.zeros(4), p)):
+        np.testing.assert_array_equal(a, b)

@@ -46,11 +46,9 @@ inline RefineInfo refine_map(const float* in, const float* rep, double rep_const
       minmax_f(in, n, raw_min, raw_max);
       info.k = static_cast<int>(p[P::kernel_size]);
     } else {  // one pass: the raw extremes and the sums of the mean (mean_std's order)
-      double s[4], q[4];
+      double s[4];
       sum4_minmax(in, n, s, raw_min, raw_max);
-      const double mu = ((s[0] + s[1]) + (s[2] + s[3])) / static_cast<double>(n);
-      moments4(in, n, mu, q, nullptr);
-      info.k = kernel_size_from_std(H, p, std::sqrt(((q[0] + q[1]) + (q[2] + q[3])) / static_cast<double>(n)));
+      info.k = kernel_size_from_std(H, p, mean_std_from_sums(in, n, s).std);
     }
     rank_filter_map(in, ws.a.data(), H, W, info.k, ws.pad, filter_threads,
                     [](long nn, int t, auto&& fn) { parallel_for(nn, t, fn); });

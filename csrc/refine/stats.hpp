@@ -262,12 +262,18 @@ inline float float_floor(double t) {
   return f;
 }
 
-inline MeanStd mean_std(const float* m, size_t n) {
-  double s[4], q[4];
-  sum4(m, n, s);
+// mean and population std of m[0..n) given its sum4 sums s (the second pass: the moments).
+inline MeanStd mean_std_from_sums(const float* m, size_t n, const double* s) {
+  double q[4];
   const double mu = ((s[0] + s[1]) + (s[2] + s[3])) / static_cast<double>(n);
   moments4(m, n, mu, q, nullptr);
   return {mu, std::sqrt(((q[0] + q[1]) + (q[2] + q[3])) / static_cast<double>(n))};
+}
+
+inline MeanStd mean_std(const float* m, size_t n) {
+  double s[4];
+  sum4(m, n, s);
+  return mean_std_from_sums(m, n, s);
 }
 
 // Exact float min and max of m[0..n) (n >= 1); order-free, so the SSE path equals the scalar one.
