@@ -599,8 +599,10 @@ def run_family(family: str, a, device, dtype, layout: dict, cuda: bool, log) -> 
             ex = Explainer(ad, layer=layer_, backward_chunk=chunk, fast_backward=fast)
 
             def run():
+                # interference=None: the targets are defined for the 16 maps alone (the
+                # default also computes SICD's interference maps, one backward vector each)
                 return ex.explain(image, prompt, answer=answer, targets=targets,
-                                  aggregate_only=agg, method=method)
+                                  aggregate_only=agg, method=method, interference=None)
 
             def on_out(exp):
                 d = _map_info(exp)

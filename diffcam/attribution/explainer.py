@@ -41,7 +41,7 @@ from . import fastvjp
 from .gradcam import grad_cam
 from .hooks import BlockHook
 from .images import is_image_like, load_image
-from .targets import group_words, resolve_targets
+from .targets import MAX_PADDING_MAPS, group_words, interference_tokens, resolve_targets
 
 __all__ = ["Explainer", "EmptyAnswerError", "SCORES", "METHODS"]
 
@@ -119,6 +119,9 @@ class Explainer:
                       no threshold)
     tam_kernel        the rank Gaussian filter's window of ``method="tam"`` (default 3, odd,
                       3 to 31; None: no filter)
+    max_padding_maps  at most this many padding positions (EOS after the answer) get an
+                      interference map for SICD (default 8, evenly spaced; 0: none; see
+                      ``explain(interference=...)``)
 
     >>> from diffcam.testing import tiny_llava_anyres
     >>> ex = Explainer(tiny_llava_anyres(seed=0), backward_chunk=4)
@@ -137,7 +140,8 @@ class Explainer:
                  backward_chunk: Optional[int] = None,
                  tune_allocator: Optional[bool] = None, fast_backward="auto",
                  fast_check: str = "once", llava_cam_norm: Optional[str] = None,
-                 llava_cam_threshold: Optional[float] = 0.5, tam_kernel: Optional[int] = 3):
+                 llava_cam_threshold: Optional[float] = 0.5, tam_kernel: Optional[int] = 3,
+                 max_padding_maps: int = MAX_PADDING_MAPS):
         if not isinstance(adapter, Adapter) and not all(
                 hasattr(adapter, a) for a in ("blocks", "prepare", "forward", "embed_tokens")):
             raise TypeError(f"adapter must implement diffcam.adapters.Adapter, got "
@@ -181,6 +185,12 @@ class Explainer:
             raise ValueError(f"tam_kernel must be an odd int in [3, 31] or None, got "
                              f"{tam_kernel!r}")
         self.tam_kernel = None if tam_kernel is None else int(tam_kernel)
+        if isinstance(max_padding_maps, bool) or not isinstance(max_padding_maps,
+                                                                (int, np.integer)) \
+                or max_padding_maps < 0:
+            raise ValueError(f"max_padding_maps must be an int >= 0, got {max_padding_maps!r}")
+        self.max_padding_maps = int(max_padding_maps)
+        self._want_interference = False
         self._fast_trusted = {}  # layer -> per block above it: checked kinds of call -> form
         self._fast_off = {}     # layer -> why the hand-written backward is not used there
         self._rows_local = {}   # layer -> whether the final norm + head work row by row
@@ -281,7 +291,7 @@ class Explainer:
                 states=("final",), score: str = "logit", contrast=None,
                 method: str = "diffusion-cam", answer=None,
                 generation: Optional[GenerationConfig] = None, gradcam: str = "paper",
-                aggregate_only: bool = False):
+                aggregate_only: bool = False, interference="auto"):
         """Explain one sample (returns an :class:`Explanation`) or a batch (a list of them).
 
         images      a path, PIL image or array; a list of them (a batch, one image each); an
@@ -306,6 +316,16 @@ class Explainer:
         gradcam     "paper" | "reference" aggregation (method.md 1.7, [ref])
         aggregate_only  compute only the aggregate map (one backward vector instead of
                     targets + 1); the maps' target axis then has length 1
+        interference  "auto" (default): also compute the per-token maps that SICD subtracts
+                    (method.md 2.4; :func:`~diffcam.attribution.targets.interference_tokens`:
+                    the repeated function words and up to ``max_padding_maps`` padding
+                    positions), kept apart from the targets in
+                    :attr:`Explanation.interference_maps` and used by
+                    :meth:`Explanation.refined`; they never enter the aggregate.  Targets that
+                    are such tokens are not computed twice.  Only for
+                    ``method="diffusion-cam"`` without ``aggregate_only``.  None: none (SICD
+                    then falls back to the target maps of repeated function words, else the
+                    uniform constant).
         """
         if torch.is_inference_mode_enabled():
             raise RuntimeError("explain() was called inside torch.inference_mode(): gradients "
@@ -316,6 +336,9 @@ class Explainer:
             raise ValueError(f"method={method!r}: expected one of {METHODS}")
         if gradcam not in GRADCAM_VARIANTS:
             raise ValueError(f"gradcam={gradcam!r}: expected one of {GRADCAM_VARIANTS}")
+        if not (interference is None or (isinstance(interference, str)
+                                         and interference == "auto")):
+            raise ValueError(f"interference={interference!r}: expected 'auto' or None")
         if contrast is not None and score == "vocab_sum":
             raise ValueError("contrast has no meaning with score='vocab_sum' (the vocabulary sum "
                              "does not depend on the token)")
@@ -338,6 +361,8 @@ class Explainer:
                           "deterministic); call model.eval() first", UserWarning, stacklevel=2)
         try:
             self._aggregate_only = bool(aggregate_only)
+            self._want_interference = (interference == "auto" and method == "diffusion-cam"
+                                       and not aggregate_only)
             out = self._explain(samples, prompts, targets, layer, state_list, score, d_id,
                                 method, answers, generation, gradcam, contrast)
         finally:
@@ -381,7 +406,7 @@ class Explainer:
         ad = self.adapter
         shift = int(getattr(ad, "logit_shift", 0))
         special = self._special_ids()
-        prepared, gens, infos = [], [], []
+        prepared, gens, infos, inter_info = [], [], [], []
         for i, (imgs, prompt) in enumerate(zip(samples, prompts)):
             sample = ad.prepare(imgs, prompt)
             for lay in sample.layouts:
@@ -416,9 +441,22 @@ class Explainer:
             is_special = [t in special for t in ids]
             words = group_words(self._raw_tokens(ids, strings), is_special)
             tg = self._targets(targets, words, strings, is_special)
+            # SICD's interference maps: extra targets after the real ones (never in the
+            # aggregate); a token set that already is a target is not computed twice
+            extra, inter_tg, inter_idx = [], [], []
+            if self._want_interference:
+                inter_tg = interference_tokens(words, ids, is_special, strings,
+                                               int(ad.mask_token_id), self.max_padding_maps)
+                where = {t.tokens: k for k, t in enumerate(tg)}
+                for t in inter_tg:
+                    if t.tokens not in where:
+                        where[t.tokens] = len(tg) + len(extra)
+                        extra.append(t)
+                    inter_idx.append(where[t.tokens])
             prepared.append(sample)
             gens.append(gen)
-            infos.append((ids, strings, words, tg))
+            infos.append((ids, strings, words, tg + extra, len(tg)))
+            inter_info.append((inter_tg, inter_idx))
 
         rows = []     # (sample index, state, response id tensor)
         for i, sample in enumerate(prepared):
@@ -446,6 +484,7 @@ class Explainer:
                     "logit_shift": shift, "backward": self.last_backward,
                     "fast_check": self.fast_check,
                     "aggregate_only": self._aggregate_only,
+                    "interference": "auto" if self._want_interference else None,
                     "backward_chunk": self.backward_chunk,
                     "allocator_tuned": allocator_state()["tuned"],
                     "head_rows_only": self.head_rows_only and getattr(self, "_head_ok", True)}
@@ -456,14 +495,23 @@ class Explainer:
         out = []
         n_states = len(state_list)
         for i, sample in enumerate(prepared):
-            ids, strings, words, tg = infos[i]
-            per_image = []
+            ids, strings, words, tg_all, n_main = infos[i]
+            tg = tg_all[:n_main]
+            inter_tg, inter_idx = inter_info[i]
+            per_image, inter_maps = [], []
             for lay_idx, lay in enumerate(sample.layouts):
-                d = {}
+                d, dx = {}, {}
                 for g in lay.grids:
                     stack = [maps_rows[(i, k)][lay_idx][g.name] for k in range(n_states)]
-                    d[g.name] = np.stack(stack, axis=1).astype(np.float32)   # (T+1, S, h, w)
+                    arr = np.stack(stack, axis=1).astype(np.float32)   # (T_all+1, S, h, w)
+                    # the real targets and the aggregate (last); the extra targets' maps
+                    # only serve as interference maps
+                    d[g.name] = (np.concatenate([arr[:n_main], arr[-1:]])
+                                 if len(tg_all) > n_main else arr)
+                    if inter_idx:
+                        dx[g.name] = np.ascontiguousarray(arr[inter_idx])   # (X, S, h, w)
                 per_image.append(d)
+                inter_maps.append(dx)
             masked = None if gens[i] is None else np.asarray(
                 torch.as_tensor(gens[i].masked).cpu().numpy(), dtype=bool)
             answer_text = answers[i] if answers is not None else self._decode(ids)
@@ -471,7 +519,9 @@ class Explainer:
                 answer=answer_text, token_ids=ids, tokens=strings, words=words, targets=tg,
                 states=list(state_list), maps=per_image, layouts=list(sample.layouts),
                 images=list(samples[i]), prompt=prompts[i], masked=masked,
-                settings=dict(settings), versions=versions, adapter=adapter_info))
+                settings=dict(settings), versions=versions, adapter=adapter_info,
+                interference=list(inter_tg) if inter_idx else [],
+                interference_maps=inter_maps if inter_idx else []))
         return out
 
     def _raw_tokens(self, ids, strings) -> list:
@@ -573,6 +623,9 @@ class Explainer:
 
         agg_only = getattr(self, "_aggregate_only", False)
         T = [0 if agg_only else len(infos[i][3]) for i, _, _ in rows]
+        # the first NM[b] targets are the real ones; SICD's extra targets follow them and are
+        # left out of the aggregate
+        NM = [infos[i][4] for i, _, _ in rows]
         # the aggregate score is the sum of the target scores, so its gradient is the sum of
         # theirs: with per-target maps it needs no backward vector of its own
         agg_sum = not agg_only and min(T) > 0
@@ -724,7 +777,7 @@ class Explainer:
                             continue
                         Gb = G_rows[b][:n_valid]
                         if agg_sum:
-                            part = Gb.sum(0)
+                            part = Gb[:max(0, min(n_valid, NM[b] - k0))].sum(0)
                             if k0 == 0 and k1 == K:
                                 # one pass: the aggregate goes last in the same Grad-CAM call
                                 add_maps(b, torch.cat([Gb, part[None]]))
@@ -785,7 +838,7 @@ class Explainer:
         result = {}
         for b, (i, s, r) in enumerate(rows):
             sample = prepared[i]
-            ids, strings, words, tg = infos[i]
+            ids, strings, words, tg = infos[i][:4]
             P = sample.prompt_length
             seq = [int(t) for t in torch.as_tensor(sample.input_ids).tolist()] + \
                 [int(t) for t in r.tolist()]
@@ -876,7 +929,7 @@ class Explainer:
         toks, W_idx, W_val = [], [], []       # token entries, matrix (row, k, entry) = weight
         y = []
         for b, (i, s, r) in enumerate(rows):
-            ids, tg = infos[i][0], infos[i][3]
+            ids, tg, n_main = infos[i][0], infos[i][3], infos[i][4]
             P = prepared[i].prompt_length
             entry = {}
             for t_k, t in enumerate(tg):
@@ -888,7 +941,7 @@ class Explainer:
                     n = entry[j]
                     if not agg_only:
                         W_idx.append((b, t_k, n))
-                    if aggregate:
+                    if aggregate and t_k < n_main:
                         W_idx.append((b, 0 if agg_only else len(tg), n))
         bi = torch.tensor([t[0] for t in toks], device=dev)
         pi = torch.tensor([t[1] for t in toks], device=dev)

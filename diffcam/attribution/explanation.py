@@ -67,6 +67,10 @@ class Explanation:
     settings   every setting of the call (layer, score, contrast, method, targets, states,
                generation config, ...); ``versions``: diffcam, torch, transformers, numpy;
                ``adapter``: the adapter's info()
+    interference       the Targets whose maps SICD subtracts (method.md 2.4: the repeated
+               function words and the padding, ``Explainer.explain(interference="auto")``)
+    interference_maps  per image a dict grid name -> float32 (len(interference), states,
+               rows, cols): their raw maps, like :attr:`maps`; empty when none were computed
     """
 
     answer: str
@@ -83,6 +87,8 @@ class Explanation:
     settings: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     adapter: dict = field(default_factory=dict)
+    interference: list = field(default_factory=list)
+    interference_maps: list = field(default_factory=list)
 
     # ------------------------------------------------------------------ access
     @property
@@ -170,12 +176,12 @@ class Explanation:
             from .. import refine as _refine
 
             cfg = self._config(config)
-            rep_idx = self._interference_index(interference, cfg)
+            stack, _, _ = self._interference_stack(interference, cfg, image, g)
             from ..refine.resize import resize_stack
 
             hw = self._refine_size(image, size)
             m = resize_stack(m, hw)
-            inter = resize_stack(arr[rep_idx, s], hw) if rep_idx else None
+            inter = resize_stack(stack[:, s], hw) if stack is not None else None
             m = _refine(np.ascontiguousarray(m), config=cfg, tokens=list(self.token_ids),
                         interference=inter)
         return np.asarray(m, dtype=np.float32)
@@ -213,6 +219,19 @@ class Explanation:
         return [k for k, t in enumerate(self.targets)
                 if t.tokens and all(j in rep for j in t.tokens)]
 
+    def _interference_stack(self, interference, cfg, image: int, grid: str):
+        """(stack (X, states, rows, cols) or None, target indices used, interference names
+        used) of SICD's maps for image ``image``'s grid ``grid`` (see :meth:`refined`)."""
+        if isinstance(interference, str) and interference == "auto" \
+                and cfg.preset != "reference" and self.interference_maps:
+            d = self.interference_maps[image] if image < len(self.interference_maps) else {}
+            if grid in d and len(d[grid]):
+                return d[grid], [], [t.name for t in self.interference]
+        idx = self._interference_index(interference, cfg)
+        if not idx:
+            return None, [], []
+        return self.maps[image][grid][idx], idx, []
+
     def _interference_index(self, interference, cfg) -> list:
         if interference is None:
             return []
@@ -230,20 +249,21 @@ class Explanation:
             idx.append(k)
         return idx
 
-    def _refine_array(self, arr: np.ndarray, cfg, rep_idx: list) -> np.ndarray:
+    def _refine_array(self, arr: np.ndarray, cfg, inter) -> np.ndarray:
         """diffcam.refine over every map of one grid array (targets + 1, states, rows, cols);
-        with ``rep_idx`` each map of state s gets the stack arr[rep_idx, s] as interference."""
+        with ``inter`` (X, states, rows, cols) each map of state s gets inter[:, s] as its
+        interference stack."""
         from .. import refine as _refine
 
         tokens = list(self.token_ids)
-        if not rep_idx:
+        if inter is None:
             flat = np.ascontiguousarray(arr.reshape(-1, *arr.shape[-2:]), dtype=np.float32)
             return np.asarray(_refine(flat, config=cfg, tokens=tokens),
                               dtype=np.float32).reshape(arr.shape)
         out = np.empty(arr.shape, dtype=np.float32)
         for s in range(arr.shape[1]):
             maps = np.ascontiguousarray(arr[:, s], dtype=np.float32)
-            stack = np.ascontiguousarray(arr[rep_idx, s], dtype=np.float32)
+            stack = np.ascontiguousarray(inter[:, s], dtype=np.float32)
             out[:, s] = _refine(maps, config=cfg, tokens=tokens,
                                 interference=[stack] * len(maps))
         return out
@@ -261,13 +281,14 @@ class Explanation:
         and grid; one batched call per grid and, with interference maps, per state).
 
         config        a RefineConfig, "paper" (default) or "reference"
-        interference  SICD's per-token maps of repeated function words (method.md 2.4):
-                      "auto" (default) uses the explained targets that are such words (see
-                      :meth:`interference_targets`; explain with ``targets="all"`` to have
-                      them) except under the ``reference`` preset, which reproduces the
-                      released code's uniform constant; None never uses them; a list of target
-                      names or indices picks them by hand.  Without maps SICD falls back to the
-                      uniform constant computed from the answer's token ids.
+        interference  SICD's per-token maps (method.md 2.4): "auto" (default) uses
+                      :attr:`interference_maps` (the repeated function words and the padding,
+                      computed by ``Explainer.explain``), else the explained targets that are
+                      repeated function words (:meth:`interference_targets`), except under
+                      the ``reference`` preset, which reproduces the released code's uniform
+                      constant; None never uses them; a list of target names or indices picks
+                      targets by hand.  Without maps SICD falls back to the uniform constant
+                      computed from the answer's token ids.
         size          the resolution the maps are refined at: "auto" (default) the image's
                       (height, width) when its pixels are in :attr:`images`, else the grid's;
                       "image" the image's (an error without it); "grid" the token grid's
@@ -278,8 +299,9 @@ class Explanation:
                       (docs/benchmark.md measures both).
 
         ``settings['refine']`` records the config, ``settings['refine_interference']`` the
-        target indices used, ``settings['refine_size']`` per image the (height, width) refined
-        at (None: the grids' own).
+        target indices used, ``settings['refine_interference_maps']`` the names of the
+        :attr:`interference` maps used, ``settings['refine_size']`` per image the (height,
+        width) refined at (None: the grids' own).
 
         >>> import numpy as np
         >>> from diffcam.attribution.layout import single_grid_layout
@@ -299,13 +321,20 @@ class Explanation:
         from ..refine.resize import resize_stack
 
         cfg = self._config(config)
-        rep_idx = self._interference_index(interference, cfg)
         sizes = [self._refine_size(i, size) for i in range(len(self.maps))]
-        new_maps = [{name: self._refine_array(resize_stack(arr, hw), cfg, rep_idx)
-                     for name, arr in d.items()} for d, hw in zip(self.maps, sizes)]
+        new_maps, rep_idx, names = [], [], []
+        for i, (d, hw) in enumerate(zip(self.maps, sizes)):
+            out = {}
+            for name, arr in d.items():
+                stack, rep_idx, names = self._interference_stack(interference, cfg, i, name)
+                out[name] = self._refine_array(
+                    resize_stack(arr, hw), cfg,
+                    None if stack is None else resize_stack(stack, hw))
+            new_maps.append(out)
         settings = dict(self.settings)
         settings["refine"] = cfg.to_dict()
         settings["refine_interference"] = list(rep_idx)
+        settings["refine_interference_maps"] = list(names)
         settings["refine_size"] = [list(hw) if hw else None for hw in sizes]
         return replace(self, maps=new_maps, settings=settings)
 
@@ -345,6 +374,9 @@ class Explanation:
             "settings": self.settings,
             "versions": self.versions,
             "adapter": self.adapter,
+            "interference": [t.to_dict() for t in self.interference],
+            "interference_maps": [{name: list(arr.shape) for name, arr in d.items()}
+                                  for d in self.interference_maps],
         }
 
     def save(self, directory, overwrite: bool = False, overlays: bool = True) -> str:
@@ -365,6 +397,9 @@ class Explanation:
             for i, d in enumerate(self.maps):
                 for name, arr in d.items():
                     arrays[f"map__{i}__{name}"] = np.asarray(arr, dtype=np.float32)
+            for i, d in enumerate(self.interference_maps):
+                for name, arr in d.items():
+                    arrays[f"interference__{i}__{name}"] = np.asarray(arr, dtype=np.float32)
             for i, img in enumerate(self.images):
                 arrays[f"image__{i}"] = np.asarray(img, dtype=np.uint8)
             if self.masked is not None:
@@ -418,13 +453,18 @@ class Explanation:
                 images.append(z[f"image__{i}"])
                 i += 1
             masked = z["masked"] if "masked" in z.files else None
+            inter_maps = [{name: z[f"interference__{i}__{name}"] for name in d} for i, d in
+                          enumerate(man.get("interference_maps", []))]
         return cls(answer=man["answer"], token_ids=man["token_ids"], tokens=man["tokens"],
                    words=[Word(w["text"], tuple(w["tokens"])) for w in man["words"]],
                    targets=[Target(t["name"], tuple(t["tokens"])) for t in man["targets"]],
                    states=man["states"], maps=maps,
                    layouts=[ImageLayout.from_dict(d) for d in man["layouts"]], images=images,
                    prompt=man.get("prompt", ""), masked=masked, settings=man["settings"],
-                   versions=man["versions"], adapter=man["adapter"])
+                   versions=man["versions"], adapter=man["adapter"],
+                   interference=[Target(t["name"], tuple(t["tokens"]))
+                                 for t in man.get("interference", [])],
+                   interference_maps=inter_maps)
 
     def __repr__(self) -> str:
         grids = [{k: tuple(v.shape) for k, v in d.items()} for d in self.maps]

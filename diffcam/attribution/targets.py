@@ -38,7 +38,7 @@ from typing import Sequence
 
 __all__ = ["Word", "Target", "group_words", "is_content_word", "resolve_targets", "STOPWORDS",
            "FUNCTION_WORDS", "is_function_word", "repeated_function_words",
-           "AGGREGATE"]
+           "interference_tokens", "MAX_PADDING_MAPS", "AGGREGATE"]
 
 #: name of the aggregate target (the sum of all target scores), always the last map
 AGGREGATE = "<aggregate>"
@@ -190,6 +190,46 @@ def repeated_function_words(words: Sequence[Word]) -> list:
         if is_function_word(w.text):
             counts[key(w)] = counts.get(key(w), 0) + 1
     return [w for w in words if is_function_word(w.text) and counts[key(w)] > 1]
+
+
+#: At most this many padding positions get an interference map (evenly spaced over the padding).
+MAX_PADDING_MAPS = 8
+
+
+def interference_tokens(words: Sequence[Word], token_ids: Sequence[int], is_special: Sequence[bool],
+                        token_strings: Sequence[str] | None = None, mask_id: int | None = None,
+                        max_padding: int = MAX_PADDING_MAPS) -> list:
+    """The response tokens whose per-token maps make SICD's M_rep (method.md 2.4), as Targets:
+
+    * every occurrence of the answer's repeated function words (:func:`repeated_function_words`);
+    * the answer's **padding**: the special tokens (EOS / end-of-turn / padding, never the mask
+      token) that fill the response after the answer, when there are two or more of them -- the
+      token a diffusion model repeats most (the released code counts it among the repeated
+      tokens too).  At most ``max_padding`` of them, evenly spaced, since their maps are much
+      alike (mean pairwise correlation 0.68 on the bundled model) and each costs a backward
+      vector.
+
+    >>> ws = [Word("a", (0,)), Word("dog", (1,)), Word("and", (2,)), Word("a", (3,)),
+    ...       Word("cat", (4,))]
+    >>> ids = [5, 6, 7, 5, 8, 2, 2, 2]
+    >>> special = [False] * 5 + [True] * 3
+    >>> [(t.name, t.tokens) for t in interference_tokens(ws, ids, special, max_padding=2)]
+    [('a', (0,)), ('a', (3,)), ('#5', (5,)), ('#7', (7,))]
+    """
+    if max_padding < 0:
+        raise ValueError(f"max_padding must be >= 0, got {max_padding}")
+    out = [Target(w.text, tuple(w.tokens)) for w in repeated_function_words(words)]
+    pad = [j for j, (t, sp) in enumerate(zip(token_ids, is_special))
+           if sp and (mask_id is None or int(t) != int(mask_id))]
+    if len(pad) >= 2 and max_padding > 0:
+        m = min(len(pad), int(max_padding))
+        pick = sorted({int(round(x)) for x in
+                       (k * (len(pad) - 1) / max(m - 1, 1) for k in range(m))})
+        for q in pick:
+            j = pad[q]
+            name = (token_strings[j].strip() if token_strings is not None else "") or f"#{j}"
+            out.append(Target(name, (j,)))
+    return out
 
 
 def _group_by_text(words) -> list:

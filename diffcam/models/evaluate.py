@@ -122,6 +122,17 @@ def _interference_index(words: Sequence[str]) -> List[int]:
     return sorted(rep)
 
 
+def _interference_maps(exp, words: Sequence[str]) -> np.ndarray:
+    """SICD's interference stack (X, 12, 12) of an explanation of the bundled model: the maps
+    the Explainer computed for it (the repeated function words and the ``<eos>`` padding,
+    ``Explanation.interference_maps``), else the maps of the repeated function words among its
+    targets (``targets="all"``)."""
+    if exp.interference_maps:
+        return np.ascontiguousarray(exp.interference_maps[0]["hires"][:, 0], dtype=np.float32)
+    rep = _interference_index(words)
+    return np.ascontiguousarray(exp.maps[0]["hires"][rep, 0], dtype=np.float32)
+
+
 def grounding_for(sc, qa) -> List[tuple]:
     """(answer word index, [instance indices]) of every grounded word of the gold answer."""
     by_word: Dict[int, List[int]] = {}
@@ -189,8 +200,7 @@ def collect_maps(adapter, split: str = "test", n: int = 60, start: int = 0,
                 rec.words = [gold[w] for w in idx]
                 rec.token_ids = [int(t) for t in exp.token_ids]
                 rec.masks = np.stack([np.any(sc.masks[ks], axis=0) for _, ks in ground])
-                rep = _interference_index(gold)
-                rec.interference = np.ascontiguousarray(hires[rep], dtype=np.float32)
+                rec.interference = _interference_maps(exp, gold)
             if progress and (i - start + 1) % 10 == 0:
                 el = time.perf_counter() - t0
                 print(f"  explained {i - start + 1}/{n} scenes ({el:.0f} s)", flush=True)
@@ -234,7 +244,11 @@ def refine_record(rec: MapRecord, config, refine_at: str = "image") -> np.ndarra
     hw = refine_size(rec, refine_at)
     maps = resize_stack(_normalise(rec.raw), hw)
     inter = None
-    if rec.interference is not None and len(rec.interference):
+    reference = (config == "reference" if isinstance(config, str)
+                 else getattr(config, "preset", "") == "reference")
+    # the reference preset reproduces the released code: its uniform constant, no maps
+    # (as Explanation.refined)
+    if not reference and rec.interference is not None and len(rec.interference):
         inter = [resize_stack(_normalise(rec.interference), hw)] * len(maps)
     return np.asarray(diffcam.refine(maps, config=config, tokens=list(rec.token_ids) or None,
                                      interference=inter), np.float32)
@@ -320,10 +334,9 @@ def randomisation_check(adapter, records: Sequence[MapRecord], config="paper",
             qa = shapes.question(sc, r.kind)
             idx = [w for w, _ in grounding_for(sc, qa)]
             raw_r = exp.maps[0]["hires"][idx, 0]
-            rep = _interference_index(r.answer.split())
             fake = MapRecord(r.split, r.index, r.kind, r.prompt, r.answer, True, raw_r,
                              r.token_ids, r.masks, r.words,
-                             np.ascontiguousarray(exp.maps[0]["hires"][rep, 0]))
+                             _interference_maps(exp, r.answer.split()))
             a = refine_record(r, config, refine_at)
             b = refine_record(fake, config, refine_at)
             corr.extend(rank_correlation(x, y) for x, y in zip(a, b))

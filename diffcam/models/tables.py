@@ -44,7 +44,7 @@ __all__ = ["MODULES", "DEFAULT_KINDS", "SICD_GRID", "SWEEP_FIELDS", "save_record
            "load_records", "collect_split", "weights_fingerprint", "Prepared", "prepare", "Row",
            "score", "paired_delta", "ablation_configs", "ablation", "module_verdicts",
            "sweep_values", "sweep", "sicd_grid_configs", "select_sicd", "run_benchmark",
-           "render_markdown"]
+           "render_markdown", "without_interference"]
 
 #: The four refinement modules, by their RefineConfig switch, in pipeline order.
 MODULES = ("akd", "dacg", "cba", "sicd")
@@ -64,7 +64,10 @@ SICD_GRID = {
 #: The gating thresholds swept one at a time (the paper's Tables 6 to 9 and SICD's gate).
 SWEEP_FIELDS = ("var_threshold", "high_mean", "low_mean", "gate_std", "gate_skew")
 
-_FORMAT = 1  # version of the cache files
+#: Version of the cache files, also part of their names so that maps made by an older
+#: attribution pass are never read back: 2 = SICD's interference maps include the
+#: ``<eos>`` padding (Explainer.explain(interference="auto")).
+_FORMAT = 2
 
 
 # ============================================================================ records and cache
@@ -193,7 +196,8 @@ def collect_split(adapter_or_factory, split: str, n: int, kinds: Sequence[str] =
             tag = "-".join(kinds) + ("_gold" if gold_if_wrong else "")
             if method not in ("diffusion-cam", "grad-cam"):      # the same raw maps
                 tag += "_" + method
-            name = f"{split}_{lo:06d}-{hi:06d}_{tag}_L{layer}_{fingerprint or 'nofp'}.npz"
+            name = (f"{split}_{lo:06d}-{hi:06d}_{tag}_L{layer}_{fingerprint or 'nofp'}"
+                    f"_v{_FORMAT}.npz")
             path = os.path.join(os.path.expanduser(cache_dir), name)
             if os.path.isfile(path):
                 recs, meta = load_records(path, with_meta=True)
@@ -305,6 +309,16 @@ def prepare(records: Sequence[MapRecord], split: str = "", refine_at: str = "ima
 
 
 ConfigLike = Union[str, RefineConfig]
+
+
+def without_interference(prep: Prepared) -> Prepared:
+    """``prep`` without interference maps: what the ``reference`` preset refines with (the
+    released code has none and uses its uniform constant; ``Explanation.refined`` does the
+    same)."""
+    import dataclasses
+
+    empty = np.zeros((0,) + prep.maps.shape[1:], np.float32)
+    return dataclasses.replace(prep, interference=[empty] * prep.n_maps)
 
 
 def _resolve(config: ConfigLike):
@@ -454,7 +468,8 @@ def ablation(prep: Prepared, presets: Dict[str, RefineConfig], floors: bool = Tr
         out[""] = [score(prep, "random", "random maps (floor)"),
                    score(prep, "raw", "raw Grad-CAM")]
     for name, base in presets.items():
-        out[name] = [score(prep, cfg, label, keep_maps=True)
+        p = without_interference(prep) if base.preset == "reference" else prep
+        out[name] = [score(p, cfg, label, keep_maps=True)
                      for label, cfg in ablation_configs(base)]
         if progress:
             print(f"  ablation of {name}: {len(out[name])} rows", flush=True)
@@ -714,7 +729,8 @@ def run_benchmark(val: int = 150, test: int = 200, kinds: Sequence[str] = DEFAUL
     if refine_at == "image":       # the same presets refined on the token grid, for contrast
         pt_grid = prepare(records["test"], "test", "grid")
         headline += [score(pt_grid, paper_cfg, "paper preset (val-selected) on the 12x12 grid"),
-                     score(pt_grid, RefineConfig.reference(), "reference preset on the 12x12 grid")]
+                     score(without_interference(pt_grid), RefineConfig.reference(),
+                           "reference preset on the 12x12 grid")]
     deltas = [paired_delta(pt, r, raw, n_boot) for r in headline]
     timings["ablation_s"] = time.perf_counter() - t0
 
@@ -938,9 +954,15 @@ def render_markdown(report: dict) -> str:
     if sel.chosen.w_rep == max(g["w_rep"]):
         L += ["- the chosen w_rep is the largest of the grid: the optimum may lie beyond it."]
     fb = report.get("uniform_fallback")
-    if fb:
+    if fb and not any(fb.values()):
+        L += ["- every scored map has interference maps (the answer's repeated function words "
+              "and/or its `<eos>` padding, docs/attribution.md): SICD subtracts lambda* times "
+              "their normalised mean, never the uniform fallback.  The `reference` preset "
+              "ignores them (the released code has none) and uses its uniform constant."]
+    elif fb:
         L += [f"- {100 * fb['val']:.0f} % of the val maps and {100 * fb['test']:.0f} % of the "
-              "test maps come from answers without a repeated function word, so SICD uses the "
+              "test maps come without interference maps (no repeated function word, no "
+              "padding), so SICD uses the "
               "uniform fallback M_rep = rep_scale * r (r: share of repeated token ids, padding "
               "included).  With w_out = 0 (or small next to w_rep * rep_scale * r) the subtracted term "
               "is then lambda* I = min(mean(M), "

@@ -75,7 +75,10 @@ def _scored(store: RunStore, rec: dict, arrays: dict, word: str):
     hw = tuple(rec["image_sizes"][0]) if rec.get("image_sizes") else None
     m = resize_stack(arr[sc["target"], 0], hw)
     rep = sc.get("interference") or []
-    inter = resize_stack(arr[rep, 0], hw) if rep else None
+    if rep == "maps":           # the explanation's own interference maps
+        inter = resize_stack(arrays[f"{rec['id']}/0/{sc['grid']}/interference"][:, 0], hw)
+    else:
+        inter = resize_stack(arr[rep, 0], hw) if rep else None
     ref = _refine(np.ascontiguousarray(m, np.float32), config=_config(store),
                   tokens=list(rec["token_ids"]), interference=inter)
     return _normalised(arr[sc["target"], 0]), np.asarray(ref, np.float32)

@@ -147,7 +147,10 @@ def _score(exp, sample, cfg, refined=None) -> Dict[str, dict]:
     if not sample.masks or exp.aggregate_only:
         return {}
     picks = []
-    rep_idx = [] if cfg.preset == "reference" else exp.interference_targets()
+    # SICD's interference: the explanation's own maps (stored as ".../interference"), else the
+    # targets that are repeated function words (as Explanation.refined picks them)
+    rep_idx = [] if cfg.preset == "reference" else (
+        "maps" if exp.interference_maps else exp.interference_targets())
     for k, t in enumerate(exp.targets):
         key = match_mask(t.name, sample.masks)
         if key is not None and sample.masks[key].any():
@@ -197,6 +200,9 @@ def _record(index, sample, exp, seconds, cfg, save_refined, sources=None,
         grids.append({g: list(a.shape) for g, a in d.items()})
         for g, a in d.items():
             arrays[f"{sample.id}/{i}/{g}"] = np.asarray(a, np.float32)
+    for i, d in enumerate(exp.interference_maps):
+        for g, a in d.items():
+            arrays[f"{sample.id}/{i}/{g}/interference"] = np.asarray(a, np.float32)
     r = None
     if save_refined:
         r = exp.refined(cfg)
@@ -207,6 +213,7 @@ def _record(index, sample, exp, seconds, cfg, save_refined, sources=None,
            "answer": exp.answer, "answer_given": sample.answer is not None,
            "tokens": list(exp.tokens), "token_ids": [int(t) for t in exp.token_ids],
            "targets": exp.target_names, "states": list(exp.states), "grids": grids,
+           "interference": [t.to_dict() for t in exp.interference],
            "image_sizes": [list(np.shape(im)[:2]) for im in exp.images],
            "image_files": list(sources[:len(exp.images)]),
            "scores": _score(exp, sample, cfg, r), "seconds": round(seconds, 4),

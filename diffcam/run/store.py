@@ -220,8 +220,9 @@ class RunStore:
 
     def maps(self, sample_id: str) -> Dict[str, np.ndarray]:
         """The arrays stored for one sample: keys ``"{id}/{image}/{grid}"`` (raw maps,
-        (targets + 1, states, rows, cols)) and ``"{id}/{image}/{grid}/refined"`` when the run
-        kept refined maps.  The first call indexes the records (again after new shards are
+        (targets + 1, states, rows, cols)), ``"{id}/{image}/{grid}/interference"`` (SICD's
+        interference maps, when the explanation has them) and ``"{id}/{image}/{grid}/refined"``
+        when the run kept refined maps.  The first call indexes the records (again after new shards are
         committed); :meth:`iter_maps` reads everything shard by shard."""
         files = self.shard_files()
         if getattr(self, "_index_files", None) != files:     # (re)index when shards changed

@@ -404,7 +404,12 @@ def test_save_refined_keeps_every_refined_map_and_the_same_scores(adapter, gold_
             for which in ("raw", "refined"):
                 for f, v in sc[which].items():
                     assert v == pytest.approx(want[word][which][f], rel=1e-3, abs=1e-5)
-        for key in [k for k in arrays if not k.endswith(("/refined", "/image"))]:
+        inter = [k for k in arrays if k.endswith("/interference")]
+        assert inter                        # SICD's maps (repeated words, <eos> padding) kept
+        n_inter = len(rec["interference"])
+        assert all(arrays[k].shape[0] == n_inter for k in inter)
+        for key in [k for k in arrays if not k.endswith(("/refined", "/image",
+                                                         "/interference"))]:
             assert arrays[key + "/refined"].shape[-2:] == (96, 96)          # the image's size
             assert arrays[key + "/refined"].shape[:2] == arrays[key].shape[:2]
 
