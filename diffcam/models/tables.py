@@ -342,6 +342,8 @@ def refine_prepared(prep: Prepared, config: ConfigLike):
     from .evaluate import refine_record
 
     cfg = _resolve(config)
+    if not isinstance(cfg, str) and cfg.preset == "reference":
+        prep = without_interference(prep)      # the released code: uniform constant, no maps
     if isinstance(cfg, str):
         if cfg == "raw":
             return (prep.grid if prep.grid is not None else prep.maps).copy(), None

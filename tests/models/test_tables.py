@@ -304,3 +304,28 @@ def test_cli_eval_parses(monkeypatch, tmp_path):
                    str(out), "--quiet", "--refine-at", "grid"])
     assert rc == 0 and seen["refine_at"] == "grid" and "--refine-at grid" in out.read_text()
     assert cli.main(["eval", "--kinds", "nonsense", "--out", str(out)]) == 2
+
+
+def test_reference_preset_refines_without_interference_maps():
+    """The reference preset reproduces the released code, which has no interference maps: the
+    tables (whole preset and its ablation rows) and evaluate.refine_record refine it with SICD's
+    uniform constant, as Explanation.refined does; the paper preset uses the maps."""
+    recs = [r for r in _records() if r.raw is not None and r.interference is not None
+            and len(r.interference)]
+    prep = tables.prepare(recs)
+    bare = tables.without_interference(prep)
+    assert all(len(x) == 0 for x in bare.interference) and any(len(x) for x in prep.interference)
+    cfg = RefineConfig.reference()
+    np.testing.assert_array_equal(tables.refine_prepared(prep, cfg)[0],
+                                  tables.refine_prepared(bare, cfg)[0])
+    maps = np.concatenate([evaluate.refine_record(r, "reference") for r in recs])
+    np.testing.assert_allclose(tables.refine_prepared(prep, cfg)[0], maps, atol=1e-6)
+    # the ablation's reference rows (RefineConfig.replace makes them "custom") too
+    abl = tables.ablation(prep, {"reference": cfg}, floors=False)["reference"]
+    sicd_only = next(r for r in abl if r.label == "SICD only")
+    want = tables.score(bare, cfg.replace(akd=False, dacg=False, cba=False), keep_maps=True)
+    np.testing.assert_array_equal(sicd_only.maps, want.maps)
+    # the paper preset's SICD does use them
+    paper = RefineConfig.paper()
+    assert not np.array_equal(tables.refine_prepared(prep, paper)[0],
+                              tables.refine_prepared(bare, paper)[0])
