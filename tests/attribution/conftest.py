@@ -9,6 +9,22 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 
 @pytest.fixture(scope="module")
+def anyres():
+    """The tiny LLaVA-anyres-layout model (base grid + grid with a newline column)."""
+    from diffcam.testing import tiny_llava_anyres
+
+    return tiny_llava_anyres(seed=0)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    """The tiny Qwen2-VL-layout model (merged grid, one-position logit shift)."""
+    from diffcam.testing import tiny_qwen2vl
+
+    return tiny_qwen2vl(seed=0)
+
+
+@pytest.fixture(scope="module")
 def img():
     return np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)
 

@@ -6,20 +6,9 @@ import torch
 
 from diffcam.adapters.base import GenerationConfig
 from diffcam.attribution import Explainer, Explanation
-from diffcam.testing import tiny_llava_anyres, tiny_qwen2vl
 
 PROMPTS = {"anyres": "<image> describe the image", "merged": "<image> describe the image"}
 GEN = GenerationConfig(steps=4, gen_length=4)
-
-
-@pytest.fixture(scope="module")
-def anyres():
-    return tiny_llava_anyres(seed=0)
-
-
-@pytest.fixture(scope="module")
-def qwen():
-    return tiny_qwen2vl(seed=0)
 
 
 def _marker_argmax(ad, img, grid, cell, sign):

@@ -4,27 +4,15 @@ the targets and out of the aggregate (method.md 2.4, docs/attribution.md)."""
 
 import numpy as np
 import pytest
-import torch
 
 import diffcam
 from diffcam.attribution import Explainer, Explanation
 from diffcam.attribution.targets import Word, interference_tokens
 from diffcam.refine import RefineConfig
-from diffcam.testing import tiny_llava_anyres, tiny_qwen2vl
 
 PROMPT = "<image> describe the image"
 ANS = "the red cat on the box <eos> <eos> <eos> <eos>"     # positions 6..9 are padding
 CFG = RefineConfig.paper().replace(gate=False)             # SICD on every map
-
-
-@pytest.fixture(scope="module")
-def anyres():
-    return tiny_llava_anyres(seed=0)
-
-
-@pytest.fixture(scope="module")
-def qwen():
-    return tiny_qwen2vl(seed=0)
 
 
 def test_interference_tokens_rule():
