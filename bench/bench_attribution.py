@@ -233,3 +233,32 @@ def test_attribution_memory(benchmark, model, maps, monkeypatch):
         "backward": ex.last_backward, "fast_saved_bytes": int(sum(fast_saved)),
         "method": "saved_tensors_hooks (non-parameter saved tensors) + gradient buffers "
                   "(+ the hand-written backward's saved tensors)"})
+
+
+# SICD's interference maps (explain(interference="auto"), the default): the answer padded with
+# 8 <eos> as a diffusion sampler pads it, the nouns as targets.  "auto" adds one backward vector
+# per repeated function word and per padding position (up to Explainer.max_padding_maps)
+PADDED = ANSWER + " <eos>" * 8
+
+
+@pytest.mark.parametrize("interference", ["auto", None])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_interference_maps_cost(benchmark, model, interference):
+    ad = MODELS[model](seed=0)
+    ex = Explainer(ad)
+    kw = dict(answer=PADDED, targets="nouns", interference=interference)
+
+    def explain():
+        return ex.explain(IMG, PROMPT, **kw)
+
+    e = explain()
+    assert (len(e.interference) > 0) == (interference == "auto")
+    (t_exp,) = _median_times(explain)
+    benchmark.group = f"interference maps {model}"
+    benchmark(explain)
+    benchmark.extra_info.update({
+        "model": model, "interference": interference, "targets": len(e.targets),
+        "interference_maps": len(e.interference),
+        "extra_backward_vectors": len({t.tokens for t in e.interference}
+                                      - {t.tokens for t in e.targets}),
+        "explain_ms": t_exp * 1e3, "backward": ex.last_backward})
