@@ -249,8 +249,9 @@ def test_maps_beat_noise_and_a_randomised_copy(twin_maps):
 
 @pytest.mark.xfail(strict=True, raises=AssertionError,
                    reason="a target of our own beyond issue 5: the twin's maps localize "
-                   "(3x noise) but at Obj-IoU 0.10 on test 500..509, far below the diffusion model's 0.22 under the same "
-                   "protocol; remove the marker when a retrained twin reaches 0.15")
+                   "(3x noise) but at Obj-IoU 0.10 on test 500..509, far below the diffusion "
+                   "model's 0.22 under the same protocol; remove the marker when a retrained "
+                   "twin reaches 0.15")
 def test_maps_localize_like_the_diffusion_models(twin_maps):
     """The same maps as the diffusion model's: with the paper's aggregation the shipped
     diffusion model reaches Obj-IoU 0.220 on the gold descriptions of test 500..529 (block 0,
