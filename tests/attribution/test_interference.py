@@ -125,3 +125,29 @@ def test_no_interference_maps_where_they_do_not_apply(anyres, img):
         Explainer(anyres, max_padding_maps=-1)
     with pytest.raises(ValueError, match="max_padding_maps"):
         Explainer(anyres, max_padding_maps=True)
+
+
+def test_refined_takes_each_states_interference_maps():
+    """Several states: the maps of state s are refined with the interference maps of state s."""
+    from diffcam.attribution.layout import single_grid_layout
+    from diffcam.attribution.targets import Target
+
+    rng = np.random.default_rng(3)
+    maps = rng.random((3, 2, 8, 8)).astype(np.float32)             # 2 targets + aggregate
+    inter = rng.random((4, 2, 8, 8)).astype(np.float32) ** 4        # 4 maps, 2 states
+    ids = [5, 6, 7, 2, 2, 2, 2]
+    e = Explanation("a b c", ids, ["a", "b", "c"] + ["<eos>"] * 4, [],
+                    [Target("a", (0,)), Target("b", (1,))], ["final", 0], [{"base": maps}],
+                    [single_grid_layout(1, 8, 8)],
+                    interference=[Target("<eos>", (j,)) for j in range(3, 7)],
+                    interference_maps=[{"base": inter}])
+    r = e.refined(CFG)
+    for s in range(2):
+        want = diffcam.refine(maps[:, s], config=CFG, tokens=ids,
+                              interference=[inter[:, s]] * 3)
+        np.testing.assert_array_equal(r.maps[0]["base"][:, s], want)
+        np.testing.assert_array_equal(e.map("b", state=["final", 0][s], refined=True,
+                                            config=CFG), want[1])
+    # another state's interference gives another map: the states are not mixed up
+    other = diffcam.refine(maps[:, 0], config=CFG, tokens=ids, interference=[inter[:, 1]] * 3)
+    assert not np.array_equal(r.maps[0]["base"][:, 0], other)
