@@ -112,25 +112,15 @@ class MapRecord:
     interference: Optional[np.ndarray] = field(repr=False, default=None)
 
 
-def _interference_index(words: Sequence[str]) -> List[int]:
-    """Indices of the repeated function words of a word list (SICD's M_rep, method.md 2.4; the
-    same rule as :meth:`diffcam.Explanation.interference_targets`)."""
-    from ..attribution.targets import Word, repeated_function_words
-
-    rep = {w.tokens[0] for w in repeated_function_words([Word(t, (i,)) for i, t in
-                                                         enumerate(words)])}
-    return sorted(rep)
-
-
-def _interference_maps(exp, words: Sequence[str]) -> np.ndarray:
+def _interference_maps(exp) -> np.ndarray:
     """SICD's interference stack (X, 12, 12) of an explanation of the bundled model: the maps
     the Explainer computed for it (the repeated function words and the ``<eos>`` padding,
-    ``Explanation.interference_maps``), else the maps of the repeated function words among its
-    targets (``targets="all"``)."""
-    if exp.interference_maps:
-        return np.ascontiguousarray(exp.interference_maps[0]["hires"][:, 0], dtype=np.float32)
-    rep = _interference_index(words)
-    return np.ascontiguousarray(exp.maps[0]["hires"][rep, 0], dtype=np.float32)
+    ``Explanation.interference_maps``), else the maps of its targets that are repeated function
+    words (``targets="all"``; :meth:`~diffcam.Explanation.interference_targets`), as
+    ``Explanation.refined`` picks them."""
+    stack = (exp.interference_maps[0]["hires"] if exp.interference_maps
+             else exp.maps[0]["hires"][exp.interference_targets()])
+    return np.ascontiguousarray(stack[:, 0], dtype=np.float32)
 
 
 def grounding_for(sc, qa) -> List[tuple]:
@@ -200,7 +190,7 @@ def collect_maps(adapter, split: str = "test", n: int = 60, start: int = 0,
                 rec.words = [gold[w] for w in idx]
                 rec.token_ids = [int(t) for t in exp.token_ids]
                 rec.masks = np.stack([np.any(sc.masks[ks], axis=0) for _, ks in ground])
-                rec.interference = _interference_maps(exp, gold)
+                rec.interference = _interference_maps(exp)
             if progress and (i - start + 1) % 10 == 0:
                 el = time.perf_counter() - t0
                 print(f"  explained {i - start + 1}/{n} scenes ({el:.0f} s)", flush=True)
@@ -336,7 +326,7 @@ def randomisation_check(adapter, records: Sequence[MapRecord], config="paper",
             raw_r = exp.maps[0]["hires"][idx, 0]
             fake = MapRecord(r.split, r.index, r.kind, r.prompt, r.answer, True, raw_r,
                              r.token_ids, r.masks, r.words,
-                             _interference_maps(exp, r.answer.split()))
+                             _interference_maps(exp))
             a = refine_record(r, config, refine_at)
             b = refine_record(fake, config, refine_at)
             corr.extend(rank_correlation(x, y) for x, y in zip(a, b))
