@@ -8,12 +8,17 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "refine/attenuation.hpp"
 #include "refine/debias.hpp"
@@ -87,6 +92,44 @@ py::array_t<T> new_array(std::vector<py::ssize_t> shape) {
   return py::array_t<T>(shape);
 }
 
+// Every value of x[0..n) finite, >= 0 and <= max_value * (1 + 1e-6) (the API's as_batch rule for
+// the values).  Float compares against float_floor of the float64 bound give the same answer as
+// float64 compares for every float; NaN fails both compares.  Two SSE2 accumulators, one
+// movemask at the end (no branch per value); the GIL is released around it by the callers.
+bool values_in_range(const float* x, size_t n, double max_value) {
+  float hi = float_floor(max_value * (1 + 1e-6));
+  if (!(hi <= FLT_MAX)) hi = FLT_MAX;  // a bound beyond the floats (or NaN): still finite values only
+  size_t i = 0;
+  bool ok = true;
+#if defined(__SSE2__)
+  {
+    const __m128 z = _mm_setzero_ps(), h = _mm_set1_ps(hi);
+    __m128 a0 = _mm_castsi128_ps(_mm_set1_epi32(-1)), a1 = a0;
+    for (; i + 8 <= n; i += 8) {
+      const __m128 v0 = _mm_loadu_ps(x + i), v1 = _mm_loadu_ps(x + i + 4);
+      a0 = _mm_and_ps(a0, _mm_and_ps(_mm_cmpge_ps(v0, z), _mm_cmple_ps(v0, h)));
+      a1 = _mm_and_ps(a1, _mm_and_ps(_mm_cmpge_ps(v1, z), _mm_cmple_ps(v1, h)));
+    }
+    ok = _mm_movemask_ps(_mm_and_ps(a0, a1)) == 0xF;
+  }
+#endif
+  unsigned bad = 0;
+  for (; i < n; ++i) bad |= static_cast<unsigned>(!(x[i] >= 0.0f && x[i] <= hi));
+  return ok && bad == 0;
+}
+
+// params of the whole pipeline (refine, refine_default): check_params plus the kernel sizes.
+const double* check_pipeline_params(const py::handle& params) {
+  const double* p = check_params(params);
+  if (p[P::kernel_size] > 0) {
+    int k = static_cast<int>(p[P::kernel_size]);
+    if (k < 1 || k > 31 || k % 2 == 0)
+      throw py::value_error("params[kernel_size] must be 0 or an odd size in [1, 31]");
+  }
+  if (p[P::k_max] < 1 || p[P::k_max] > 31) throw py::value_error("params[k_max] must be in [1, 31]");
+  return p;
+}
+
 // threads for a batch of N maps of n pixels: 1 when the work is too small to pay thread start-up.
 int batch_threads(int threads, long N, long n, long cost_per_px = 1) {
   int t = resolve_threads(threads);
@@ -97,6 +140,63 @@ int batch_threads(int threads, long N, long n, long cost_per_px = 1) {
 // maps per block of parallel_for_dynamic: about 16 blocks per thread (small enough to balance a
 // loaded core, large enough that the shared counter costs nothing).
 long map_grain(long N, int t) { return std::max<long>(1, N / (16L * t)); }
+
+// values_in_range over a whole batch (the GIL released for big ones).
+bool values_ok(const Maps& mp, double max_value) {
+  const size_t total = static_cast<size_t>(mp.N) * mp.H * mp.W;
+  if (total < (1u << 16)) return values_in_range(mp.ptr, total, max_value);
+  py::gil_scoped_release rel;
+  return values_in_range(mp.ptr, total, max_value);
+}
+
+// The pipeline over a checked batch (refine and refine_default): the refined maps, shaped
+// out_shape, and with info the six per-map arrays.  rp / rc: SICD's inputs (nullptr: zeros).
+py::object run_refine(const Maps& mp, const float* rp, const double* rc, const double* p, int threads,
+                    bool info, const std::vector<py::ssize_t>& out_shape) {
+  const int N = mp.N;
+  const long n = static_cast<long>(mp.H) * mp.W;
+  auto out = new_array<float>(out_shape);
+  // null handles until needed (a default-constructed py::array_t allocates an empty array)
+  py::object ka, ba, ta, tba, la, aa;
+  int32_t *k_ = nullptr, *b_ = nullptr;
+  double *t_ = nullptr, *tb_ = nullptr, *l_ = nullptr;
+  uint8_t* a_ = nullptr;
+  if (info) {
+    auto k = new_array<int32_t>({N}), b = new_array<int32_t>({N});
+    auto t = new_array<double>({N}), tb = new_array<double>({N}), l = new_array<double>({N});
+    auto a = new_array<uint8_t>({N});
+    k_ = k.mutable_data(), b_ = b.mutable_data();
+    t_ = t.mutable_data(), tb_ = tb.mutable_data(), l_ = l.mutable_data();
+    a_ = a.mutable_data();
+    ka = std::move(k), ba = std::move(b), ta = std::move(t), tba = std::move(tb), la = std::move(l);
+    aa = std::move(a);
+  }
+  float* o = out.mutable_data();
+  {
+    py::gil_scoped_release rel;
+    int t = batch_threads(threads, N, n, 32);
+    auto one = [&](long i, Workspace& ws, int ft) {
+      RefineInfo ri = refine_map(mp.ptr + i * n, rp ? rp + i * n : nullptr, rc ? rc[i] : 0.0, o + i * n,
+                                 mp.H, mp.W, p, ws, ft);
+      if (k_) k_[i] = ri.k, b_[i] = ri.branch, t_[i] = ri.tau, tb_[i] = ri.tau_bg, l_[i] = ri.lam, a_[i] = ri.applied;
+    };
+    // the calling thread keeps its scratch between calls (no allocation for small maps)
+    static thread_local Workspace ws_caller;
+    if (t <= 1) {
+      for (long i = 0; i < N; ++i) one(i, ws_caller, 1);
+    } else if (N >= t) {
+      std::vector<Workspace> ws_local(t);
+      parallel_for_dynamic(N, t, map_grain(N, t), [&](long b, long e, int w) {
+        Workspace& ws = w == 0 ? ws_caller : ws_local[w];
+        for (long i = b; i < e; ++i) one(i, ws, 1);
+      });
+    } else {
+      for (long i = 0; i < N; ++i) one(i, ws_caller, t);
+    }
+  }
+  if (!info) return std::move(out);
+  return py::make_tuple(out, ka, ba, ta, tba, la, aa);
+}
 
 }  // namespace
 
@@ -310,83 +410,37 @@ PYBIND11_MODULE(_core, m) {
         const double* rc;
         py::array k1, k2;
         check_rep(mp, rep, rep_const, rp, rc, k1, k2);
-        const double* p = check_params(params);
-        if (p[P::kernel_size] > 0) {
-          int k = static_cast<int>(p[P::kernel_size]);
-          if (k < 1 || k > 31 || k % 2 == 0)
-            throw py::value_error("params[kernel_size] must be 0 or an odd size in [1, 31]");
-        }
-        if (p[P::k_max] < 1 || p[P::k_max] > 31)
-          throw py::value_error("params[k_max] must be in [1, 31]");
-        const int N = mp.N;
-        const long n = static_cast<long>(mp.H) * mp.W;
-        if (!max_value.is_none()) {
-          const double hi = max_value.cast<double>() * (1 + 1e-6);
-          bool ok = true;
-          {
-            py::gil_scoped_release rel;
-            const size_t total = static_cast<size_t>(N) * static_cast<size_t>(n);
-            // 4 independent flags; !(v >= 0 && v <= hi) is true for NaN, negatives, Inf and
-            // values above the bound
-            unsigned bad4[4] = {0, 0, 0, 0};
-            size_t i = 0;
-            for (; i + 4 <= total; i += 4)
-              for (int j = 0; j < 4; ++j) {
-                const double v = mp.ptr[i + j];
-                bad4[j] |= static_cast<unsigned>(!(v >= 0.0 && v <= hi));
-              }
-            for (; i < total; ++i) {
-              const double v = mp.ptr[i];
-              bad4[0] |= static_cast<unsigned>(!(v >= 0.0 && v <= hi));
-            }
-            ok = (bad4[0] | bad4[1] | bad4[2] | bad4[3]) == 0;
-          }
-          if (!ok) return py::none();
-        }
-        auto out = new_array<float>({N, mp.H, mp.W});
-        // null handles until needed (a default-constructed py::array_t allocates an empty array)
-        py::object ka, ba, ta, tba, la, aa;
-        int32_t *k_ = nullptr, *b_ = nullptr;
-        double *t_ = nullptr, *tb_ = nullptr, *l_ = nullptr;
-        uint8_t* a_ = nullptr;
-        if (info) {
-          auto k = new_array<int32_t>({N}), b = new_array<int32_t>({N});
-          auto t = new_array<double>({N}), tb = new_array<double>({N}), l = new_array<double>({N});
-          auto a = new_array<uint8_t>({N});
-          k_ = k.mutable_data(), b_ = b.mutable_data();
-          t_ = t.mutable_data(), tb_ = tb.mutable_data(), l_ = l.mutable_data();
-          a_ = a.mutable_data();
-          ka = std::move(k), ba = std::move(b), ta = std::move(t), tba = std::move(tb), la = std::move(l);
-          aa = std::move(a);
-        }
-        float* o = out.mutable_data();
-        {
-          py::gil_scoped_release rel;
-          int t = batch_threads(threads, N, n, 32);
-          auto one = [&](long i, Workspace& ws, int ft) {
-            RefineInfo ri = refine_map(mp.ptr + i * n, rp ? rp + i * n : nullptr, rc ? rc[i] : 0.0, o + i * n,
-                                       mp.H, mp.W, p, ws, ft);
-            if (k_) k_[i] = ri.k, b_[i] = ri.branch, t_[i] = ri.tau, tb_[i] = ri.tau_bg, l_[i] = ri.lam, a_[i] = ri.applied;
-          };
-          // the calling thread keeps its scratch between calls (no allocation for small maps)
-          static thread_local Workspace ws_caller;
-          if (t <= 1) {
-            for (long i = 0; i < N; ++i) one(i, ws_caller, 1);
-          } else if (N >= t) {
-            std::vector<Workspace> ws_local(t);
-            parallel_for_dynamic(N, t, map_grain(N, t), [&](long b, long e, int w) {
-              Workspace& ws = w == 0 ? ws_caller : ws_local[w];
-              for (long i = b; i < e; ++i) one(i, ws, 1);
-            });
-          } else {
-            for (long i = 0; i < N; ++i) one(i, ws_caller, t);
-          }
-        }
-        if (!info) return std::move(out);
-        return py::make_tuple(out, ka, ba, ta, tba, la, aa);
+        const double* p = check_pipeline_params(params);
+        if (!max_value.is_none() && !values_ok(mp, max_value.cast<double>())) return py::none();
+        return run_refine(mp, rp, rc, p, threads, info, {mp.N, mp.H, mp.W});
       },
       py::arg("maps"), py::arg("rep"), py::arg("rep_const"), py::arg("params"),
       py::arg("threads") = 0, py::arg("info") = true, py::arg("max_value") = py::none());
+
+  // refine_default(maps, params): diffcam.refine(maps) with every default argument, in one call
+  // for the case it shortcuts: maps a C-contiguous float32 NumPy array of shape (H, W) or
+  // (N, H, W) (H, W >= 1, N >= 1) whose values are all finite, >= 0 and <= 1 + 1e-6 (the API's
+  // rule).  The refined maps come back in the same shape (all cores for a big batch, as
+  // refine(threads=0)); None for anything else -- another type, dtype, rank or layout, or a
+  // value the check rejects -- so that the caller's general path converts or names the error.
+  // params is checked as refine's.  No SICD inputs (zeros) and no per-map info arrays.
+  m.def(
+      "refine_default",
+      [](py::handle maps, py::handle params) -> py::object {
+        if (!py::isinstance<py::array>(maps)) return py::none();
+        py::array a = py::reinterpret_borrow<py::array>(maps);
+        const py::ssize_t nd = a.ndim();
+        if ((nd != 2 && nd != 3) || !is_dtype<float>(a) || !(a.flags() & py::array::c_style)) return py::none();
+        const py::ssize_t N = nd == 3 ? a.shape(0) : 1, H = a.shape(nd - 2), W = a.shape(nd - 1);
+        if (N < 1 || H < 1 || W < 1 || N > INT32_MAX || H > INT32_MAX || W > INT32_MAX) return py::none();
+        const double* p = check_pipeline_params(params);
+        Maps mp{a, static_cast<const float*>(a.data()), static_cast<int>(N), static_cast<int>(H),
+                static_cast<int>(W)};
+        if (!values_ok(mp, 1.0)) return py::none();
+        std::vector<py::ssize_t> shape(a.shape(), a.shape() + nd);
+        return run_refine(mp, nullptr, nullptr, p, 0, false, shape);
+      },
+      py::arg("maps"), py::arg("params"));
 
   m.def(
       "otsu_threshold_u8",

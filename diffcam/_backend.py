@@ -210,6 +210,21 @@ def _env_backend() -> str:
     return "" if v is None else os.environ.decodevalue(v)
 
 
+def auto_native():
+    """The native module when the automatic choice of a backend for host maps is the native one
+    right now (DIFFCAM_BACKEND unset, ``auto`` or ``native``, and the extension available), else
+    None.  ``diffcam.refine(maps)``'s shortcut asks this on every call: about 0.1 us, against
+    0.3 us for ``resolve_backend_name()`` followed by ``_probe``.
+
+    >>> auto_native() is _probe("native")[0] or auto_native() is None
+    True
+    """
+    env = _env_backend()
+    if env and env.strip().lower() not in ("auto", "native"):
+        return None
+    return _probe("native")[0]
+
+
 def resolve_backend_name(backend: str | None = None, on_gpu: bool = False) -> str:
     """The backend name a call with these arguments will use (see the module docstring)."""
     if backend is None:

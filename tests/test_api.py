@@ -11,6 +11,7 @@ import pytest
 import diffcam
 from diffcam import BackendUnavailableError, RefineConfig
 from diffcam.refine import reference as ref
+from diffcam.refine.config import PARAM_FIELDS
 
 from .refine.mapgen import make_batch, make_map
 
@@ -410,10 +411,10 @@ def test_native_refine_info_and_rep_const_options():
 
 
 def test_native_value_check_agrees_with_the_api():
-    """refine(..., max_value=1.0) returns None exactly for the maps the API's as_batch rejects
-    (NaN, +-Inf, negatives, values above 1 + 1e-6: the float32 neighbours of the bound), so the
-    shortcut never refines a map the general path would refuse, and refines every map it
-    accepts -- at any position in the batch (the 4-way unrolled scan and its tail)."""
+    """refine(..., max_value=1.0) and refine_default return None exactly for the maps the API's
+    as_batch rejects (NaN, +-Inf, negatives, values above 1 + 1e-6: the float32 neighbours of
+    the bound), so the shortcut never refines a map the general path would refuse, and refines
+    every map it accepts -- at any position in the batch (the 8-wide SSE2 scan and its tail)."""
     core = _native_core()
     p = RefineConfig.paper().to_params()
     bound = np.float32(1.0 + 1e-6)
@@ -427,6 +428,8 @@ def test_native_value_check_agrees_with_the_api():
                 m = np.full((2, h, w), 0.5, np.float32)
                 m.reshape(-1)[h * w + pos] = v
                 out = core.refine(m, None, None, p, info=False, max_value=1.0)
+                default = core.refine_default(m, p)
+                assert (default is None) == (out is None), (v, h, w, pos)
                 try:
                     diffcam.refine(m, config=RefineConfig.paper())
                     api_ok = True
@@ -436,6 +439,43 @@ def test_native_value_check_agrees_with_the_api():
                 if out is not None:
                     np.testing.assert_array_equal(
                         out, core.refine(m, None, None, p, info=False))
+                    np.testing.assert_array_equal(default, out)
+    # a bound beyond the float range still rejects infinities
+    m = np.full((1, 3, 3), 0.5, np.float32)
+    m[0, 1, 1] = np.inf
+    assert core.refine(m, None, None, p, info=False, max_value=1e300) is None
+    m[0, 1, 1] = 3e38
+    assert core.refine(m, None, None, p, info=False, max_value=1e300) is not None
+
+
+def test_native_refine_default_takes_only_its_case():
+    """_core.refine_default refines C-contiguous float32 NumPy maps of rank 2 or 3 in the shape
+    they come in (the same maps as refine on the (N, H, W) view) and returns None for
+    everything else, which the API then sends down its general path; bad params raise as in
+    refine."""
+    core = _native_core()
+    p = RefineConfig.paper().to_params()
+    rng = np.random.default_rng(11)
+    batch = make_batch(rng, 3, 14, 14)
+    want = core.refine(batch, None, None, p, info=False)
+    got = core.refine_default(batch, p)
+    assert got.shape == batch.shape and got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+    one = core.refine_default(batch[1], p)
+    assert one.shape == (14, 14)
+    np.testing.assert_array_equal(one, want[1])
+    not_taken = [batch.tolist(), batch.astype(np.float64), batch.astype(np.float16),
+                 np.asfortranarray(batch), batch[:, ::2], batch.reshape(-1), batch[None],
+                 np.zeros((0, 4, 4), np.float32), np.zeros((4, 0), np.float32),
+                 np.zeros((), np.float32), None, 0.5]
+    for arg in not_taken:
+        assert core.refine_default(arg, p) is None, arg
+    with pytest.raises(ValueError, match="params"):
+        core.refine_default(batch, p[:5])
+    with pytest.raises(ValueError, match="k_max"):
+        bad = p.copy()
+        bad[PARAM_FIELDS.index("k_max")] = 40
+        core.refine_default(batch, bad)
 
 
 def test_refine_module_call_is_the_pipeline_function():
@@ -448,11 +488,12 @@ def test_refine_module_call_is_the_pipeline_function():
 
 
 def test_default_call_shortcut_equals_the_general_path(monkeypatch):
-    """refine(maps) with every default skips the argument plumbing for valid float32 NumPy maps
+    """refine(maps), or refine(maps, config) for a config without the reference preset's
+    noise, with every other default skips the argument plumbing for valid float32 NumPy maps
     when the native backend is the automatic choice: bit-identical to the general path (the
-    same call with the config passed explicitly), for one map and a batch; anything else --
-    other dtypes, layouts, invalid values, a DIFFCAM_BACKEND choice -- takes the general path
-    with its errors."""
+    same call with threads=0 passed explicitly), for one map and a batch; anything else --
+    other dtypes, layouts, invalid values, the reference preset, a DIFFCAM_BACKEND choice --
+    takes the general path with its errors."""
     from diffcam.refine import pipeline
 
     rng = np.random.default_rng(3)
@@ -460,8 +501,8 @@ def test_default_call_shortcut_equals_the_general_path(monkeypatch):
     taken = []
     real = pipeline._default_call
 
-    def spy(m):
-        out = real(m)
+    def spy(m, config=None):
+        out = real(m, config)
         taken.append(out is not None)
         return out
     monkeypatch.setattr(pipeline, "_default_call", spy)
@@ -469,17 +510,31 @@ def test_default_call_shortcut_equals_the_general_path(monkeypatch):
     for m in maps + [np.stack(maps), np.zeros((5, 5), np.float32), np.ones((3, 4), np.float32)]:
         m = np.ascontiguousarray(m, dtype=np.float32)
         got = diffcam.refine(m)
-        want = diffcam.refine(m, config=RefineConfig.paper())
+        want = diffcam.refine(m, config=RefineConfig.paper(), threads=0)
         assert got.dtype == np.float32 and got.shape == m.shape
         np.testing.assert_array_equal(got, want)
     assert taken and all(t == native for t in taken)
+    # a config of its own (or "paper") takes the shortcut too, with its own params
+    taken.clear()
+    own = RefineConfig.paper().replace(kernel_size=5, gamma=0.5, w_out=0.3)
+    for cfg in ("paper", own, RefineConfig.paper().replace(akd=False, gate=True)):
+        got = diffcam.refine(maps[1], cfg)
+        np.testing.assert_array_equal(got, diffcam.refine(maps[1], cfg, threads=0))
+    assert taken == [native] * 3
+    assert not np.array_equal(diffcam.refine(maps[1], own), diffcam.refine(maps[1]))
+    # the reference preset's seeded noise is drawn in Python: never the shortcut
+    taken.clear()
+    np.testing.assert_array_equal(diffcam.refine(maps[1], "reference"),
+                                  diffcam.refine(maps[1], RefineConfig.reference(), threads=0))
+    diffcam.refine(maps[1], RefineConfig.reference())
+    assert taken == [False, False]
     taken.clear()
     m = np.ascontiguousarray(maps[0], dtype=np.float32)
     diffcam.refine(m.astype(np.float64))                   # another dtype
     diffcam.refine(np.asfortranarray(np.stack([m, m]).transpose(1, 2, 0)).transpose(2, 0, 1))
-    big = np.ascontiguousarray(np.repeat(m[None], 100, axis=0))      # above the size limit
-    np.testing.assert_array_equal(diffcam.refine(big), diffcam.refine(big, RefineConfig.paper()))
-    assert taken == [False, False, False]
+    big = np.ascontiguousarray(np.repeat(m[None], 100, axis=0))      # a bigger batch
+    np.testing.assert_array_equal(diffcam.refine(big), diffcam.refine(big, RefineConfig.paper(), threads=0))
+    assert taken == [False, False, native]
     for bad, match in ((np.full((4, 4), np.nan, np.float32), "NaN"),
                        (-m, "negative"), (m + 2, "above")):
         with pytest.raises(ValueError, match=match):
@@ -492,7 +547,7 @@ def test_default_call_shortcut_equals_the_general_path(monkeypatch):
     for env in ((" Native ",) if native else ()) + ("auto", ""):
         monkeypatch.setenv("DIFFCAM_BACKEND", env)
         taken.clear()
-        np.testing.assert_array_equal(diffcam.refine(m), diffcam.refine(m, RefineConfig.paper()))
+        np.testing.assert_array_equal(diffcam.refine(m), diffcam.refine(m, RefineConfig.paper(), threads=0))
         assert taken == [native]
     monkeypatch.setenv("DIFFCAM_BACKEND", "numba")
     taken.clear()
@@ -522,3 +577,18 @@ def test_native_causal_debiasing_rep_const_none():
     for a, b in zip(core.causal_debiasing(maps, None, None, p),
                     core.causal_debiasing(maps, None, np.zeros(4), p)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_default_call_with_native_named_but_unavailable(monkeypatch):
+    """DIFFCAM_BACKEND=native where the extension cannot be used: refine(maps) with every
+    default raises the general path's BackendUnavailableError (the shortcut steps aside)."""
+    from diffcam import _backend
+
+    m = make_map(np.random.default_rng(4), 9, 9, "peaks").astype(np.float32)
+    monkeypatch.setenv("DIFFCAM_BACKEND", "native")
+    if _backend._probe("native")[0] is not None:
+        np.testing.assert_array_equal(diffcam.refine(m), diffcam.refine(m, "paper"))
+        monkeypatch.setattr(_backend, "_probe", lambda name: (None, "simulated: not built"))
+    assert _backend.auto_native() is None
+    with pytest.raises(BackendUnavailableError, match="native"):
+        diffcam.refine(m)
