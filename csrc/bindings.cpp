@@ -95,7 +95,7 @@ py::array_t<T> new_array(std::vector<py::ssize_t> shape) {
 // Every value of x[0..n) finite, >= 0 and <= max_value * (1 + 1e-6) (the API's as_batch rule for
 // the values).  Float compares against float_floor of the float64 bound give the same answer as
 // float64 compares for every float; NaN fails both compares.  Two SSE2 accumulators, one
-// movemask at the end (no branch per value); the GIL is released around it by the callers.
+// movemask at the end (no branch per value).
 bool values_in_range(const float* x, size_t n, double max_value) {
   float hi = float_floor(max_value * (1 + 1e-6));
   if (!(hi <= FLT_MAX)) hi = FLT_MAX;  // a bound beyond the floats (or NaN): still finite values only
@@ -152,7 +152,7 @@ bool values_ok(const Maps& mp, double max_value) {
 // The pipeline over a checked batch (refine and refine_default): the refined maps, shaped
 // out_shape, and with info the six per-map arrays.  rp / rc: SICD's inputs (nullptr: zeros).
 py::object run_refine(const Maps& mp, const float* rp, const double* rc, const double* p, int threads,
-                    bool info, const std::vector<py::ssize_t>& out_shape) {
+                      bool info, const std::vector<py::ssize_t>& out_shape) {
   const int N = mp.N;
   const long n = static_cast<long>(mp.H) * mp.W;
   auto out = new_array<float>(out_shape);
