@@ -292,9 +292,16 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_explain(args) -> int:
+    import os
+
     import diffcam
+    from diffcam.attribution.images import load_image
 
     targets = _threads_and_targets(args)
+    # what can fail without the model fails before loading it (seconds to minutes)
+    if os.path.exists(args.out) and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    load_image(args.image)
     adapter = _load_model(args)
     with diffcam.Explainer(adapter, layer=args.layer) as ex:
         exp = ex.explain(args.image, args.prompt, targets=targets, method=args.method,

@@ -268,7 +268,8 @@ def test_ray_engine_needs_names(tmp_path, monkeypatch):
         run_dataset_ray("bundled", "shapes:test:0:4", str(tmp_path / "r"), worker=(0, 1))
 
 
-def test_cli_explain_one_image(tmp_path, capsys):
+def test_cli_explain_one_image(tmp_path, capsys, monkeypatch):
+    from diffcam import cli
     from diffcam.attribution import Explanation
     from diffcam.cli import main
     from diffcam.viz.png import write_png
@@ -285,13 +286,22 @@ def test_cli_explain_one_image(tmp_path, capsys):
     assert next(iter(exp.maps[0].values())).shape[-2:] == sc.image.shape[:2]  # refined at 96x96
     pngs = [f for f in os.listdir(out) if f.endswith(".png")]
     assert len(pngs) == len(exp.target_names)
+    load_model = cli._load_model
+    monkeypatch.setattr(cli, "_load_model", lambda args: pytest.fail("the model was loaded"))
+    # an existing --out and an unreadable image are refused before the model is loaded
     assert main(["explain", img, "--out", out, "--raw"]) == 2      # refuses to overwrite
     assert "exists" in capsys.readouterr().err
+    assert main(["explain", str(tmp_path / "missing.png"), "--out", str(tmp_path / "m")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    assert main(["explain", str(tmp_path / "bad.png"), "--out", str(tmp_path / "m")]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "m")
+    monkeypatch.setattr(cli, "_load_model", load_model)
     assert main(["explain", img, "--out", out, "--raw", "--overwrite",
                  "--answer", shapes.describe(sc)]) == 0
     raw = Explanation.load(out)
     assert raw.answer == shapes.describe(sc) and "refine" not in raw.settings
-    assert main(["explain", str(tmp_path / "missing.png"), "--out", str(tmp_path / "m")]) == 2
 
 
 def test_the_shapes_export_runs_like_the_shapes_world(adapter, gold_run, tmp_path):
