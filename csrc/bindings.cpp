@@ -417,16 +417,16 @@ PYBIND11_MODULE(_core, m) {
       py::arg("maps"), py::arg("rep"), py::arg("rep_const"), py::arg("params"),
       py::arg("threads") = 0, py::arg("info") = true, py::arg("max_value") = py::none());
 
-  // refine_default(maps, params): diffcam.refine(maps) with every default argument, in one call
-  // for the case it shortcuts: maps a C-contiguous float32 NumPy array of shape (H, W) or
-  // (N, H, W) (H, W >= 1, N >= 1) whose values are all finite, >= 0 and <= 1 + 1e-6 (the API's
-  // rule).  The refined maps come back in the same shape (all cores for a big batch, as
-  // refine(threads=0)); None for anything else -- another type, dtype, rank or layout, or a
-  // value the check rejects -- so that the caller's general path converts or names the error.
-  // params is checked as refine's.  No SICD inputs (zeros) and no per-map info arrays.
+  // refine_default(maps, params, threads=0): diffcam.refine(maps) with its default SICD inputs
+  // and no info, in one call for the case it shortcuts: maps a C-contiguous float32 NumPy array
+  // of shape (H, W) or (N, H, W) (H, W >= 1, N >= 1) whose values are all finite, >= 0 and
+  // <= 1 + 1e-6 (the API's rule).  The refined maps come back in the same shape (threads as
+  // refine's); None for anything else -- another type, dtype, rank or layout, or a value the
+  // check rejects -- so that the caller's general path converts or names the error.  params is
+  // checked as refine's.  No SICD inputs (zeros) and no per-map info arrays.
   m.def(
       "refine_default",
-      [](py::handle maps, py::handle params) -> py::object {
+      [](py::handle maps, py::handle params, int threads) -> py::object {
         if (!py::isinstance<py::array>(maps)) return py::none();
         py::array a = py::reinterpret_borrow<py::array>(maps);
         const py::ssize_t nd = a.ndim();
@@ -438,9 +438,9 @@ PYBIND11_MODULE(_core, m) {
                 static_cast<int>(W)};
         if (!values_ok(mp, 1.0)) return py::none();
         std::vector<py::ssize_t> shape(a.shape(), a.shape() + nd);
-        return run_refine(mp, nullptr, nullptr, p, 0, false, shape);
+        return run_refine(mp, nullptr, nullptr, p, threads, false, shape);
       },
-      py::arg("maps"), py::arg("params"));
+      py::arg("maps"), py::arg("params"), py::arg("threads") = 0);
 
   m.def(
       "otsu_threshold_u8",

@@ -488,12 +488,12 @@ def test_refine_module_call_is_the_pipeline_function():
 
 
 def test_default_call_shortcut_equals_the_general_path(monkeypatch):
-    """refine(maps), or refine(maps, config) for a config without the reference preset's
-    noise, with every other default skips the argument plumbing for valid float32 NumPy maps
-    when the native backend is the automatic choice: bit-identical to the general path (the
-    same call with threads=0 passed explicitly), for one map and a batch; anything else --
-    other dtypes, layouts, invalid values, the reference preset, a DIFFCAM_BACKEND choice --
-    takes the general path with its errors."""
+    """refine(maps), or refine(maps, config, backend="native", threads=t) for a config without
+    the reference preset's noise, skips the argument plumbing for valid float32 NumPy maps on
+    the native backend: bit-identical to the general path (the same call with
+    return_info=True), for one map and a batch; anything else -- other dtypes, layouts,
+    invalid values, the reference preset, other backends, a DIFFCAM_BACKEND choice -- takes
+    the general path with its errors."""
     from diffcam.refine import pipeline
 
     rng = np.random.default_rng(3)
@@ -501,8 +501,8 @@ def test_default_call_shortcut_equals_the_general_path(monkeypatch):
     taken = []
     real = pipeline._default_call
 
-    def spy(m, config=None):
-        out = real(m, config)
+    def spy(m, config=None, backend=None, threads=None):
+        out = real(m, config, backend, threads)
         taken.append(out is not None)
         return out
     monkeypatch.setattr(pipeline, "_default_call", spy)
@@ -510,7 +510,7 @@ def test_default_call_shortcut_equals_the_general_path(monkeypatch):
     for m in maps + [np.stack(maps), np.zeros((5, 5), np.float32), np.ones((3, 4), np.float32)]:
         m = np.ascontiguousarray(m, dtype=np.float32)
         got = diffcam.refine(m)
-        want = diffcam.refine(m, config=RefineConfig.paper(), threads=0)
+        want = diffcam.refine(m, config=RefineConfig.paper(), return_info=True)[0]
         assert got.dtype == np.float32 and got.shape == m.shape
         np.testing.assert_array_equal(got, want)
     assert taken and all(t == native for t in taken)
@@ -519,13 +519,30 @@ def test_default_call_shortcut_equals_the_general_path(monkeypatch):
     own = RefineConfig.paper().replace(kernel_size=5, gamma=0.5, w_out=0.3)
     for cfg in ("paper", own, RefineConfig.paper().replace(akd=False, gate=True)):
         got = diffcam.refine(maps[1], cfg)
-        np.testing.assert_array_equal(got, diffcam.refine(maps[1], cfg, threads=0))
+        np.testing.assert_array_equal(got, diffcam.refine(maps[1], cfg, return_info=True)[0])
     assert taken == [native] * 3
+    # backend="native" and threads: the shortcut, with the same maps for any thread count
+    if native:
+        taken.clear()
+        batch = np.ascontiguousarray(np.stack(maps * 8), dtype=np.float32)
+        want = diffcam.refine(batch, own, return_info=True)[0]
+        for t in (1, 2, 0):
+            np.testing.assert_array_equal(
+                diffcam.refine(batch, own, backend="native", threads=t), want)
+        assert taken == [True] * 3
+    taken.clear()
+    for kw in ({"backend": "numpy"}, {"threads": True}, {"threads": 2.0}, {"backend": "NATIVE"}):
+        try:
+            diffcam.refine(maps[1], **kw)
+        except (ValueError, TypeError, BackendUnavailableError):
+            pass
+    assert taken == [False] * 4
     assert not np.array_equal(diffcam.refine(maps[1], own), diffcam.refine(maps[1]))
     # the reference preset's seeded noise is drawn in Python: never the shortcut
     taken.clear()
-    np.testing.assert_array_equal(diffcam.refine(maps[1], "reference"),
-                                  diffcam.refine(maps[1], RefineConfig.reference(), threads=0))
+    np.testing.assert_array_equal(
+        diffcam.refine(maps[1], "reference"),
+        diffcam.refine(maps[1], RefineConfig.reference(), return_info=True)[0])
     diffcam.refine(maps[1], RefineConfig.reference())
     assert taken == [False, False]
     taken.clear()
@@ -533,7 +550,8 @@ def test_default_call_shortcut_equals_the_general_path(monkeypatch):
     diffcam.refine(m.astype(np.float64))                   # another dtype
     diffcam.refine(np.asfortranarray(np.stack([m, m]).transpose(1, 2, 0)).transpose(2, 0, 1))
     big = np.ascontiguousarray(np.repeat(m[None], 100, axis=0))      # a bigger batch
-    np.testing.assert_array_equal(diffcam.refine(big), diffcam.refine(big, RefineConfig.paper(), threads=0))
+    np.testing.assert_array_equal(diffcam.refine(big),
+                                  diffcam.refine(big, RefineConfig.paper(), return_info=True)[0])
     assert taken == [False, False, native]
     for bad, match in ((np.full((4, 4), np.nan, np.float32), "NaN"),
                        (-m, "negative"), (m + 2, "above")):
@@ -542,12 +560,13 @@ def test_default_call_shortcut_equals_the_general_path(monkeypatch):
     monkeypatch.setenv("DIFFCAM_BACKEND", "numpy")
     taken.clear()
     np.testing.assert_allclose(diffcam.refine(m), diffcam.refine(m, backend="numpy"), atol=0)
-    assert taken == [False]
+    assert taken == [False, False]
     # the automatic choice, or native named (an error of the general path when it is disabled)
     for env in ((" Native ",) if native else ()) + ("auto", ""):
         monkeypatch.setenv("DIFFCAM_BACKEND", env)
         taken.clear()
-        np.testing.assert_array_equal(diffcam.refine(m), diffcam.refine(m, RefineConfig.paper(), threads=0))
+        np.testing.assert_array_equal(diffcam.refine(m),
+                                      diffcam.refine(m, RefineConfig.paper(), return_info=True)[0])
         assert taken == [native]
     monkeypatch.setenv("DIFFCAM_BACKEND", "numba")
     taken.clear()

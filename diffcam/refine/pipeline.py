@@ -86,9 +86,8 @@ def refine(maps, config=None, tokens=None, interference=None, backend=None, retu
     >>> diffcam.refine(np.stack([m, m]), config="reference").shape
     (2, 27, 27)
     """
-    if (tokens is None and interference is None and backend is None and not return_info
-            and not normalize and threads is None):
-        out = _default_call(maps, config)
+    if tokens is None and interference is None and not return_info and not normalize:
+        out = _default_call(maps, config, backend, threads)
         if out is not None:
             return out
     cfg = _common.config_or_default(config)
@@ -126,15 +125,17 @@ def refine(maps, config=None, tokens=None, interference=None, backend=None, retu
 _PAPER_PARAMS = _common._PAPER.to_params()
 
 
-def _default_call(maps, config=None):
-    """``refine(maps)`` or ``refine(maps, config)`` with every other argument left at its
-    default, for a C-contiguous float32 NumPy map or batch when the native backend is the
-    automatic choice: one native call (``_core.refine_default``) that checks the array and its
-    values (finite, >= 0, <= 1 + 1e-6), refines, and returns the same shape -- the general
-    path's kernel call, bit for bit, about 4 us sooner.  ``config``: None, ``"paper"`` or a
-    RefineConfig without the reference preset's noise (the noise is drawn in Python).  None for
-    anything else (other types, dtypes, ranks or layouts, other configs, a DIFFCAM_BACKEND
-    choice, values the checks reject), which then takes the general path and its errors."""
+def _default_call(maps, config=None, backend=None, threads=None):
+    """``refine(maps, config, backend=..., threads=...)`` without SICD inputs, info or
+    normalisation, for a C-contiguous float32 NumPy map or batch on the native backend: one
+    native call (``_core.refine_default``) that checks the array and its values (finite, >= 0,
+    <= 1 + 1e-6), refines, and returns the same shape -- the general path's kernel call, bit
+    for bit, about 4 us sooner.  ``config``: None, ``"paper"`` or a RefineConfig without the
+    reference preset's noise (the noise is drawn in Python); ``backend``: None when the native
+    backend is the automatic choice, or ``"native"``; ``threads``: None or an int >= 0.  None
+    for anything else (other types, dtypes, ranks or layouts, other configs or backends, a
+    DIFFCAM_BACKEND choice, values the checks reject), which then takes the general path and
+    its errors."""
     if type(maps) is not np.ndarray:
         return None
     if config is None or (type(config) is str and config == "paper"):
@@ -143,8 +144,17 @@ def _default_call(maps, config=None):
         params = config.to_params()
     else:
         return None
-    core = _backend.auto_native()
-    return None if core is None else core.refine_default(maps, params)
+    if threads is None:
+        threads = 0
+    elif type(threads) is not int or not 0 <= threads < 1 << 31:
+        return None
+    if backend is None:
+        core = _backend.auto_native()
+    elif type(backend) is str and backend == "native":
+        core = _backend._probe("native")[0]
+    else:
+        return None
+    return None if core is None else core.refine_default(maps, params, threads)
 
 
 def _backend_name(mod) -> str:
