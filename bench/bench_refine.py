@@ -8,10 +8,11 @@ only; it computes a plain median, not the rank-weighted filter).
 
 Modules: ``filter`` (AKD's rank-weighted Gaussian filter with a fixed k), ``dacg``, ``cba``,
 ``sicd``, ``pipeline`` (``diffcam.refine`` with the config, backend and threads passed: the
-public API with its input validation), ``pipeline_default`` (``diffcam.refine(maps)`` with every
+public API with its input validation; for ``native`` that is the one-call path of float32 NumPy
+maps, ``_core.refine_default``), ``pipeline_default`` (``diffcam.refine(maps)`` with every
 default, the automatic backend and all cores; timed under ``native``, which it picks where
-available: the API's shortcut for valid float32 NumPy maps) and ``pipeline_kernel`` (the
-backend's ``refine`` kernel called directly: the cost without the API).
+available) and ``pipeline_kernel`` (the backend's ``refine`` kernel called directly, with its
+per-map info arrays: the cost without the API).
 
 Threads: single token-grid maps run on one thread (threads=1: the "one map on one core"
 target); every other case uses all cores (threads=0).  naive / numpy / scipy are single-threaded.
