@@ -611,3 +611,41 @@ def test_default_call_with_native_named_but_unavailable(monkeypatch):
     assert _backend.auto_native() is None
     with pytest.raises(BackendUnavailableError, match="native"):
         diffcam.refine(m)
+
+
+def test_default_call_takes_cpu_torch_tensors(monkeypatch):
+    """Contiguous float32 CPU torch tensors (grad or not) take the one-call path too, through a
+    NumPy view: a torch tensor of the same shape comes back, equal to the general path's, with
+    no grad and no memory shared with the input; other tensors take the general path."""
+    torch = pytest.importorskip("torch")
+    from diffcam.refine import pipeline
+
+    taken = []
+    real = pipeline._default_call
+
+    def spy(*args):
+        out = real(*args)
+        taken.append(out is not None)
+        return out
+    monkeypatch.setattr(pipeline, "_default_call", spy)
+    native = diffcam.backends()["native"].available
+    rng = np.random.default_rng(8)
+    batch = torch.from_numpy(make_batch(rng, 3, 14, 14))
+    cases = [batch, batch[1], batch.clone().requires_grad_(True),
+             batch.transpose(1, 2),                   # not contiguous: the general path
+             batch.double()]                          # float64: the general path
+    for t in cases:
+        got = diffcam.refine(t)
+        want = diffcam.refine(t, return_info=True)[0]
+        assert isinstance(got, torch.Tensor) and got.dtype == t.dtype and got.shape == t.shape
+        assert not got.requires_grad and got.data_ptr() != t.data_ptr()
+        assert torch.equal(got, want)
+    assert taken == [native, native, native, False, False]
+    # NaN / Inf in a CPU tensor: the general path's ValueError (it used to fail on the NumPy
+    # copy with an AttributeError), with or without the shortcut
+    for value, word in ((float("nan"), "NaN"), (float("inf"), "Inf")):
+        bad = batch.clone()
+        bad[0, 0, 0] = value
+        for kw in ({}, {"return_info": True}):
+            with pytest.raises(ValueError, match=word):
+                diffcam.refine(bad, **kw)

@@ -160,7 +160,7 @@ def as_batch(x, name: str = "maps", *, allow_negative: bool = False, max_value: 
         lo, hi = host_range(arr)                         # NaN and Inf show up in min/max
         finite = math.isfinite(lo) and math.isfinite(hi)
     if not finite:
-        bad = "NaN" if _has_nan(arr, kind) else "Inf"
+        bad = "NaN" if _has_nan(arr, kind if on_gpu else "numpy") else "Inf"   # host: NumPy now
         raise ValueError(f"{name} contains {bad} values; refine only finite maps "
                          f"(for example with np.nan_to_num)")
     if normalize:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,17 +128,22 @@ _PAPER_PARAMS = _common._PAPER.to_params()
 
 def _default_call(maps, config=None, backend=None, threads=None):
     """``refine(maps, config, backend=..., threads=...)`` without SICD inputs, info or
-    normalisation, for a C-contiguous float32 NumPy map or batch on the native backend: one
-    native call (``_core.refine_default``) that checks the array and its values (finite, >= 0,
-    <= 1 + 1e-6), refines, and returns the same shape -- the general path's kernel call, bit
-    for bit, about 4 us sooner.  ``config``: None, ``"paper"`` or a RefineConfig without the
-    reference preset's noise (the noise is drawn in Python); ``backend``: None when the native
-    backend is the automatic choice, or ``"native"``; ``threads``: None or an int >= 0.  None
-    for anything else (other types, dtypes, ranks or layouts, other configs or backends, a
-    DIFFCAM_BACKEND choice, values the checks reject), which then takes the general path and
-    its errors."""
-    if type(maps) is not np.ndarray:
-        return None
+    normalisation, for float32 maps on the host -- a C-contiguous NumPy array, or a contiguous
+    CPU torch tensor (viewed as one, the result wrapped back without a copy) -- on the native
+    backend: one native call (``_core.refine_default``) that checks the array and its values
+    (finite, >= 0, <= 1 + 1e-6), refines, and returns the same shape -- the general path's
+    kernel call, bit for bit, about 4 us sooner (12 us for a torch tensor).  ``config``: None,
+    ``"paper"`` or a RefineConfig without the reference preset's noise (the noise is drawn in
+    Python); ``backend``: None when the native backend is the automatic choice, or
+    ``"native"``; ``threads``: None or an int >= 0.  None for anything else (other types,
+    dtypes, ranks, layouts or devices, other configs or backends, a DIFFCAM_BACKEND choice,
+    values the checks reject), which then takes the general path and its errors."""
+    tensor = type(maps) is not np.ndarray
+    if tensor:
+        torch = sys.modules.get("torch")          # a torch tensor exists only once torch is imported
+        if (torch is None or type(maps) is not torch.Tensor or not maps.is_cpu
+                or maps.dtype is not torch.float32 or maps.layout is not torch.strided):
+            return None
     if config is None or (type(config) is str and config == "paper"):
         params = _PAPER_PARAMS
     elif type(config) is RefineConfig and not config.noise > 0:
@@ -154,7 +160,13 @@ def _default_call(maps, config=None, backend=None, threads=None):
         core = _backend._probe("native")[0]
     else:
         return None
-    return None if core is None else core.refine_default(maps, params, threads)
+    if core is None:
+        return None
+    if not tensor:
+        return core.refine_default(maps, params, threads)
+    out = core.refine_default((maps.detach() if maps.requires_grad else maps).numpy(), params,
+                              threads)
+    return None if out is None else torch.from_numpy(out)
 
 
 def _backend_name(mod) -> str:
