@@ -641,6 +641,11 @@ def test_default_call_takes_cpu_torch_tensors(monkeypatch):
         assert not got.requires_grad and got.data_ptr() != t.data_ptr()
         assert torch.equal(got, want)
     assert taken == [native, native, native, False, False]
+    if hasattr(torch, "_neg_view"):           # a lazy negation: NumPy cannot view it
+        taken.clear()
+        lazy = torch._neg_view(-batch)
+        assert torch.equal(diffcam.refine(lazy), diffcam.refine(batch))
+        assert taken == [False, native]
     # NaN / Inf in a CPU tensor: the general path's ValueError (it used to fail on the NumPy
     # copy with an AttributeError), with or without the shortcut
     for value, word in ((float("nan"), "NaN"), (float("inf"), "Inf")):

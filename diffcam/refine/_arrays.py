@@ -121,8 +121,8 @@ def as_batch(x, name: str = "maps", *, allow_negative: bool = False, max_value: 
                             f"convert with {name}.float()")
         kind, on_gpu, dtype, device = "torch", x.device.type == "cuda", x.dtype, x.device
         arr = x.detach()
-        if not on_gpu:
-            arr = arr.to(torch.float32).contiguous().numpy()
+        if not on_gpu:     # resolve_neg: NumPy cannot view a lazily negated tensor
+            arr = arr.to(torch.float32).resolve_neg().contiguous().numpy()
     elif _is_cupy(x) or hasattr(x, "__cuda_array_interface__"):
         import cupy  # only reached when the caller already uses CuPy
 

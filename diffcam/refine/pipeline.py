@@ -164,8 +164,11 @@ def _default_call(maps, config=None, backend=None, threads=None):
         return None
     if not tensor:
         return core.refine_default(maps, params, threads)
-    out = core.refine_default((maps.detach() if maps.requires_grad else maps).numpy(), params,
-                              threads)
+    try:
+        view = (maps.detach() if maps.requires_grad else maps).numpy()
+    except (RuntimeError, TypeError):     # a tensor NumPy cannot view (e.g. a lazy negation)
+        return None
+    out = core.refine_default(view, params, threads)
     return None if out is None else torch.from_numpy(out)
 
 
