@@ -487,25 +487,33 @@ def test_refine_module_call_is_the_pipeline_function():
     np.testing.assert_array_equal(diffcam.refine(m, "paper"), pipeline.refine(m, "paper"))
 
 
-def test_default_call_shortcut_equals_the_general_path(monkeypatch):
+@pytest.fixture
+def shortcut_taken(monkeypatch):
+    """A list that gets, for every call of refine's one-call path (pipeline._default_call),
+    whether it refined (True) or stepped aside for the general path (False)."""
+    from diffcam.refine import pipeline
+
+    taken = []
+    real = pipeline._default_call
+
+    def spy(*args):
+        out = real(*args)
+        taken.append(out is not None)
+        return out
+    monkeypatch.setattr(pipeline, "_default_call", spy)
+    return taken
+
+
+def test_default_call_shortcut_equals_the_general_path(monkeypatch, shortcut_taken):
     """refine(maps), or refine(maps, config, backend="native", threads=t) for a config without
     the reference preset's noise, skips the argument plumbing for valid float32 NumPy maps on
     the native backend: bit-identical to the general path (the same call with
     return_info=True), for one map and a batch; anything else -- other dtypes, layouts,
     invalid values, the reference preset, other backends, a DIFFCAM_BACKEND choice -- takes
     the general path with its errors."""
-    from diffcam.refine import pipeline
-
     rng = np.random.default_rng(3)
     maps = [make_map(rng, 27, 27, kind) for kind in ("peaks", "sparse", "uniform", "levels")]
-    taken = []
-    real = pipeline._default_call
-
-    def spy(m, config=None, backend=None, threads=None):
-        out = real(m, config, backend, threads)
-        taken.append(out is not None)
-        return out
-    monkeypatch.setattr(pipeline, "_default_call", spy)
+    taken = shortcut_taken
     native = diffcam.backends()["native"].available
     for m in maps + [np.stack(maps), np.zeros((5, 5), np.float32), np.ones((3, 4), np.float32)]:
         m = np.ascontiguousarray(m, dtype=np.float32)
@@ -613,21 +621,12 @@ def test_default_call_with_native_named_but_unavailable(monkeypatch):
         diffcam.refine(m)
 
 
-def test_default_call_takes_cpu_torch_tensors(monkeypatch):
+def test_default_call_takes_cpu_torch_tensors(shortcut_taken):
     """Contiguous float32 CPU torch tensors (grad or not) take the one-call path too, through a
     NumPy view: a torch tensor of the same shape comes back, equal to the general path's, with
     no grad and no memory shared with the input; other tensors take the general path."""
     torch = pytest.importorskip("torch")
-    from diffcam.refine import pipeline
-
-    taken = []
-    real = pipeline._default_call
-
-    def spy(*args):
-        out = real(*args)
-        taken.append(out is not None)
-        return out
-    monkeypatch.setattr(pipeline, "_default_call", spy)
+    taken = shortcut_taken
     native = diffcam.backends()["native"].available
     rng = np.random.default_rng(8)
     batch = torch.from_numpy(make_batch(rng, 3, 14, 14))

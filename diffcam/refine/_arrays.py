@@ -160,7 +160,7 @@ def as_batch(x, name: str = "maps", *, allow_negative: bool = False, max_value: 
         lo, hi = host_range(arr)                         # NaN and Inf show up in min/max
         finite = math.isfinite(lo) and math.isfinite(hi)
     if not finite:
-        bad = "NaN" if _has_nan(arr, kind if on_gpu else "numpy") else "Inf"   # host: NumPy now
+        bad = "NaN" if _has_nan(arr) else "Inf"
         raise ValueError(f"{name} contains {bad} values; refine only finite maps "
                          f"(for example with np.nan_to_num)")
     if normalize:
@@ -194,10 +194,11 @@ def _gpu_stats(arr, kind):
     return float(arr.min()), float(arr.max()), True
 
 
-def _has_nan(arr, kind) -> bool:
-    if kind == "torch":
+def _has_nan(arr) -> bool:
+    """Whether ``arr`` (by its own type: a host map is NumPy by now, whatever came in) holds NaN."""
+    if _is_torch(arr):
         return bool(arr.isnan().any())
-    if kind == "cupy":
+    if _is_cupy(arr):
         import cupy
 
         return bool(cupy.isnan(arr).any())
