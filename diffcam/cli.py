@@ -419,16 +419,17 @@ def main(argv=None) -> int:
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("run", help="explain a whole dataset into a resumable run folder")
-    p.add_argument("dataset", help="shapes:SPLIT[:START:STOP[:KINDS]], coco:PATH or the path of "
-                   "a COCO-style dataset (instances json or its folder)")
+    p.add_argument("dataset", help="shapes:SPLIT[:START:STOP[:KINDS]], coco:PATH, "
+                   "grandf:PATH[|images=DIR][|keys=head|phrase] (GranD-f grounded captions) or "
+                   "the path of a COCO-style dataset (instances json or its folder)")
     p.add_argument("--out", required=True, help="run folder (rerun the command to resume)")
     _explain_options(p)
     p.add_argument("--preset", default="paper", choices=("paper", "reference"),
                    help="refinement used for the scores (and --save-refined)")
-    p.add_argument("--prompt", default=None, help="prompt of every image (COCO datasets)")
+    p.add_argument("--prompt", default=None, help="prompt of every image (COCO, GranD-f)")
     p.add_argument("--answer", default=None, choices=("gold", "caption"),
                    help="explain the expected answer (shapes: gold) or the first caption "
-                        "(COCO: caption) instead of the model's own")
+                        "(COCO, GranD-f: caption) instead of the model's own")
     p.add_argument("--batch", type=int, default=1, help="samples per forward/backward "
                    "(default 1, the fastest on a CPU; try 4-8 on a GPU)")
     p.add_argument("--shard", type=int, default=64, help="samples per committed shard")

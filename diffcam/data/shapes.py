@@ -479,3 +479,94 @@ def export_coco(out_dir: str, split: str = "test", n: int = 100, with_distractor
     with open(os.path.join(out_dir, "captions.json"), "w") as f:
         json.dump({"images": images, "annotations": caps}, f)
     return path
+
+
+GRANDF_LAYOUTS = ("gcg", "flickr", "eval")
+
+
+def grounded_phrases(sc: Scene) -> List[Tuple[str, Tuple[int, int], List[int]]]:
+    """The grounded phrases of :func:`describe`'s caption: ``(text, (start, end), objects)``
+    per distinct phrase in caption order, ``objects`` the named instances it refers to (two
+    "a red circle" of one scene are one phrase with two instances, spanned at its first
+    occurrence).
+
+    >>> sc = scene("test", 0)
+    >>> text, (s, e), objs = grounded_phrases(sc)[0]
+    >>> describe(sc)[s:e] == text == f"a {sc.colours[0]} {sc.shapes[0]}", objs[0]
+    (True, 0)
+    """
+    cap = describe(sc)
+    out: List[Tuple[str, Tuple[int, int], List[int]]] = []
+    where = {}
+    pos = 0
+    for k in sc.named:
+        text = f"a {sc.colours[k]} {sc.shapes[k]}"
+        s = cap.index(text, pos)
+        pos = s + len(text)
+        if text in where:
+            out[where[text]][2].append(k)
+        else:
+            where[text] = len(out)
+            out.append((text, (s, s + len(text)), [k]))
+    return out
+
+
+def export_grandf(out_dir: str, split: str = "test", n: int = 100, layout: str = "gcg") -> str:
+    """Write ``n`` scenes of ``split`` as GranD-f grounded captions (:mod:`diffcam.data.grandf`)
+    in one of its layouts: ``"gcg"`` (``GranDf_HA_GCG_{split}.json``: phrase -> span and RLE
+    masks), ``"flickr"`` (``flickr_mergedGT_GCG_{split}.json``: COCO, spans and ``sam_mask``
+    per annotation) or ``"eval"`` (``{split}_gcg_coco_caption_gt.json`` with its
+    ``{split}_gcg_coco_mask_gt.json``: phrases as labels, one mask annotation per label), with
+    the PNG images under ``out_dir/images/``.  Caption: :func:`describe`; phrases:
+    :func:`grounded_phrases`, each grounded to the union of its instances.  Returns the path of
+    the json to open (the caption ground truth for ``"eval"``).
+    """
+    from ..viz.png import write_png
+    from .coco import encode_rle
+
+    if layout not in GRANDF_LAYOUTS:
+        raise ValueError(f"layout={layout!r}: expected one of {GRANDF_LAYOUTS}")
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    recs, images, anns, caps = [], [], [], []
+    for i in range(n):
+        sc = scene(split, i)
+        fname = f"{split}_{i:06d}.png"
+        write_png(os.path.join(out_dir, "images", fname), sc.image)
+        cap = describe(sc)
+        phrases = [(text, span, np.logical_or.reduce(sc.masks[objs]))
+                   for text, span, objs in grounded_phrases(sc)]
+        h, w = sc.image.shape[:2]
+        iid = fname[:-4] if layout == "eval" else i
+        images.append({"id": iid, "file_name": fname, "height": h, "width": w})
+        if layout == "gcg":
+            recs.append({"file_name": fname, "caption": cap, "groundings": {
+                text: {"token_positives": list(span), "rle_masks": [encode_rle(m)]}
+                for text, span, m in phrases}})
+        elif layout == "flickr":
+            images[-1]["caption"] = cap
+            for text, span, m in phrases:
+                anns.append({"id": len(anns) + 1, "image_id": iid, "category_id": 1,
+                             "tokens_positive": [list(span)], "sam_mask": encode_rle(m),
+                             "area": int(m.sum())})
+        else:
+            caps.append({"id": i + 1, "image_id": iid, "caption": cap,
+                         "labels": [text for text, _, _ in phrases]})
+            for text, span, m in phrases:
+                anns.append({"id": len(anns) + 1, "image_id": iid, "category_id": 1,
+                             "segmentation": encode_rle(m), "area": int(m.sum()), "iscrowd": 0})
+    cats = [{"id": 1, "name": "object"}]
+
+    def dump(name, obj):
+        path = os.path.join(out_dir, name)
+        with open(path, "w") as f:
+            json.dump(obj, f)
+        return path
+
+    if layout == "gcg":
+        return dump(f"GranDf_HA_GCG_{split}.json", recs)
+    if layout == "flickr":
+        return dump(f"flickr_mergedGT_GCG_{split}.json",
+                    {"images": images, "annotations": anns, "categories": cats})
+    dump(f"{split}_gcg_coco_mask_gt.json", {"images": images, "annotations": anns,
+                                             "categories": cats})
+    return dump(f"{split}_gcg_coco_caption_gt.json", {"images": images, "annotations": caps})

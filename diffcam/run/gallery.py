@@ -86,7 +86,7 @@ def _scored(store: RunStore, rec: dict, arrays: dict, word: str):
 
 def _auto_masks(store: RunStore):
     """The ground truth of the run's dataset, when its spec says where to find it: the shapes
-    world (scenes are regenerated) or a COCO-style dataset (reopened)."""
+    world (scenes are regenerated), a COCO-style or a GranD-f dataset (reopened)."""
     spec = str(store.settings.get("dataset") or "")
     if spec.startswith("shapes:"):
         from ..data import shapes
@@ -103,6 +103,16 @@ def _auto_masks(store: RunStore):
             ds = CocoDataset(path)
             keys = coco_mask_keys(ds)
             return lambda rec: ds.masks(rec["meta"]["image_id"], keys)
+    if spec.startswith("grandf:"):
+        from ..data.grandf import GrandfDataset
+
+        path, *opts = spec[len("grandf:"):].split("|")
+        kw = dict(o.partition("=")[::2] for o in opts)
+        if os.path.isfile(path) and os.path.isdir(kw.get("images", "")):
+            gds = GrandfDataset(path, images_dir=kw["images"])
+            index = {sid: i for i, sid in enumerate(gds.ids)}
+            keys = kw.get("keys", "head")
+            return lambda rec: gds.masks(index[rec["id"]], keys)
     return None
 
 

@@ -12,11 +12,17 @@ spec                                   samples
                                        ``instances.json``; one sample per image, masks
                                        keyed by category name (and by colour word for
                                        the shapes export, whose annotations carry one)
+``grandf:PATH``                        GranD-f grounded captions (:mod:`diffcam.data.grandf`,
+                                       any of its four layouts): one sample per image,
+                                       masks keyed by the head word of each grounded phrase
+``grandf:PATH|images=DIR|keys=phrase`` the same with the image folder given, and / or the
+                                       masks keyed by the whole phrase
 =====================================  ====================================================
 
-``prompt`` (COCO: default ``"<image> describe the image ."``) and ``answer`` (COCO: None = the
-model answers, ``"caption"`` = explain the image's first caption; shapes: ``"gold"`` = explain
-the expected answer) complete a spec.
+``prompt`` (COCO, GranD-f: default ``"<image> describe the image ."``) and ``answer`` (COCO:
+None = the model answers, ``"caption"`` = explain the image's first caption; GranD-f: None or
+``"caption"``, the grounded caption; shapes: ``"gold"`` = explain the expected answer)
+complete a spec.
 
 >>> ds = open_dataset("shapes:val:0:3:describe,colour")
 >>> ds.count, [s.id for s in ds][:2]
@@ -110,6 +116,32 @@ def _coco(spec: str, path: str, prompt, answer) -> Dataset:
     return Dataset(canon, len(ds), lambda: ds.samples(prompt=prompt, answer=answer, keys=keys))
 
 
+def _grandf(spec: str, rest: str, prompt, answer) -> Dataset:
+    from ..data.grandf import GrandfDataset
+
+    path, *opts = rest.split("|")
+    if not path:
+        raise ValueError(f"dataset spec {spec!r}: expected grandf:PATH[|images=DIR][|keys=KEYS]")
+    kw = {}
+    for o in opts:
+        k, eq, v = o.partition("=")
+        if not eq or k not in ("images", "keys") or k in kw or not v:
+            raise ValueError(f"dataset spec {spec!r}: option {o!r}; expected images=DIR or "
+                             "keys=head|phrase, each at most once")
+        kw[k] = v
+    keys = kw.get("keys", "head")
+    if keys not in ("head", "phrase"):
+        raise ValueError(f"dataset spec {spec!r}: keys={keys!r}; expected head or phrase")
+    if answer not in (None, "caption"):
+        raise ValueError(f"answer={answer!r}: a GranD-f dataset takes None (the model answers) "
+                         f"or 'caption' (explain the grounded caption)")
+    ds = GrandfDataset(path, images_dir=kw.get("images"))
+    prompt = DEFAULT_PROMPT if prompt is None else prompt
+    canon = (f"grandf:{ds.path}|images={os.path.abspath(ds.images_dir)}|keys={keys}"
+             f"|prompt={prompt}|answer={answer}")
+    return Dataset(canon, len(ds), lambda: ds.samples(prompt=prompt, answer=answer, keys=keys))
+
+
 def coco_mask_keys(ds) -> tuple:
     """The annotation fields whose values name masks: the category, plus the colour word for
     the shapes export (whose annotations carry one)."""
@@ -129,7 +161,9 @@ def open_dataset(spec, prompt: Optional[str] = None, answer: Optional[str] = Non
         return _shapes(spec, rest, prompt, answer)
     if kind == "coco":
         return _coco(spec, rest, prompt, answer)
+    if kind == "grandf":
+        return _grandf(spec, rest, prompt, answer)
     if os.path.exists(spec):
         return _coco(spec, spec, prompt, answer)
     raise ValueError(f"dataset spec {spec!r}: expected shapes:SPLIT[:START:STOP[:KINDS]], "
-                     f"coco:PATH or the path of a COCO-style dataset")
+                     f"coco:PATH, grandf:PATH or the path of a COCO-style dataset")
