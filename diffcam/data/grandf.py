@@ -88,7 +88,9 @@ FORMATS = ("gcg", "refcocog", "flickr", "eval")
 # before the head: "a *parked* car")
 _PARTICIPLES = frozenset("""
 wearing holding sitting standing lying laying walking riding carrying looking playing eating
-using covered filled made dressed parked placed hanging leaning surrounded attached
+using covered filled made dressed parked placed hanging leaning surrounded attached grazing
+swimming flying running jumping waiting talking posing smiling reading working driving
+crossing resting perched stacked painted topped lined filled growing floating
 """.split())
 _POST = frozenset("""
 in on at of with without by near under over behind beside besides next to from for into onto
@@ -258,7 +260,8 @@ class GrandfDataset:
             raise ValueError(f"{p}: a list of records without 'groundings' (GranD-f GCG) or "
                              "'refs' (RefCOCOg GCG)")
         if isinstance(data, dict) and isinstance(data.get("images"), list):
-            anns = data.get("annotations") or []
+            anns = data.get("annotations")
+            anns = [] if anns is None else anns
             if not isinstance(anns, list):
                 raise ValueError(f"{p}: 'annotations' must be a list")
             if any(isinstance(a, dict) and "labels" in a for a in anns):

@@ -324,6 +324,31 @@ def test_the_shapes_export_runs_like_the_shapes_world(adapter, gold_run, tmp_pat
                     assert v == pytest.approx(g["scores"][word][which][f], rel=1e-3, abs=1e-5)
 
 
+def test_a_grandf_run_scores_the_phrase_heads(adapter, gold_run, tmp_path):
+    """The same scenes as GranD-f grounded captions: the caption explained teacher-forced, and
+    the words heading a grounded phrase (the shape words) scored against the phrase masks,
+    with the scores of the in-memory run; the gallery finds the masks through the spec."""
+    root = str(tmp_path / "grandf")
+    path = shapes.export_grandf(root, "test", n=4, layout="gcg")
+    out = str(tmp_path / "grandf-run")
+    stats = run_dataset(adapter, f"grandf:{path}", out, answer="caption", targets="all",
+                        batch_size=2, shard_size=3, progress=False)
+    assert (stats["done"], stats["errors"]) == (4, 0)
+    ref = {r["meta"]["scene"]: r for r in RunStore.open(gold_run[0]).records()}
+    for r in RunStore.open(out).records():
+        g = ref[int(r["meta"]["file_name"][5:11])]
+        assert r["answer"] == g["answer"] == r["meta"]["caption"]
+        assert r["targets"] == g["targets"]
+        heads = {p["key"] for p in r["meta"]["phrases"]}
+        assert r["scores"] and set(r["scores"]) == heads <= set(shapes.SHAPES)
+        for word, sc in r["scores"].items():
+            for which in ("raw", "refined"):
+                for f, v in sc[which].items():
+                    assert v == pytest.approx(g["scores"][word][which][f], rel=1e-3, abs=1e-5)
+    index = gallery(out, str(tmp_path / "g"), n=1)
+    assert "ground truth" in open(index).read()
+
+
 def _first_two_words(words, tokens):
     return [0, 1]
 
