@@ -3,6 +3,8 @@
 * :func:`localization` -- Obj-IoU, contrast, concentration, F3 (the paper's protocol);
   :func:`summarize` -- the dataset summary the paper reports;
 * :func:`pointing_game` -- whether each map's peak lies on the object;
+* :mod:`diffcam.metrics.tam` -- the Token Activation Map paper's token-level protocol (Obj-IoU
+  of object words, Func-IoU of function words, F1-IoU);
 * :mod:`diffcam.metrics.faithfulness` -- deletion / insertion curves through the model (needs
   torch and an adapter; imported on its own, not by this package).
 
@@ -18,6 +20,7 @@
 from .localization import (HIGHER_IS_BETTER, LocalizationScores, f3_score, localization,
                            otsu_threshold, summarize)
 from .pointing import pointing_game
+from . import tam
 
 __all__ = ["localization", "LocalizationScores", "otsu_threshold", "f3_score", "summarize",
-           "HIGHER_IS_BETTER", "pointing_game"]
+           "HIGHER_IS_BETTER", "pointing_game", "tam"]

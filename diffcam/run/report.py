@@ -30,12 +30,24 @@ def _summ(rows: List[dict]):
     return out
 
 
+def _tam(rows: List[dict], funs: List[float]) -> dict:
+    from ..metrics.tam import f1_iou
+
+    o = float(np.mean([r["obj_iou"] for r in rows])) if rows else float("nan")
+    f = float(np.mean(funs))
+    return {"obj_iou": o, "func_iou": f, "f1_iou": f1_iou(o, f), "n_object_maps": len(rows),
+            "n_function_maps": len(funs)}
+
+
 def summarize(run) -> Dict:
     """Counts and localization scores of a run folder (or :class:`RunStore`): ``done``,
     ``errors`` (id -> error type and message), ``correct`` / ``judged`` (samples whose expected
     answer is known), ``seconds_per_sample`` (median), and for the scored maps ``raw`` and
     ``refined``: the paper's summary (means of Obj-IoU, contrast, concentration, F3 of the
-    means, mean per-map F3, ``n_maps``), overall and per ``meta["kind"]`` under ``by_kind``."""
+    means, mean per-map F3, ``n_maps``), overall and per ``meta["kind"]`` under ``by_kind``;
+    ``tam``: the TAM protocol (:mod:`diffcam.metrics.tam`) for ``raw`` and ``refined``: mean
+    Obj-IoU of the scored maps, mean Func-IoU of the function-word maps, F1-IoU, counts -- None
+    when the run explained no function word next to a scored one (``targets="all"`` does)."""
     store = run if isinstance(run, RunStore) else RunStore.open(run)
     recs = list(store.records())
     errs = store.errors({r["id"] for r in recs})
@@ -47,6 +59,13 @@ def summarize(run) -> Dict:
             for which in ("raw", "refined"):
                 rows[which].append(sc[which])
                 by_kind.setdefault(kind, {"raw": [], "refined": []})[which].append(sc[which])
+    funs: Dict[str, List[float]] = {"raw": [], "refined": []}
+    for r in recs:
+        for fw in (r.get("tam") or {}).get("function_words", []):
+            for which in ("raw", "refined"):
+                v = fw[which]
+                if v == v:                                   # not NaN
+                    funs[which].append(v)
     judged = [r for r in recs if "correct" in r]
     secs = [r["seconds"] for r in recs if "seconds" in r]
     return {
@@ -56,6 +75,8 @@ def summarize(run) -> Dict:
         "correct": sum(bool(r["correct"]) for r in judged), "judged": len(judged),
         "seconds_per_sample": float(np.median(secs)) if secs else None,
         "raw": _summ(rows["raw"]), "refined": _summ(rows["refined"]),
+        "tam": {w: _tam(rows[w], funs[w]) for w in ("raw", "refined")}
+        if funs["raw"] else None,
         "by_kind": {k: {w: _summ(v[w]) for w in ("raw", "refined")}
                     for k, v in sorted(by_kind.items())} if len(by_kind) > 1 else {},
     }
@@ -87,6 +108,13 @@ def format_summary(s: Dict) -> str:
         for kind, d in s["by_kind"].items():
             lines += [_row(f"{kind}: raw", d["raw"]), _row(f"{kind}: Diffusion-CAM",
                                                            d["refined"])]
+        if s.get("tam"):
+            lines += ["", "| TAM protocol | Obj-IoU % | Func-IoU % | F1-IoU % | function-word "
+                      "maps |", "|---|---:|---:|---:|---:|"]
+            for name, w in (("raw Grad-CAM", "raw"), ("Diffusion-CAM", "refined")):
+                t = s["tam"][w]
+                lines.append(f"| {name} | {100 * t['obj_iou']:.2f} | {100 * t['func_iou']:.2f} | "
+                             f"{100 * t['f1_iou']:.2f} | {t['n_function_maps']} |")
     if s["errors"]:
         lines += ["", "errors (first 10):"]
         lines += [f"- {k}: {v}" for k, v in list(s["errors"].items())[:10]]

@@ -10,8 +10,8 @@ import pytest
 import diffcam
 from diffcam.data import shapes
 from diffcam.data.sample import Sample
-from diffcam.run import (RunStore, SettingsMismatch, gallery, open_dataset, run_dataset,
-                         summarize)
+from diffcam.run import (RunStore, SettingsMismatch, format_summary, gallery, open_dataset,
+                         run_dataset, summarize)
 
 torch = pytest.importorskip("torch")
 
@@ -91,6 +91,54 @@ def test_scores_are_the_metrics_of_the_stored_maps(gold_run):
     n = sum(len(r["scores"]) for r in store.records())
     assert summ["done"] == 4 and summ["raw"]["n_maps"] == summ["refined"]["n_maps"] == n
     assert 0 < summ["refined"]["obj_iou"] <= 1
+
+
+def test_tam_protocol_of_the_stored_maps(gold_run):
+    """Func-IoU of every function word ("a", "and") from the stored maps: the share of the map
+    below the mean Otsu threshold of the record's scored maps; the summary's means and
+    F1-IoU from the records."""
+    from diffcam.metrics import tam
+
+    out, _ = gold_run
+    store = RunStore.open(out)
+    rec, arrays = next(iter(store.iter_maps()))
+    sample = {s.id: s for s in _gold()}[rec["id"]]
+    t = rec["tam"]
+    words = [w["word"] for w in t["function_words"]]
+    assert words and set(words) <= {"a", "and"}
+    assert [w["target"] for w in t["function_words"]] == [
+        k for k, name in enumerate(rec["targets"][:-1]) if name in ("a", "and")]
+    entries = list(rec["scores"].values())
+    g = entries[0]["grid"]
+    stack = arrays[f"{rec['id']}/0/{g}"][:, 0].astype(np.float64)
+
+    def norm(m):
+        return (np.maximum(m, 0) / max(m.max(), 1e-30)).astype(np.float32)
+
+    # every occurrence of an object word counts (the scores keep one entry per word)
+    from diffcam.run.runner import match_mask
+
+    picks = [(k, match_mask(name, sample.masks)) for k, name in enumerate(rec["targets"][:-1])]
+    picks = [(k, key) for k, key in picks if key is not None]
+    assert len(picks) >= len(entries)
+    masks = [sample.masks[key] for _, key in picks]
+    noun = np.stack([norm(stack[k]) for k, _ in picks])
+    ts = [int(diffcam.metrics.otsu_threshold(diffcam.resize(m, mk.shape))) for m, mk in
+          zip(noun, masks)]
+    assert t["threshold"]["raw"] == pytest.approx(np.mean(ts))
+    for w in t["function_words"]:
+        m = diffcam.resize(norm(stack[w["target"]]), masks[0].shape)
+        want = np.mean(np.floor(np.clip(m * np.float32(255), 0, 255)) < np.mean(ts))
+        assert w["raw"] == pytest.approx(want, abs=1e-12)
+        assert 0 <= w["refined"] <= 1
+    summ = summarize(out)
+    all_raw = [w["raw"] for r in store.records() for w in r["tam"]["function_words"]]
+    assert summ["tam"]["raw"]["n_function_maps"] == len(all_raw)
+    assert summ["tam"]["raw"]["func_iou"] == pytest.approx(np.mean(all_raw))
+    assert summ["tam"]["refined"]["obj_iou"] == pytest.approx(summ["refined"]["obj_iou"])
+    o, f = summ["tam"]["refined"]["obj_iou"], summ["tam"]["refined"]["func_iou"]
+    assert summ["tam"]["refined"]["f1_iou"] == pytest.approx(tam.f1_iou(o, f))
+    assert "| TAM protocol |" in format_summary(summ)
 
 
 def test_rerun_skips_everything_and_writes_nothing(adapter, gold_run):
