@@ -238,12 +238,18 @@ class GrandfDataset:
         self.mask_path: Optional[str] = None
         data = _read_json(self.path, "GranD-f annotation file")
         self.format, self._records = self._parse(data)
-        keys: Dict[str, int] = {}
+        taken = {r.key for r in self._records}
+        seen: Dict[str, int] = {}
         for r in self._records:                         # unique, stable ids: file order
-            n = keys.get(r.key, 0)
-            keys[r.key] = n + 1
+            n = seen.get(r.key, 0)
+            seen[r.key] = n + 1
             if n:
-                r.key = f"{r.key}-{n}"
+                base = r.key
+                while f"{base}-{n}" in taken:          # a file really named like a repeat
+                    n += 1
+                seen[base] = n + 1
+                r.key = f"{base}-{n}"
+                taken.add(r.key)
         self.images_dir = self._images_dir(images_dir)
 
     # -- parsing ------------------------------------------------------------------------------

@@ -124,6 +124,10 @@ def test_repeated_file_names_get_distinct_stable_ids(tmp_path):
     ids = GrandfDataset(path, images_dir=tmp_path).ids
     assert ids == ["grandf-p", "grandf-q", "grandf-p-1", "grandf-p-2"]
     assert GrandfDataset(path, images_dir=tmp_path).ids == ids
+    recs.insert(0, dict(recs[0], file_name="p-1.jpg"))     # a real name like a repeat's id
+    ids = GrandfDataset(_dump(tmp_path / "h.json", recs), images_dir=tmp_path).ids
+    assert ids == ["grandf-p-1", "grandf-p", "grandf-q", "grandf-p-2", "grandf-p-3"]
+    assert len(set(ids)) == len(ids)
 
 
 def test_start_limit_and_answer_callable(exported):
