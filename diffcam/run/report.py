@@ -40,7 +40,8 @@ def _tam(rows: List[dict], funs: List[float]) -> dict:
 
 
 def summarize(run) -> Dict:
-    """Counts and localization scores of a run folder (or :class:`RunStore`): ``done``,
+    """Counts and localization scores of a run folder (or :class:`RunStore`): ``method``,
+    ``done``,
     ``errors`` (id -> error type and message), ``correct`` / ``judged`` (samples whose expected
     answer is known), ``seconds_per_sample`` (median), and for the scored maps ``raw`` and
     ``refined``: the paper's summary (means of Obj-IoU, contrast, concentration, F3 of the
@@ -71,6 +72,7 @@ def summarize(run) -> Dict:
     return {
         "path": store.path, "dataset": store.settings.get("dataset"),
         "model": store.settings.get("model", {}).get("adapter"),
+        "method": (store.settings.get("explain") or {}).get("method") or "diffusion-cam",
         "done": len(recs), "errors": {k: f"{v['type']}: {v['message']}" for k, v in errs.items()},
         "correct": sum(bool(r["correct"]) for r in judged), "judged": len(judged),
         "seconds_per_sample": float(np.median(secs)) if secs else None,
@@ -90,6 +92,15 @@ def _row(name, s):
             f"{100 * s['f3_mean']:.2f} | {s['n_maps']} |")
 
 
+def _row_names(method: str):
+    """Table labels of a run's raw and refined maps: Grad-CAM and Diffusion-CAM for the
+    default method, else the method's maps and their refinement."""
+    if method == "diffusion-cam":
+        return "raw Grad-CAM", "Diffusion-CAM"
+    name = {"grad-cam": "Grad-CAM", "llava-cam": "LLaVA-CAM", "tam": "TAM"}.get(method, method)
+    return f"{name} (raw)", f"{name} + paper refinement"
+
+
 def format_summary(s: Dict) -> str:
     """Markdown text of a :func:`summarize` dict."""
     lines = [f"run: {s['path']}", f"dataset: {s['dataset']}  model: {s['model']}",
@@ -102,16 +113,16 @@ def format_summary(s: Dict) -> str:
     if s["raw"] is None:
         lines.append("no scored maps (no sample has a mask named by an explained word)")
     else:
+        raw_name, ref_name = _row_names(s.get("method", "diffusion-cam"))
         lines += ["", "| maps | Obj-IoU % | contrast | concentration % | F3 % | per-map F3 % | "
                   "maps |", "|---|---:|---:|---:|---:|---:|---:|",
-                  _row("raw Grad-CAM", s["raw"]), _row("Diffusion-CAM", s["refined"])]
+                  _row(raw_name, s["raw"]), _row(ref_name, s["refined"])]
         for kind, d in s["by_kind"].items():
-            lines += [_row(f"{kind}: raw", d["raw"]), _row(f"{kind}: Diffusion-CAM",
-                                                           d["refined"])]
+            lines += [_row(f"{kind}: raw", d["raw"]), _row(f"{kind}: refined", d["refined"])]
         if s.get("tam"):
             lines += ["", "| TAM protocol | Obj-IoU % | Func-IoU % | F1-IoU % | function-word "
                       "maps |", "|---|---:|---:|---:|---:|"]
-            for name, w in (("raw Grad-CAM", "raw"), ("Diffusion-CAM", "refined")):
+            for name, w in ((raw_name, "raw"), (ref_name, "refined")):
                 t = s["tam"][w]
                 lines.append(f"| {name} | {100 * t['obj_iou']:.2f} | {100 * t['func_iou']:.2f} | "
                              f"{100 * t['f1_iou']:.2f} | {t['n_function_maps']} |")

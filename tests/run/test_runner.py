@@ -138,7 +138,12 @@ def test_tam_protocol_of_the_stored_maps(gold_run):
     assert summ["tam"]["refined"]["obj_iou"] == pytest.approx(summ["refined"]["obj_iou"])
     o, f = summ["tam"]["refined"]["obj_iou"], summ["tam"]["refined"]["func_iou"]
     assert summ["tam"]["refined"]["f1_iou"] == pytest.approx(tam.f1_iou(o, f))
-    assert "| TAM protocol |" in format_summary(summ)
+    text = format_summary(summ)
+    assert "| TAM protocol |" in text and "| raw Grad-CAM |" in text and summ["method"] == \
+        "diffusion-cam"
+    other = format_summary(dict(summ, method="llava-cam"))
+    assert "| LLaVA-CAM (raw) |" in other and "| LLaVA-CAM + paper refinement |" in other
+    assert "Grad-CAM |" not in other
 
 
 def test_rerun_skips_everything_and_writes_nothing(adapter, gold_run):
