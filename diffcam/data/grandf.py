@@ -290,7 +290,9 @@ class GrandfDataset:
         if not isinstance(rec, dict):
             raise ValueError(f"{where} is not an object")
         fname = _str(rec, "file_name", where)
-        cap = _str(rec, "caption", where).strip('"').strip()
+        raw = _str(rec, "caption", where)
+        cap = raw.strip().strip('"').strip()
+        lead = raw.find(cap) if cap else 0          # characters stripped before the caption
         g = rec.get("groundings")
         if not isinstance(g, dict):
             raise ValueError(f"{where} ({fname}): 'groundings' must be an object phrase -> "
@@ -303,8 +305,12 @@ class GrandfDataset:
             rles = item.get("rle_masks")
             if not isinstance(rles, list) or not all(isinstance(x, dict) for x in rles):
                 raise ValueError(f"{w}: 'rle_masks' must be a list of RLE objects")
-            out.phrases.append(_Phrase(str(phrase), _span(item["token_positives"], cap, w),
-                                       rles))
+            span = item["token_positives"]
+            if lead:     # spans counted in the quoted caption: shift them onto the stripped one
+                s, e = _span(span, raw, w)
+                if raw[s:e].lower() == str(phrase).lower() != cap[s:e].lower():
+                    span = [s - lead, e - lead]
+            out.phrases.append(_Phrase(str(phrase), _span(span, cap, w), rles))
             out.size = self._rle_size(rles, out.size, w)
         out.phrases.sort(key=lambda ph: ph.span)
         return out
@@ -314,7 +320,7 @@ class GrandfDataset:
         if not isinstance(rec, dict):
             raise ValueError(f"{where} is not an object")
         fname = _str(rec, "img_file_name", where)
-        cap = _str(rec, "caption", where).strip('"').strip()
+        cap = _str(rec, "caption", where).strip().strip('"').strip()
         refs = rec.get("refs")
         if not isinstance(refs, list):
             raise ValueError(f"{where} ({fname}): 'refs' must be a list")

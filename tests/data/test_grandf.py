@@ -116,6 +116,21 @@ def test_keys_phrase_callable_and_union(tmp_path):
         ds.masks(0, keys="category")
 
 
+def test_quoted_captions_keep_their_phrases(tmp_path):
+    """Quotes around a caption are stripped (as GLaMM does); spans counted in the quoted text
+    are moved onto the stripped one, spans already counted in it stay."""
+    m = encode_rle(np.ones((2, 2), bool))
+    recs = [{"file_name": "a.jpg", "caption": '"A cat on a mat."', "groundings": {
+                "A cat": {"token_positives": [1, 6], "rle_masks": [m]},       # quoted text
+                "a mat": {"token_positives": [9, 14], "rle_masks": [m]}}},   # stripped text
+            {"file_name": "b.jpg", "caption": ' "a mat"', "groundings": {
+                "a mat": {"token_positives": [2, 7], "rle_masks": [m]}}}]
+    ds = GrandfDataset(_dump(tmp_path / "q.json", recs), images_dir=tmp_path)
+    assert ds.caption(0) == "A cat on a mat." and ds.caption(1) == "a mat"
+    assert ds.phrases(0) == [("A cat", (0, 5)), ("a mat", (9, 14))]
+    assert ds.phrases(1) == [("a mat", (0, 5))]
+
+
 def test_repeated_file_names_get_distinct_stable_ids(tmp_path):
     m = encode_rle(np.ones((2, 2), bool))
     recs = [{"file_name": f"{n}.jpg", "caption": "a cat", "groundings": {
