@@ -338,6 +338,61 @@ class Explanation:
         settings["refine_size"] = [list(hw) if hw else None for hw in sizes]
         return replace(self, maps=new_maps, settings=settings)
 
+    def score(self, masks, config=None) -> dict:
+        """Score these maps against ground truth, as ``diffcam run`` scores a sample.
+
+        masks   {name: boolean (H, W) mask} of the first image (any resolution: the maps are
+                resized to the mask's; a plural or singular word names the same mask)
+        config  the refinement of the "refined" scores: a RefineConfig, "paper" (default) or
+                "reference"
+
+        Every target whose word names a mask (:func:`diffcam.run.runner.match_mask`) gets the
+        paper's Obj-IoU, contrast, concentration and F3 (:func:`diffcam.metrics.localization`)
+        on its raw map (min-max normalised) and on its refined map (at the image's
+        resolution), first image, default grid, first state; every function-word target
+        ("a", "the", "of"...) gets the TAM protocol's Func-IoU (:mod:`diffcam.metrics.tam`).
+        Returns ``{"scores": {word: {"mask", "target", "grid", "raw": {...}, "refined":
+        {...}}}, "tam": {"threshold": {"raw", "refined"}, "function_words": [{"word",
+        "target", "raw", "refined"}]}}`` (``{}`` for either when nothing applies).
+
+        >>> import numpy as np
+        >>> from diffcam.attribution.layout import single_grid_layout
+        >>> from diffcam.attribution.targets import Target, Word
+        >>> ws = [Word("a", (0,)), Word("dog", (1,))]
+        >>> maps = np.zeros((3, 1, 8, 8), np.float32)
+        >>> maps[1, 0, :4, :4] = 1; maps[0, 0, 7, 7] = 1; maps[2] = maps[1]
+        >>> e = Explanation("a dog", [5, 6], ["a", "dog"], ws, [Target(w.text, w.tokens)
+        ...                 for w in ws], ["final"], [{"base": maps}],
+        ...                 [single_grid_layout(1, 8, 8)])
+        >>> mask = np.zeros((8, 8), bool); mask[:4, :4] = True
+        >>> s = e.score({"dogs": mask})
+        >>> s["scores"]["dog"]["raw"]["obj_iou"], s["tam"]["function_words"][0]["word"]
+        (1.0, 'a')
+        """
+        from types import SimpleNamespace
+
+        from ..run.runner import _score
+
+        if not isinstance(masks, dict) or not masks:
+            raise TypeError(f"masks must be a non-empty dict name -> (H, W) mask, got "
+                            f"{type(masks).__name__}" + (" (empty)" if masks == {} else ""))
+        checked = {}
+        for k, m in masks.items():
+            if not isinstance(k, str) or not k.strip():
+                raise ValueError(f"masks: every name must be a non-empty str, got {k!r}")
+            a = np.asarray(m)
+            if a.ndim != 2 or 0 in a.shape:
+                raise ValueError(f"masks[{k!r}] must be a non-empty (H, W) mask, got shape "
+                                 f"{a.shape}")
+            if a.dtype.kind not in "biuf":
+                raise TypeError(f"masks[{k!r}] must be boolean or numeric, got {a.dtype}")
+            checked[k] = a != 0
+        if self.aggregate_only:
+            raise ValueError("only the aggregate map was computed (aggregate_only=True): no "
+                             "word has a map to score")
+        scores, tam = _score(self, SimpleNamespace(masks=checked), self._config(config))
+        return {"scores": scores, "tam": tam}
+
     def overlay(self, word_or_index=None, image: int = 0, grid: Optional[str] = None,
                 state=None, refined: bool = False, alpha: float = 0.5, config=None):
         """A PIL image: the map colourised and blended over the input image."""

@@ -146,6 +146,36 @@ def test_tam_protocol_of_the_stored_maps(gold_run):
     assert "Grad-CAM |" not in other
 
 
+def test_explanation_score_is_the_run_scoring(adapter, gold_run):
+    """Explanation.score(masks) gives what the run recorded for the same sample."""
+    store = RunStore.open(gold_run[0])
+    rec = next(iter(store.records()))
+    sample = {s.id: s for s in _gold()}[rec["id"]]
+    with diffcam.Explainer(adapter) as ex:
+        exp = ex.explain(sample.image, sample.prompt, answer=sample.answer, targets="all")
+    got = exp.score(sample.masks)
+    assert got["scores"].keys() == rec["scores"].keys()
+    for word, sc in got["scores"].items():
+        assert (sc["mask"], sc["target"], sc["grid"]) == (
+            rec["scores"][word]["mask"], rec["scores"][word]["target"],
+            rec["scores"][word]["grid"])
+        for which in ("raw", "refined"):
+            for f, v in sc[which].items():
+                assert v == pytest.approx(rec["scores"][word][which][f], rel=1e-3, abs=1e-5)
+    assert [(w["word"], w["target"]) for w in got["tam"]["function_words"]] == [
+        (w["word"], w["target"]) for w in rec["tam"]["function_words"]]
+    for a, b in zip(got["tam"]["function_words"], rec["tam"]["function_words"]):
+        assert a["raw"] == pytest.approx(b["raw"], abs=2e-3)
+        assert a["refined"] == pytest.approx(b["refined"], abs=2e-3)
+    none = exp.score({"elephant": np.ones((4, 4), bool)})
+    assert none == {"scores": {}, "tam": {}}
+    for bad, err in [({}, TypeError), ([np.ones((4, 4))], TypeError),
+                     ({"dog": np.ones(4)}, ValueError), ({"": np.ones((4, 4))}, ValueError),
+                     ({"dog": np.array([["a"]])}, TypeError)]:
+        with pytest.raises(err):
+            exp.score(bad)
+
+
 def test_rerun_skips_everything_and_writes_nothing(adapter, gold_run):
     out, _ = gold_run
     before = _files(out)
