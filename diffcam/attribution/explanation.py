@@ -346,7 +346,7 @@ class Explanation:
         config  the refinement of the "refined" scores: a RefineConfig, "paper" (default) or
                 "reference"
 
-        Every target whose word names a mask (:func:`diffcam.run.runner.match_mask`) gets the
+        Every target whose word names a mask (:func:`diffcam.metrics.scoring.match_mask`) gets the
         paper's Obj-IoU, contrast, concentration and F3 (:func:`diffcam.metrics.localization`)
         on its raw map (min-max normalised) and on its refined map (at the image's
         resolution), first image, default grid, first state; every function-word target
@@ -369,9 +369,7 @@ class Explanation:
         >>> s["scores"]["dog"]["raw"]["obj_iou"], s["tam"]["function_words"][0]["word"]
         (1.0, 'a')
         """
-        from types import SimpleNamespace
-
-        from ..run.runner import _score
+        from ..metrics.scoring import score_explanation
 
         if not isinstance(masks, dict) or not masks:
             raise TypeError(f"masks must be a non-empty dict name -> (H, W) mask, got "
@@ -390,7 +388,7 @@ class Explanation:
         if self.aggregate_only:
             raise ValueError("only the aggregate map was computed (aggregate_only=True): no "
                              "word has a map to score")
-        scores, tam = _score(self, SimpleNamespace(masks=checked), self._config(config))
+        scores, tam = score_explanation(self, checked, self._config(config))
         return {"scores": scores, "tam": tam}
 
     def overlay(self, word_or_index=None, image: int = 0, grid: Optional[str] = None,

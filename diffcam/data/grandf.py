@@ -37,7 +37,7 @@ other objects than the caption's phrases), as GLaMM's own loader does.
 
 Masks are keyed by ``keys``: ``"head"`` (default) the phrase's head word (:func:`head_word`:
 the last word before the first post-modifier, "a man in a red shirt" -> "man"), which is what
-an answer word is matched against in a run (:func:`diffcam.run.runner.match_mask`);
+an answer word is matched against in a run (:func:`diffcam.metrics.scoring.match_mask`);
 ``"phrase"`` the phrase text; or a callable ``phrase -> key or None``.  Phrases sharing a key
 give the union of their masks.  Masks are decoded only for the image asked for, at the image's
 resolution (RLE with pure NumPy, polygons with ``pycocotools``).

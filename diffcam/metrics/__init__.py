@@ -5,6 +5,8 @@
 * :func:`pointing_game` -- whether each map's peak lies on the object;
 * :mod:`diffcam.metrics.tam` -- the Token Activation Map paper's token-level protocol (Obj-IoU
   of object words, Func-IoU of function words, F1-IoU);
+* :mod:`diffcam.metrics.scoring` -- an explanation scored against named masks (which word
+  names which mask; what ``diffcam run`` records and ``Explanation.score`` returns);
 * :mod:`diffcam.metrics.faithfulness` -- deletion / insertion curves through the model (needs
   torch and an adapter; imported on its own, not by this package).
 

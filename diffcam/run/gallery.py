@@ -65,7 +65,7 @@ def _scored(store: RunStore, rec: dict, arrays: dict, word: str):
     """:func:`scored_maps` for a record and its arrays already read."""
     from .. import refine as _refine
     from ..refine.resize import resize_stack
-    from .runner import _normalised
+    from ..metrics.scoring import _normalised
 
     sc = rec.get("scores", {}).get(word)
     if sc is None:
