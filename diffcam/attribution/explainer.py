@@ -298,7 +298,8 @@ class Explainer:
                     element that is a list/tuple holds several images of one sample
         prompts     a str (shared by the batch) or one per sample; the adapter's image marker
                     marks where each image goes
-        targets     "nouns" | "all" | list of words | list of token indices | callable
+        targets     "nouns" | "all" | list of words or phrases ("a red circle": every
+                    occurrence's tokens, one target) | list of token indices | callable
                     (see :func:`diffcam.attribution.targets.resolve_targets`)
         states      "final" and/or step numbers s (trajectory maps, method.md 1.2)
         score       "logit" | "logprob" | "vocab_sum"

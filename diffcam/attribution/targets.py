@@ -247,9 +247,11 @@ def resolve_targets(spec, words: Sequence[Word], n_tokens: int, token_strings=No
     """Resolve a targets specification to a list of :class:`Target` s.
 
     spec      "nouns" (content words, heuristic above; one target per distinct word),
-              "all" (one target per non-special answer token), a list of words (str), a list of
-              response token indices (int), or a callable ``(words, tokens) -> indices`` that
-              returns token indices (one target each) or lists of them (one target per list).
+              "all" (one target per non-special answer token), a list of words (str; a
+              multi-word str is a phrase: the tokens of every occurrence of those consecutive
+              words make one target), a list of response token indices (int), or a callable
+              ``(words, tokens) -> indices`` that returns token indices (one target each) or
+              lists of them (one target per list).
     words     the answer's words (:func:`group_words`)
     n_tokens  response length
     valid     optional bool per token (False for special tokens), used by "all"
@@ -277,12 +279,38 @@ def resolve_targets(spec, words: Sequence[Word], n_tokens: int, token_strings=No
         out = []
         for s in spec:
             ws = by_text.get(_norm(s))
+            if not ws and len(s.split()) > 1:
+                ws = _phrase_words(s, words)
             if not ws:
-                raise ValueError(f"target word {s!r} is not in the answer; the answer's words "
-                                 f"are {[w.text for w in words]}")
-            out.append(Target(s, tuple(j for w in ws for j in w.tokens)))
+                raise ValueError(f"target {'phrase' if len(s.split()) > 1 else 'word'} {s!r} "
+                                 f"is not in the answer; the answer's words are "
+                                 f"{[w.text for w in words]}")
+            out.append(Target(s, tuple(sorted({j for w in ws for j in w.tokens}))))
         return out
     return _from_indices(spec, n_tokens, token_strings)
+
+
+def _phrase_words(phrase: str, words: Sequence[Word]) -> list:
+    """The words of every occurrence of a multi-word ``phrase`` in the answer: consecutive
+    words equal to the phrase's words (case-insensitive, surrounding punctuation ignored;
+    punctuation-only words are skipped on both sides and left out), e.g. "a red circle" in "a red circle ,
+    a blue star".
+
+    >>> ws = [Word(t, (i,)) for i, t in enumerate("a red circle , a red star".split())]
+    >>> [w.text for w in _phrase_words("A red, circle", ws)]
+    ['a', 'red', 'circle']
+    >>> [w.tokens[0] for w in _phrase_words("a red", ws)]
+    [0, 1, 4, 5]
+    """
+    parts = [p for p in (_norm(x) for x in phrase.split()) if p]
+    seq = [w for w in words if _norm(w.text)]
+    keys = [_norm(w.text) for w in seq]
+    out: list = []
+    n = len(parts)
+    for i in range(len(seq) - n + 1) if n else ():
+        if keys[i:i + n] == parts:
+            out.extend(seq[i:i + n])
+    return out
 
 
 def _from_indices(spec, n_tokens, token_strings) -> list:

@@ -30,6 +30,25 @@ def test_nouns_heuristic_and_specs():
         resolve_targets([8], ws, 8)
 
 
+def test_phrase_targets():
+    """A multi-word target is a phrase: the tokens of all its occurrences, punctuation-only
+    words skipped, words of several tokens whole."""
+    ws = group_words([" A", " red", " bus", "es", " ,", " a", " red", " car", " and", " a",
+                      " dog"])
+    assert [w.text for w in ws] == ["A", "red", "buses", ",", "a", "red", "car", "and", "a",
+                                    "dog"]
+    assert resolve_targets(["a red buses"], ws, 11) == [Target("a red buses", (0, 1, 2, 3))]
+    assert resolve_targets("a red", ws, 11) == [Target("a red", (0, 1, 5, 6))]
+    assert resolve_targets(["buses, a red car"], ws, 11)[0].tokens == (2, 3, 5, 6, 7)  # no ","
+    # a single word keeps its meaning; a phrase and a word can be mixed
+    got = resolve_targets(["dog", "red car"], ws, 11)
+    assert got == [Target("dog", (10,)), Target("red car", (6, 7))]
+    with pytest.raises(ValueError, match="target phrase 'red dog' is not in the answer"):
+        resolve_targets(["red dog"], ws, 11)
+    with pytest.raises(ValueError, match="target word 'cat'"):
+        resolve_targets(["cat"], ws, 11)
+
+
 def test_repeated_function_words():
     from diffcam.attribution.targets import (Word, is_function_word,
                                              repeated_function_words)
