@@ -209,15 +209,19 @@ def _states_arg(text: str):
     return tuple(out)
 
 
-def _threads_and_targets(args):
-    """Apply ``--threads`` (torch's CPU threads) and parse ``--targets`` (nouns | all | words)."""
+def _threads_and_targets(args, phrases: bool = False):
+    """Apply ``--threads`` (torch's CPU threads) and parse ``--targets`` (nouns | all | words;
+    ``phrases`` where the command takes it)."""
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError("--threads must be >= 1")
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.targets in ("nouns", "all"):
+    if args.targets == "phrases" and not phrases:
+        raise ValueError("--targets phrases applies to diffcam run (each sample's grounded "
+                         "phrases); name the words or phrases here, comma-separated")
+    if args.targets in ("nouns", "all", "phrases"):
         return args.targets
     return [w for w in args.targets.split(",") if w.strip()]
 
@@ -255,7 +259,8 @@ def _explain_options(p) -> None:
                    help="an argument of the model's loader, e.g. kind=autoregressive (bundled) "
                         "or torch_dtype=float16 (families); repeatable; JSON values")
     p.add_argument("--targets", default="nouns",
-                   help="nouns | all | comma-separated words (default nouns)")
+                   help="nouns | all | comma-separated words or phrases | phrases "
+                        "(diffcam run: each sample's grounded phrases) (default nouns)")
     p.add_argument("--layer", type=int, default=None, help="hooked block (default: the adapter's)")
     p.add_argument("--states", type=_states_arg, default=("final",),
                    help="'final' and/or denoising steps, comma-separated (trajectory maps; "
@@ -268,7 +273,7 @@ def _explain_options(p) -> None:
 def _cmd_run(args) -> int:
     from diffcam.run import format_summary, run_dataset, summarize
 
-    targets = _threads_and_targets(args)
+    targets = _threads_and_targets(args, phrases=True)
     common = dict(targets=targets, layer=args.layer, states=args.states, method=args.method,
                   config=args.preset,
                   batch_size=args.batch, shard_size=args.shard, resume=not args.no_resume,

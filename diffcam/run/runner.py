@@ -101,6 +101,21 @@ def _same_answer(a: str, b: str) -> bool:
     return " ".join(str(a).lower().split()) == " ".join(str(b).lower().split())
 
 
+def _phrase_targets(sample) -> List[str]:
+    """The grounded phrases of a sample (``meta["phrases"]`` entries with a span), for
+    ``targets="phrases"``; ValueError naming the sample when it has none or no answer."""
+    if sample.answer is None:
+        raise ValueError(f"sample {sample.id!r}: targets='phrases' needs the caption as the "
+                         "answer (answer='caption'); this sample has no answer")
+    items = (sample.meta or {}).get("phrases") or []
+    out = [p["text"] for p in items if isinstance(p, dict) and isinstance(p.get("text"), str)
+           and p.get("span") is not None and p["text"].strip()]
+    if not out:
+        raise ValueError(f"sample {sample.id!r} has no grounded phrases (meta['phrases'] with "
+                         "spans, as diffcam.data.grandf gives them) for targets='phrases'")
+    return list(dict.fromkeys(out))
+
+
 def _image_sources(image) -> list:
     """Per image of a sample: its absolute file path, or None for an in-memory image."""
     items = image if isinstance(image, (list, tuple)) else [image]
@@ -215,7 +230,12 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
     samples      an iterable of :class:`~diffcam.data.sample.Sample`, or a dataset spec for
                  :func:`diffcam.run.sources.open_dataset` (``prompt`` and ``answer`` go to it)
     targets, layer, states, method, score
-                 passed to :meth:`diffcam.Explainer.explain` for every batch
+                 passed to :meth:`diffcam.Explainer.explain` for every batch; ``targets=
+                 "phrases"`` explains each sample's grounded phrases instead (the texts of
+                 ``meta["phrases"]`` that have a span, as :mod:`diffcam.data.grandf` gives
+                 them; each phrase one target), sample by sample; it needs the samples'
+                 answers to be their captions (``answer="caption"``), and a GranD-f spec
+                 then keys its masks by phrase (``|keys=phrase``) unless it says otherwise
     config       the refinement (RefineConfig, "paper" or "reference") used for scoring and
                  for ``save_refined``
     batch_size   samples per explain() call (one forward and one backward for the batch;
@@ -264,9 +284,17 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
     else:
         raise TypeError(f"config must be a RefineConfig, 'paper' or 'reference', got "
                         f"{type(config).__name__}")
+    phrases = isinstance(targets, str) and targets == "phrases"
     total = None
     if isinstance(samples, (str, os.PathLike)):
-        ds = open_dataset(samples, prompt=prompt, answer=answer)
+        spec = os.fspath(samples)
+        if phrases:
+            if answer != "caption":
+                raise ValueError("targets='phrases' explains the grounded phrases of each "
+                                 "sample's caption: pass answer='caption' (--answer caption)")
+            if spec.startswith("grandf:") and "|keys=" not in spec:
+                spec += "|keys=phrase"          # phrase targets are scored against phrase masks
+        ds = open_dataset(spec, prompt=prompt, answer=answer)
         dataset_name, total, samples = ds.spec, ds.count, iter(ds)
     else:
         if prompt is not None or answer is not None:
@@ -316,7 +344,14 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
     def explain_group(ex, group):
         """group: [(index, Sample)], all with or all without answers."""
         answers = [s.answer for _, s in group]
-        kw = dict(targets=targets, layer=layer, states=states, method=method, score=score)
+        tg = targets
+        if phrases:                         # one sample per group (run_batch)
+            try:
+                tg = _phrase_targets(group[0][1])
+            except ValueError as exc:
+                fail(group[0][1], exc)
+                return
+        kw = dict(targets=tg, layer=layer, states=states, method=method, score=score)
         t = time.perf_counter()
         try:
             exps = ex.explain([s.image for _, s in group], [s.prompt for _, s in group],
@@ -352,6 +387,10 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
                 writer.flush()
 
     def run_batch(ex, batch):
+        if phrases:                         # targets differ per sample: one by one
+            for b in batch:
+                explain_group(ex, [b])
+            return
         given = [b for b in batch if b[1].answer is not None]
         free = [b for b in batch if b[1].answer is None]
         for group in (free, given):

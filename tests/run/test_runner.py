@@ -432,6 +432,52 @@ def test_a_grandf_run_scores_the_phrase_heads(adapter, gold_run, tmp_path):
     assert "ground truth" in open(index).read()
 
 
+def test_a_grandf_run_of_phrase_targets(adapter, tmp_path):
+    """targets="phrases": each sample's grounded phrases explained as targets and scored
+    against the phrase masks (the spec switches to keys=phrase), the same numbers as
+    Explanation.score of the same explanation; what cannot work fails clearly."""
+    from diffcam.data.grandf import GrandfDataset
+
+    path = shapes.export_grandf(str(tmp_path / "grandf"), "test", n=3, layout="gcg")
+    out = str(tmp_path / "phrase-run")
+    stats = run_dataset(adapter, f"grandf:{path}", out, answer="caption", targets="phrases",
+                        batch_size=2, progress=False)
+    assert (stats["done"], stats["errors"]) == (3, 0)
+    store = RunStore.open(out)
+    assert store.settings["dataset"].split("|")[2] == "keys=phrase"
+    assert store.settings["explain"]["targets"] == "phrases"
+    samples = {s.id: s for s in GrandfDataset(path).samples(answer="caption", keys="phrase")}
+    for rec in store.records():
+        s = samples[rec["id"]]
+        phrases = [p["text"] for p in s.meta["phrases"]]
+        assert rec["targets"][:-1] == phrases and set(rec["scores"]) == set(phrases)
+        assert all(sc["mask"] == name for name, sc in rec["scores"].items())
+    with diffcam.Explainer(adapter) as ex:
+        exp = ex.explain(s.image, s.prompt, answer=s.answer, targets=phrases)
+    got = exp.score(s.masks)["scores"]
+    for name, sc in got.items():
+        for which in ("raw", "refined"):
+            for f, v in sc[which].items():
+                assert v == pytest.approx(rec["scores"][name][which][f], rel=1e-3, abs=1e-5)
+    with pytest.raises(ValueError, match="answer='caption'"):
+        run_dataset(adapter, f"grandf:{path}", str(tmp_path / "x"), targets="phrases",
+                    progress=False)
+    plain = [Sample("no-phrases", shapes.scene("test", 0).image, "<image> describe the image .",
+                    answer="a red star .")]
+    st = run_dataset(adapter, plain, str(tmp_path / "y"), targets="phrases", progress=False)
+    assert (st["done"], st["errors"]) == (0, 1)
+    err = RunStore.open(str(tmp_path / "y")).errors(set())["no-phrases"]
+    assert "no grounded phrases" in err["message"]
+
+
+def test_cli_explain_refuses_phrases_targets(tmp_path, capsys):
+    from diffcam.cli import main
+
+    assert main(["explain", str(tmp_path / "img.png"), "--out", str(tmp_path / "o"),
+                 "--targets", "phrases"]) == 2
+    assert "--targets phrases applies to diffcam run" in capsys.readouterr().err
+
+
 def _first_two_words(words, tokens):
     return [0, 1]
 
