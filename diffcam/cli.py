@@ -328,6 +328,11 @@ def _cmd_report(args) -> int:
 
         n = write_scores(args.run, args.scores)
         print(f"wrote {n} rows to {args.scores}", file=sys.stderr)
+    if args.function_scores:
+        from diffcam.run import write_scores
+
+        n = write_scores(args.run, args.function_scores, which="function_words")
+        print(f"wrote {n} rows to {args.function_scores}", file=sys.stderr)
     if args.gallery:
         from diffcam.run import gallery
 
@@ -473,6 +478,9 @@ def main(argv=None) -> int:
     p.add_argument("--scores", default=None, metavar="PATH",
                    help="also write one row per scored map to PATH (.csv, or .parquet with "
                         "pyarrow)")
+    p.add_argument("--function-scores", default=None, metavar="PATH",
+                   help="also write one row per function-word map (the TAM protocol's "
+                        "Func-IoU) to PATH (.csv or .parquet)")
     p.add_argument("--gallery", default=None, metavar="DIR",
                    help="also draw the --n worst and best maps (PNG strips + index.html)")
     p.add_argument("--n", type=int, default=8, help="maps at each end of the gallery")

@@ -13,7 +13,7 @@ import numpy as np
 
 from .store import RunStore
 
-__all__ = ["summarize", "format_summary", "score_rows", "write_scores"]
+__all__ = ["summarize", "format_summary", "score_rows", "function_word_rows", "write_scores"]
 
 FIELDS = ("obj_iou", "contrast", "concentration", "f3")
 
@@ -152,20 +152,50 @@ def score_rows(run) -> List[dict]:
     return rows
 
 
-def write_scores(run, path: str) -> int:
-    """Write :func:`score_rows` to ``path``: ``.csv`` (no dependency) or ``.parquet`` (needs
+FUNCTION_COLUMNS = ["id", "index", "kind", "answer", "correct", "word", "target",
+                    "raw_threshold", "refined_threshold", "raw_func_iou", "refined_func_iou"]
+
+
+def function_word_rows(run) -> List[dict]:
+    """One flat row per function-word map of a run (the TAM protocol, :mod:`diffcam.metrics.tam`):
+    ``id``, ``index``, ``kind``, ``answer``, ``correct``, ``word``, ``target`` (its index in
+    the record's targets), ``raw_threshold`` / ``refined_threshold`` (the sample's t_fg, uint8
+    units) and ``raw_func_iou`` / ``refined_func_iou``."""
+    store = run if isinstance(run, RunStore) else RunStore.open(run)
+    rows = []
+    for r in store.records():
+        meta = r.get("meta") or {}
+        t = r.get("tam") or {}
+        for fw in t.get("function_words", []):
+            rows.append({"id": r["id"], "index": r.get("index"), "kind": meta.get("kind"),
+                         "answer": r.get("answer"), "correct": r.get("correct"),
+                         "word": fw["word"], "target": fw["target"],
+                         "raw_threshold": t["threshold"]["raw"],
+                         "refined_threshold": t["threshold"]["refined"],
+                         "raw_func_iou": fw["raw"], "refined_func_iou": fw["refined"]})
+    return rows
+
+
+def write_scores(run, path: str, which: str = "objects") -> int:
+    """Write :func:`score_rows` (``which="objects"``, default) or :func:`function_word_rows`
+    (``which="function_words"``) to ``path``: ``.csv`` (no dependency) or ``.parquet`` (needs
     pyarrow); written to a temporary file and renamed.  Returns the number of rows."""
     import csv
     import os
     import tempfile
 
-    rows = score_rows(run)
+    if which == "objects":
+        rows = score_rows(run)
+        cols = ["id", "index", "kind", "answer", "correct", "word", "mask", "grid"] + \
+            [f"{w}_{f}" for w in ("raw", "refined") for f in FIELDS]
+    elif which == "function_words":
+        rows, cols = function_word_rows(run), FUNCTION_COLUMNS
+    else:
+        raise ValueError(f"which={which!r}: expected 'objects' or 'function_words'")
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".csv", ".parquet"):
         raise ValueError(f"{path}: expected a .csv or .parquet file name")
-    cols = ["id", "index", "kind", "answer", "correct", "word", "mask", "grid"] + \
-        [f"{w}_{f}" for w in ("raw", "refined") for f in FIELDS]
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=".tmp")

@@ -144,6 +144,10 @@ def test_tam_protocol_of_the_stored_maps(gold_run):
     other = format_summary(dict(summ, method="llava-cam"))
     assert "| LLaVA-CAM (raw) |" in other and "| LLaVA-CAM + paper refinement |" in other
     assert "Grad-CAM |" not in other
+    rows = diffcam.run.function_word_rows(out)
+    assert len(rows) == len(all_raw) and [r["raw_func_iou"] for r in rows] == all_raw
+    assert rows[0]["word"] == t["function_words"][0]["word"] and \
+        rows[0]["raw_threshold"] == t["threshold"]["raw"]
 
 
 def test_explanation_score_is_the_run_scoring(adapter, gold_run):
@@ -304,6 +308,11 @@ def test_cli_run_and_report(tmp_path, capsys):
     assert main(["report", out, "--json", "--scores", str(tmp_path / "scores.csv")]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert (tmp_path / "scores.csv").read_text().startswith("id,index,kind,answer")
+    assert main(["report", out, "--function-scores", str(tmp_path / "func.csv")]) == 0
+    capsys.readouterr()
+    lines = (tmp_path / "func.csv").read_text().splitlines()
+    assert lines[0] == ",".join(diffcam.run.report.FUNCTION_COLUMNS) and len(lines) > 1
+    assert len(lines) - 1 == len(diffcam.run.function_word_rows(out))
     assert main(["report", out, "--gallery", str(tmp_path / "gal"), "--n", "2"]) == 0
     assert "ground truth" in (tmp_path / "gal" / "index.html").read_text()   # shapes spec
     assert doc["done"] == 2 and doc["dataset"] == "shapes:val:0:2:describe:gold"
