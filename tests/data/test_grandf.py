@@ -13,6 +13,8 @@ from diffcam.data.grandf import GrandfDataset, head_word, load_grandf
 from diffcam.run.sources import open_dataset
 from diffcam.viz.png import write_png
 
+from .test_coco import _same_masks
+
 N = 5
 
 
@@ -40,13 +42,6 @@ def _expected_heads(sc):
         s = sc.shapes[k]
         out[s] = out[s] | sc.masks[k] if s in out else sc.masks[k].copy()
     return out
-
-
-def _same_masks(a, b):
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k].dtype == bool and a[k].shape == b[k].shape
-        assert np.array_equal(a[k], b[k]), k
 
 
 def _dump(path, obj):

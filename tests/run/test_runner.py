@@ -32,6 +32,15 @@ def _gold(n=4, start=0):
     return list(shapes.dataset("test", start, start + n, gold=True))
 
 
+def _same_scores(got, want):
+    """Every metric of every scored word of ``got`` equals ``want``'s (float32 rounding of
+    batched vs single forwards allowed)."""
+    for word, sc in got.items():
+        for which in ("raw", "refined"):
+            for f, v in sc[which].items():
+                assert v == pytest.approx(want[word][which][f], rel=1e-3, abs=1e-5), (word, f)
+
+
 def _files(path):
     d = os.path.join(path, "shards")
     return {f: os.path.getmtime(os.path.join(d, f)) for f in os.listdir(d)}
@@ -163,9 +172,7 @@ def test_explanation_score_is_the_run_scoring(adapter, gold_run):
         assert (sc["mask"], sc["target"], sc["grid"]) == (
             rec["scores"][word]["mask"], rec["scores"][word]["target"],
             rec["scores"][word]["grid"])
-        for which in ("raw", "refined"):
-            for f, v in sc[which].items():
-                assert v == pytest.approx(rec["scores"][word][which][f], rel=1e-3, abs=1e-5)
+    _same_scores(got["scores"], rec["scores"])
     assert [(w["word"], w["target"]) for w in got["tam"]["function_words"]] == [
         (w["word"], w["target"]) for w in rec["tam"]["function_words"]]
     for a, b in zip(got["tam"]["function_words"], rec["tam"]["function_words"]):
@@ -396,47 +403,44 @@ def test_cli_explain_one_image(tmp_path, capsys, monkeypatch):
     assert raw.answer == shapes.describe(sc) and "refine" not in raw.settings
 
 
+def _caption_run_vs_gold(adapter, gold_run, spec, out, scene_of, **kw):
+    """Run the 4 gold scenes of an exported dataset with their captions as answers; each
+    record paired with the gold run's record of the same scene (``scene_of(record)``)."""
+    stats = run_dataset(adapter, spec, out, answer="caption", targets="all", progress=False,
+                        **kw)
+    assert (stats["done"], stats["errors"]) == (4, 0)
+    ref = {r["meta"]["scene"]: r for r in RunStore.open(gold_run[0]).records()}
+    return [(r, ref[scene_of(r)]) for r in RunStore.open(out).records()]
+
+
 def test_the_shapes_export_runs_like_the_shapes_world(adapter, gold_run, tmp_path):
     """The same scenes through the COCO loader (PNG files, RLE masks, captions) give the same
     records and scores as through shapes.dataset (arrays in memory)."""
     root = str(tmp_path / "coco")
     shapes.export_coco(root, "test", n=4)
-    out = str(tmp_path / "coco-run")
-    stats = run_dataset(adapter, f"coco:{root}", out, answer="caption", targets="all",
-                        batch_size=3, shard_size=2, progress=False)
-    assert (stats["done"], stats["errors"]) == (4, 0)
-    ref = {r["meta"]["scene"]: r for r in RunStore.open(gold_run[0]).records()}
-    for r in RunStore.open(out).records():
-        g = ref[r["meta"]["image_id"]]
+    pairs = _caption_run_vs_gold(adapter, gold_run, f"coco:{root}", str(tmp_path / "coco-run"),
+                                 lambda r: r["meta"]["image_id"], batch_size=3, shard_size=2)
+    for r, g in pairs:
         assert r["answer"] == g["answer"] and r["targets"] == g["targets"]
         assert r["scores"].keys() == g["scores"].keys() and r["scores"]
-        for word, sc in r["scores"].items():
-            for which in ("raw", "refined"):
-                for f, v in sc[which].items():
-                    assert v == pytest.approx(g["scores"][word][which][f], rel=1e-3, abs=1e-5)
+        _same_scores(r["scores"], g["scores"])
 
 
 def test_a_grandf_run_scores_the_phrase_heads(adapter, gold_run, tmp_path):
     """The same scenes as GranD-f grounded captions: the caption explained teacher-forced, and
     the words heading a grounded phrase (the shape words) scored against the phrase masks,
     with the scores of the in-memory run; the gallery finds the masks through the spec."""
-    root = str(tmp_path / "grandf")
-    path = shapes.export_grandf(root, "test", n=4, layout="gcg")
+    path = shapes.export_grandf(str(tmp_path / "grandf"), "test", n=4, layout="gcg")
     out = str(tmp_path / "grandf-run")
-    stats = run_dataset(adapter, f"grandf:{path}", out, answer="caption", targets="all",
-                        batch_size=2, shard_size=3, progress=False)
-    assert (stats["done"], stats["errors"]) == (4, 0)
-    ref = {r["meta"]["scene"]: r for r in RunStore.open(gold_run[0]).records()}
-    for r in RunStore.open(out).records():
-        g = ref[int(r["meta"]["file_name"][5:11])]
+    pairs = _caption_run_vs_gold(adapter, gold_run, f"grandf:{path}", out,
+                                 lambda r: int(r["meta"]["file_name"][5:11]), batch_size=2,
+                                 shard_size=3)
+    for r, g in pairs:
         assert r["answer"] == g["answer"] == r["meta"]["caption"]
         assert r["targets"] == g["targets"]
         heads = {p["key"] for p in r["meta"]["phrases"]}
         assert r["scores"] and set(r["scores"]) == heads <= set(shapes.SHAPES)
-        for word, sc in r["scores"].items():
-            for which in ("raw", "refined"):
-                for f, v in sc[which].items():
-                    assert v == pytest.approx(g["scores"][word][which][f], rel=1e-3, abs=1e-5)
+        _same_scores(r["scores"], g["scores"])
     index = gallery(out, str(tmp_path / "g"), n=1)
     assert "ground truth" in open(index).read()
 
@@ -464,10 +468,7 @@ def test_a_grandf_run_of_phrase_targets(adapter, tmp_path):
     with diffcam.Explainer(adapter) as ex:
         exp = ex.explain(s.image, s.prompt, answer=s.answer, targets=phrases)
     got = exp.score(s.masks)["scores"]
-    for name, sc in got.items():
-        for which in ("raw", "refined"):
-            for f, v in sc[which].items():
-                assert v == pytest.approx(rec["scores"][name][which][f], rel=1e-3, abs=1e-5)
+    _same_scores(got, rec["scores"])
     with pytest.raises(ValueError, match="answer='caption'"):
         run_dataset(adapter, f"grandf:{path}", str(tmp_path / "x"), targets="phrases",
                     progress=False)
@@ -573,10 +574,7 @@ def test_save_refined_keeps_every_refined_map_and_the_same_scores(adapter, gold_
     for rec, arrays in RunStore.open(out).iter_maps():
         want = ref[rec["id"]]["scores"]
         assert rec["scores"].keys() == want.keys()
-        for word, sc in rec["scores"].items():
-            for which in ("raw", "refined"):
-                for f, v in sc[which].items():
-                    assert v == pytest.approx(want[word][which][f], rel=1e-3, abs=1e-5)
+        _same_scores(rec["scores"], want)
         inter = [k for k in arrays if k.endswith("/interference")]
         assert inter                        # SICD's maps (repeated words, <eos> padding) kept
         n_inter = len(rec["interference"])
