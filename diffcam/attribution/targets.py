@@ -250,8 +250,9 @@ def resolve_targets(spec, words: Sequence[Word], n_tokens: int, token_strings=No
               "all" (one target per non-special answer token), a list of words (str; a
               multi-word str is a phrase: the tokens of every occurrence of those consecutive
               words make one target), a list of response token indices (int), or a callable
-              ``(words, tokens) -> indices`` that returns token indices (one target each) or
-              lists of them (one target per list).
+              ``(words, tokens) -> indices`` that returns token indices (one target each),
+              lists of them (one target per list) or :class:`Target` s (a name and its
+              token indices).
     words     the answer's words (:func:`group_words`)
     n_tokens  response length
     valid     optional bool per token (False for special tokens), used by "all"
@@ -316,7 +317,9 @@ def _phrase_words(phrase: str, words: Sequence[Word]) -> list:
 def _from_indices(spec, n_tokens, token_strings) -> list:
     out = []
     for s in spec:
-        idx = (int(s),) if _is_int(s) else tuple(int(i) for i in s)
+        named = isinstance(s, Target)
+        idx = tuple(int(i) for i in s.tokens) if named else (
+            (int(s),) if _is_int(s) else tuple(int(i) for i in s))
         if not idx:
             raise ValueError("a target has no token indices")
         for i in idx:
@@ -324,7 +327,8 @@ def _from_indices(spec, n_tokens, token_strings) -> list:
                 raise ValueError(f"target token index {i} is out of range: the answer has "
                                  f"{n_tokens} tokens")
         idx = tuple(i % n_tokens for i in idx)
-        name = "".join(token_strings[i] for i in idx).strip() or f"#{idx[0]}"
+        name = s.name if named else ("".join(token_strings[i] for i in idx).strip()
+                                     or f"#{idx[0]}")
         out.append(Target(name, idx))
     return out
 

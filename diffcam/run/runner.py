@@ -116,6 +116,29 @@ def _phrase_targets(sample) -> List[str]:
     return list(dict.fromkeys(out))
 
 
+class _PhrasePicker:
+    """The targets callable of ``targets="phrases"``: one Target per phrase found in the answer
+    (:func:`~diffcam.attribution.targets._phrase_words`), named by the phrase so that it
+    matches its mask; phrases the answer does not contain are left out (ValueError when none
+    is left)."""
+
+    def __init__(self, phrases: List[str]):
+        self.phrases = phrases
+
+    def __call__(self, words, tokens):
+        from ..attribution.targets import Target, _phrase_words
+
+        out = []
+        for p in self.phrases:
+            ws = _phrase_words(p, words)
+            if ws:
+                out.append(Target(p, tuple(sorted({j for w in ws for j in w.tokens}))))
+        if not out:
+            raise ValueError(f"none of the grounded phrases {self.phrases} is in the answer "
+                             f"{[w.text for w in words]}")
+        return out
+
+
 def _image_sources(image) -> list:
     """Per image of a sample: its absolute file path, or None for an in-memory image."""
     items = image if isinstance(image, (list, tuple)) else [image]
@@ -347,7 +370,7 @@ def run_dataset(model, samples: Union[str, Iterable], out, *, targets="nouns",
         tg = targets
         if phrases:                         # one sample per group (run_batch)
             try:
-                tg = _phrase_targets(group[0][1])
+                tg = _PhrasePicker(_phrase_targets(group[0][1]))
             except ValueError as exc:
                 fail(group[0][1], exc)
                 return

@@ -24,6 +24,10 @@ def test_nouns_heuristic_and_specs():
     assert [x.tokens for x in resolve_targets([2, [4, 6]], ws, 8)] == [(2,), (4, 6)]
     cb = resolve_targets(lambda words, toks: [w.tokens for w in words if w.text == "on"], ws, 8)
     assert cb[0].tokens == (5,)
+    named = resolve_targets(lambda words, toks: [Target("two dogs", (1, 4)), 6], ws, 8)
+    assert named == [Target("two dogs", (1, 4)), Target("6", (6,))]   # an index: its token
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_targets(lambda words, toks: [Target("x", (9,))], ws, 8)
     with pytest.raises(ValueError, match="'cat' is not in the answer.*'grass'"):
         resolve_targets(["cat"], ws, 8)
     with pytest.raises(ValueError, match="out of range"):

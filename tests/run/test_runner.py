@@ -472,12 +472,25 @@ def test_a_grandf_run_of_phrase_targets(adapter, tmp_path):
     with pytest.raises(ValueError, match="answer='caption'"):
         run_dataset(adapter, f"grandf:{path}", str(tmp_path / "x"), targets="phrases",
                     progress=False)
-    plain = [Sample("no-phrases", shapes.scene("test", 0).image, "<image> describe the image .",
-                    answer="a red star .")]
-    st = run_dataset(adapter, plain, str(tmp_path / "y"), targets="phrases", progress=False)
-    assert (st["done"], st["errors"]) == (0, 1)
-    err = RunStore.open(str(tmp_path / "y")).errors(set())["no-phrases"]
-    assert "no grounded phrases" in err["message"]
+    img = shapes.scene("test", 0).image
+    mask = np.zeros(img.shape[:2], bool)
+    mask[:20, :20] = True
+    odd = [Sample("no-phrases", img, "<image> describe the image .", answer="a red star ."),
+           Sample("one-missing", img, "<image> describe the image .", answer="a red star .",
+                  masks={"a red star": mask, "a blue moon": mask},
+                  meta={"phrases": [{"text": "a blue moon", "span": [0, 11]},
+                                    {"text": "a red star", "span": [0, 10]}]}),
+           Sample("none-found", img, "<image> describe the image .", answer="a red star .",
+                  meta={"phrases": [{"text": "a blue moon", "span": [0, 11]}]})]
+    st = run_dataset(adapter, odd, str(tmp_path / "y"), targets="phrases", progress=False)
+    assert (st["done"], st["errors"]) == (1, 2)
+    store = RunStore.open(str(tmp_path / "y"))
+    errs = store.errors(set())
+    assert "no grounded phrases" in errs["no-phrases"]["message"]
+    assert "none of the grounded phrases" in errs["none-found"]["message"]
+    rec = next(iter(store.records()))        # the phrase the answer lacks is left out
+    assert rec["id"] == "one-missing" and rec["targets"][:-1] == ["a red star"]
+    assert list(rec["scores"]) == ["a red star"]
 
 
 def test_cli_explain_refuses_phrases_targets(tmp_path, capsys):
