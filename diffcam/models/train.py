@@ -752,6 +752,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.start_step < 0:
         raise SystemExit("--start-step must be >= 0")
+    if args.projector_steps and args.projector != "label_bottleneck":   # before any training
+        raise SystemExit("--projector-steps is for --projector label_bottleneck")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -804,8 +806,6 @@ def main(argv=None):
                                                 quiet=args.vision_quiet,
                                                 log=lambda m: print(m, flush=True))
     if args.projector_steps:
-        if args.projector != "label_bottleneck":
-            raise SystemExit("--projector-steps is for --projector label_bottleneck")
         log["projector_history"] = pretrain_projector_classifier(
             model, args.projector_steps, log=lambda m: print(m, flush=True))
     if args.tie_plurals:     # before the language model trains (warm-up or fine-tune)

@@ -618,8 +618,10 @@ def test_bottleneck_training_run_saves_and_loads(tmp_path):
     sc = shapes.scene("test", 0)
     s = ad.prepare([sc.image], "<image> describe the image .")
     assert s.layouts[0].span_length == 16 + 12 * 13
-    with pytest.raises(SystemExit):
+    # refused before any training (it used to pre-train the vision tower for minutes first)
+    with pytest.raises(SystemExit, match="label_bottleneck"):
         train.main(["--steps", "1", "--projector-steps", "1", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
 
 
 def test_label_grids_stack_each_scenes_labels():
