@@ -271,13 +271,12 @@ class GrandfDataset:
             if not isinstance(anns, list):
                 raise ValueError(f"{p}: 'annotations' must be a list")
             if any(isinstance(a, dict) and "labels" in a for a in anns):
-                return "eval", self._eval(data, self._partner(p, "caption", "mask"), True)
+                return "eval", self._eval(p, self._partner(p, "caption", "mask"), caps=data)
             if any(isinstance(a, dict) and "tokens_positive" in a for a in anns) or \
                     any(isinstance(i, dict) and "caption" in i for i in data["images"]):
                 return "flickr", self._flickr(data)
             if re.search(r"_gcg_coco_mask_gt\.json$", p):
-                return "eval", self._eval(self._partner_data(p, "mask", "caption"), p, False,
-                                          masks=data)
+                return "eval", self._eval(self._partner(p, "mask", "caption"), p, masks=data)
             raise ValueError(f"{p}: a COCO file that is neither a GranD-f caption ground truth "
                              "(annotations with 'labels'), a mask ground truth "
                              "(*_gcg_coco_mask_gt.json) nor Flickr30k GCG (images with "
@@ -386,14 +385,12 @@ class GrandfDataset:
                                     f"expected {q!r}")
         return q
 
-    def _partner_data(self, p: str, mine: str, other: str):
-        q = self._partner(p, mine, other)
-        self._caption_path = q
-        return _read_json(q, "GranD-f caption ground truth")
-
-    def _eval(self, caps, mask_path: str, from_captions: bool, masks=None) -> List[_Record]:
-        cap_path = self.path if from_captions else self._caption_path
+    def _eval(self, cap_path: str, mask_path: str, caps=None, masks=None) -> List[_Record]:
+        """The "eval" pair; the file already read (the one given) comes as ``caps`` or
+        ``masks``, the other is read here."""
         self.caption_path, self.mask_path = cap_path, mask_path
+        if caps is None:
+            caps = _read_json(cap_path, "GranD-f caption ground truth")
         if masks is None:
             masks = _read_json(mask_path, "GranD-f mask ground truth")
         if not isinstance(caps, dict) or not isinstance(caps.get("images"), list) or \

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable
 
 import numpy as np
 
@@ -160,8 +160,7 @@ def f1_iou(obj: float, func: float) -> float:
     return float(2.0 * obj * func / (obj + func))
 
 
-def summarize_tokens(scores: Iterable[TokenScores],
-                     obj_iou: Optional[Sequence[float]] = None) -> dict:
+def summarize_tokens(scores: Iterable[TokenScores]) -> dict:
     """Dataset summary: ``obj_iou`` (mean over all object-word maps), ``func_iou`` (mean over
     the function-word maps that have a threshold), ``f1_iou`` of those two means, and the
     counts ``n_object_maps``, ``n_function_maps``.
@@ -177,8 +176,6 @@ def summarize_tokens(scores: Iterable[TokenScores],
         objs.extend(np.asarray(s.obj_iou, np.float64).ravel().tolist())
         funs.extend(v for v in np.asarray(s.func_iou, np.float64).ravel().tolist()
                     if not math.isnan(v))
-    if obj_iou is not None:
-        objs = [float(v) for v in obj_iou]
     o = float(np.mean(objs)) if objs else float("nan")
     f = float(np.mean(funs)) if funs else float("nan")
     return {"obj_iou": o, "func_iou": f, "f1_iou": f1_iou(o, f),

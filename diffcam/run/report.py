@@ -31,12 +31,11 @@ def _summ(rows: List[dict]):
 
 
 def _tam(rows: List[dict], funs: List[float]) -> dict:
-    from ..metrics.tam import f1_iou
+    """The TAM protocol's summary of a run's scored maps (``rows``) and function-word maps."""
+    from ..metrics.tam import TokenScores, summarize_tokens
 
-    o = float(np.mean([r["obj_iou"] for r in rows])) if rows else float("nan")
-    f = float(np.mean(funs))
-    return {"obj_iou": o, "func_iou": f, "f1_iou": f1_iou(o, f), "n_object_maps": len(rows),
-            "n_function_maps": len(funs)}
+    objs = np.array([r["obj_iou"] for r in rows], np.float64)
+    return summarize_tokens([TokenScores(objs, np.asarray(funs, np.float64), float("nan"))])
 
 
 def summarize(run) -> Dict:
